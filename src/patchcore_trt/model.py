@@ -1,0 +1,236 @@
+"""The deploy model: one nn.Module that computes exactly what anomalib's ``AnomalibModule.forward`` computes.
+
+Input: float32 images [N, 3, H, W], RGB in [0, 1], any H and W (anomalib's own input convention).
+Outputs: pred_score [N], pred_label [N] (bool), anomaly_map [N, 1, h, w], pred_mask [N, 1, h, w] (bool),
+normalised with the checkpoint's thresholds and min/max exactly as anomalib's PostProcessor does.
+
+Differences from anomalib's code are in how, never in what:
+- the nearest-neighbour search walks the memory bank in fixed chunks, so activation memory is
+  [patches x chunk] whatever the bank size (anomalib materialises [1024 patches x M]);
+- minima are taken on squared distances and the square root applied to the winners only (sqrt is
+  monotonic, so the values are identical);
+- the 33x33 Gaussian blur runs as two 1-D passes (the kernel is an outer product).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from patchcore_trt.errors import UserError
+from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
+
+DEFAULT_BANK_CHUNK = 4096
+
+
+class DeployOutput(NamedTuple):
+    pred_score: torch.Tensor
+    pred_label: torch.Tensor
+    anomaly_map: torch.Tensor
+    pred_mask: torch.Tensor
+
+
+OUTPUT_NAMES = DeployOutput._fields
+
+
+def create_backbone(name: str, layers: tuple[str, ...]) -> nn.Module:
+    """The timm ``features_only`` network anomalib's TimmFeatureExtractor builds, with layer names mapped to indices."""
+    try:
+        probe = timm.create_model(name, pretrained=False, features_only=True, exportable=True)
+    except RuntimeError as exc:  # timm: "Unknown model"
+        raise UserError(f"backbone {name!r} is not a timm model known to this timm version ({exc})") from None
+    modules = [info["module"] for info in probe.feature_info.info]
+    missing = [layer for layer in layers if layer not in modules]
+    if missing:
+        raise UserError(f"backbone {name!r} has no feature layer(s) {missing}; it has {modules}")
+    indices = [modules.index(layer) for layer in layers]
+    return timm.create_model(name, pretrained=False, features_only=True, exportable=True, out_indices=indices)
+
+
+def squared_distances(x: torch.Tensor, y: torch.Tensor, y_sq_norm: torch.Tensor) -> torch.Tensor:
+    """||x - y||^2 by anomalib's formula and operation order: -2 x.y + ||x||^2 + ||y||^2, clamped at 0."""
+    x_sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
+    return (torch.matmul(x, y.transpose(-2, -1)) * -2 + x_sq_norm + y_sq_norm).clamp_min(0)
+
+
+class MemoryBankSearch(nn.Module):
+    """Exact nearest-neighbour search over a memory bank held in fixed-size chunks."""
+
+    def __init__(self, memory_bank: torch.Tensor, chunk: int = DEFAULT_BANK_CHUNK) -> None:
+        super().__init__()
+        if chunk < 1:
+            raise ValueError("chunk must be positive")
+        self.bank_size = int(memory_bank.shape[0])
+        self.chunk = chunk
+        self.register_buffer("bank", memory_bank.float().contiguous())
+        self.register_buffer("bank_sq_norm", memory_bank.float().pow(2).sum(dim=-1)[None, :].contiguous())
+
+    def _chunks(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        return [
+            (start, self.bank[start : start + self.chunk], self.bank_sq_norm[:, start : start + self.chunk])
+            for start in range(0, self.bank_size, self.chunk)
+        ]
+
+    def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distance to, and index of, the nearest bank row for each query row [P, D]."""
+        best_sq, best_index = [], []
+        for start, rows, sq_norm in self._chunks():
+            chunk_sq, chunk_index = squared_distances(queries, rows, sq_norm).min(dim=1)
+            best_sq.append(chunk_sq)
+            best_index.append(chunk_index + start)
+        if len(best_sq) == 1:
+            return best_sq[0].sqrt(), best_index[0]
+        stacked_sq = torch.stack(best_sq, dim=1)
+        winner = stacked_sq.argmin(dim=1, keepdim=True)
+        return stacked_sq.gather(1, winner).squeeze(1).sqrt(), torch.stack(best_index, dim=1).gather(1, winner).squeeze(1)
+
+    def k_nearest_indices(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """Indices of the k nearest bank rows for each query row, nearest first."""
+        candidate_sq, candidate_index = [], []
+        for start, rows, sq_norm in self._chunks():
+            chunk_sq, chunk_index = squared_distances(queries, rows, sq_norm).topk(
+                min(k, rows.shape[0]), dim=1, largest=False
+            )
+            candidate_sq.append(chunk_sq)
+            candidate_index.append(chunk_index + start)
+        if len(candidate_sq) == 1:
+            return candidate_index[0]
+        _, order = torch.cat(candidate_sq, dim=1).topk(k, dim=1, largest=False)
+        return torch.cat(candidate_index, dim=1).gather(1, order)
+
+
+def image_scores(
+    patch_scores: torch.Tensor,
+    locations: torch.Tensor,
+    embedding: torch.Tensor,
+    search: MemoryBankSearch,
+    num_neighbors: int,
+) -> torch.Tensor:
+    """anomalib's image score: the largest patch distance, re-weighted by its neighbourhood in the bank.
+
+    Args:
+        patch_scores: [N, P] nearest distances. locations: [N, P] their bank rows.
+        embedding: [N, P, D] patch features.
+    """
+    if num_neighbors == 1:
+        return patch_scores.amax(dim=1)
+    max_patch = patch_scores.argmax(dim=1, keepdim=True)
+    score = patch_scores.gather(1, max_patch).squeeze(1)
+    max_feature = embedding.gather(1, max_patch[..., None].expand(-1, -1, embedding.shape[-1]))
+    nearest_rows = search.bank[locations.gather(1, max_patch).squeeze(1)]
+    support = search.k_nearest_indices(nearest_rows, min(num_neighbors, search.bank_size))
+    support_rows = search.bank[support]
+    distances = squared_distances(max_feature, support_rows, support_rows.pow(2).sum(-1)[:, None, :]).sqrt()
+    weights = 1 - F.softmax(distances.squeeze(1), dim=1)[:, 0]
+    return weights * score
+
+
+class Preprocessor(nn.Module):
+    """anomalib's exportable pre-processor: resize without antialiasing, optional centre crop, normalise."""
+
+    def __init__(self, settings: Preprocess) -> None:
+        super().__init__()
+        self.settings = settings
+        self.register_buffer("mean", torch.tensor(settings.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(settings.std).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        mode = self.settings.interpolation
+        align = False if mode in ("bilinear", "bicubic") else None
+        images = F.interpolate(images, size=self.settings.resize, mode=mode, align_corners=align)
+        if self.settings.center_crop is not None:
+            crop_h, crop_w = self.settings.center_crop
+            top = int(round((self.settings.resize[0] - crop_h) / 2.0))
+            left = int(round((self.settings.resize[1] - crop_w) / 2.0))
+            images = images[:, :, top : top + crop_h, left : left + crop_w]
+        return (images - self.mean) / self.std
+
+
+class AnomalyMap(nn.Module):
+    """Patch scores -> nearest upsampling to the model resolution -> anomalib's Gaussian blur (separable)."""
+
+    def __init__(self, taps: torch.Tensor, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+        self.pad = int(taps.numel() // 2)
+        self.register_buffer("taps_h", taps.float().view(1, 1, 1, -1))
+        self.register_buffer("taps_v", taps.float().view(1, 1, -1, 1))
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        upsampled = F.interpolate(patch_scores, size=self.size, mode="nearest")
+        padded = F.pad(upsampled, (self.pad, self.pad, self.pad, self.pad), mode="reflect")
+        return F.conv2d(F.conv2d(padded, self.taps_h), self.taps_v)
+
+
+def normalize(values: torch.Tensor, threshold: float, low: float, high: float) -> torch.Tensor:
+    """anomalib's PostProcessor._normalize."""
+    return (((values - threshold) / (high - low)) + 0.5).clamp(min=0, max=1)
+
+
+class PatchCoreDeploy(nn.Module):
+    """PatchCore inference as one graph, faithful to anomalib's forward (see module docstring).
+
+    Args:
+        spec: The model read from a checkpoint.
+        map_at_input_size: Return the anomaly map and mask at the input's H x W instead of the model's.
+        bank_chunk: Memory-bank rows searched at once.
+    """
+
+    def __init__(self, spec: PatchCoreSpec, *, map_at_input_size: bool = False, bank_chunk: int = DEFAULT_BANK_CHUNK) -> None:
+        super().__init__()
+        self.spec_layers = spec.layers
+        self.num_neighbors = spec.num_neighbors
+        self.post: Postprocess = spec.postprocess
+        self.map_at_input_size = map_at_input_size
+        self.preprocess = Preprocessor(spec.preprocess)
+        self.backbone = create_backbone(spec.backbone, spec.layers)
+        missing, unexpected = self.backbone.load_state_dict(spec.backbone_state, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"the checkpoint's backbone weights do not fit timm's {spec.backbone} "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it trained with another timm version?"
+            )
+        self.backbone.eval()
+        self.pool = nn.AvgPool2d(3, 1, 1)
+        self.search = MemoryBankSearch(spec.memory_bank, bank_chunk)
+        self.anomaly_map = AnomalyMap(spec.blur_kernel, spec.preprocess.model_size)
+
+    def embed(self, normalized_images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, h, w] -> [N, D, gh, gw]: pooled backbone features, upsampled to the first layer and concatenated."""
+        features = [self.pool(feature) for feature in self.backbone(normalized_images)]
+        grid = features[0].shape[-2:]
+        upsampled = [features[0]] + [F.interpolate(feature, size=grid, mode="bilinear") for feature in features[1:]]
+        return torch.cat(upsampled, dim=1)
+
+    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised (image score [N], anomaly map [N, 1, h, w]) as anomalib's PatchcoreModel returns them."""
+        embedding = self.embed(self.preprocess(images))
+        batch, dim, grid_h, grid_w = embedding.shape
+        patches = embedding.permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, dim)
+        distances, locations = self.search.nearest(patches.reshape(-1, dim))
+        distances = distances.reshape(batch, grid_h * grid_w)
+        score = image_scores(distances, locations.reshape(batch, -1), patches, self.search, self.num_neighbors)
+        return score, self.anomaly_map(distances.reshape(batch, 1, grid_h, grid_w))
+
+    def forward(self, images: torch.Tensor) -> DeployOutput:
+        score, anomaly_map = self.raw_scores(images)
+        if self.map_at_input_size:
+            anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        post = self.post
+        pred_score = normalize(score, post.image_threshold, post.image_min, post.image_max)
+        norm_map = normalize(anomaly_map, post.pixel_threshold, post.pixel_min, post.pixel_max)
+        return DeployOutput(
+            pred_score=pred_score,
+            pred_label=pred_score > post.normalized_image_threshold,
+            anomaly_map=norm_map,
+            pred_mask=norm_map > post.normalized_pixel_threshold,
+        )
+
+
+def validate_images(images: torch.Tensor) -> None:
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise UserError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")
