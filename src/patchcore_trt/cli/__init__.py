@@ -1,0 +1,58 @@
+"""The ``patchcore-trt`` command line: a thin layer over the Python API, one module per subcommand.
+
+User mistakes (``UserError``) print as one red line and exit 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from patchcore_trt.errors import UserError
+
+app = typer.Typer(
+    name="patchcore-trt",
+    help="anomalib PatchCore -> faithful ONNX -> TensorRT, verified against anomalib and benchmarked.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+def _register_commands() -> None:
+    # Each module adds its command to ``app``; importing them is cheap (heavy imports happen inside commands).
+    from patchcore_trt.cli import demo, export, predict  # noqa: F401
+
+
+def main() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _register_commands()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
