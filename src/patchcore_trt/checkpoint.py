@@ -206,7 +206,9 @@ def _check_patchcore(path: Path, raw: dict[str, Any]) -> dict[str, torch.Tensor]
             "(load it in anomalib 1.x, retrain or re-fit with anomalib 2.x, and save again)"
         )
     if MEMORY_BANK_KEY not in state or not any(key.startswith(BACKBONE_PREFIX) for key in state):
-        hint = raw.get("hyper_parameters", {}).get("backbone") if isinstance(raw.get("hyper_parameters"), dict) else None
+        hint = (
+            raw.get("hyper_parameters", {}).get("backbone") if isinstance(raw.get("hyper_parameters"), dict) else None
+        )
         kind = "an anomalib model" if any(key.startswith("model.") for key in state) else "a Lightning model"
         raise UserError(f"{path}: not a PatchCore checkpoint (it is {kind} without a memory bank; backbone={hint})")
     bank = state[MEMORY_BANK_KEY]

@@ -86,7 +86,9 @@ class MemoryBankSearch(nn.Module):
             return best_sq[0].sqrt(), best_index[0]
         stacked_sq = torch.stack(best_sq, dim=1)
         winner = stacked_sq.argmin(dim=1, keepdim=True)
-        return stacked_sq.gather(1, winner).squeeze(1).sqrt(), torch.stack(best_index, dim=1).gather(1, winner).squeeze(1)
+        return stacked_sq.gather(1, winner).squeeze(1).sqrt(), torch.stack(best_index, dim=1).gather(1, winner).squeeze(
+            1
+        )
 
     def k_nearest_indices(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """Indices of the k nearest bank rows for each query row, nearest first."""
@@ -144,8 +146,8 @@ class Preprocessor(nn.Module):
         images = F.interpolate(images, size=self.settings.resize, mode=mode, align_corners=align)
         if self.settings.center_crop is not None:
             crop_h, crop_w = self.settings.center_crop
-            top = int(round((self.settings.resize[0] - crop_h) / 2.0))
-            left = int(round((self.settings.resize[1] - crop_w) / 2.0))
+            top = round((self.settings.resize[0] - crop_h) / 2.0)
+            left = round((self.settings.resize[1] - crop_w) / 2.0)
             images = images[:, :, top : top + crop_h, left : left + crop_w]
         return (images - self.mean) / self.std
 
@@ -180,7 +182,9 @@ class PatchCoreDeploy(nn.Module):
         bank_chunk: Memory-bank rows searched at once.
     """
 
-    def __init__(self, spec: PatchCoreSpec, *, map_at_input_size: bool = False, bank_chunk: int = DEFAULT_BANK_CHUNK) -> None:
+    def __init__(
+        self, spec: PatchCoreSpec, *, map_at_input_size: bool = False, bank_chunk: int = DEFAULT_BANK_CHUNK
+    ) -> None:
         super().__init__()
         self.spec_layers = spec.layers
         self.num_neighbors = spec.num_neighbors

@@ -82,7 +82,7 @@ def make_synthetic_dataset(
     n_train: int = 16,
     n_test_good: int = 6,
     n_test_defect: int = 6,
-    size: tuple[int, int] = (192, 224),
+    size: tuple[int, int] = (300, 340),
     seed: int = 0,
 ) -> SyntheticDataset:
     """Write a generated MVTec-layout data set under ``root`` and return its folders.
@@ -92,7 +92,8 @@ def make_synthetic_dataset(
         n_train: Normal training images.
         n_test_good: Normal test images.
         n_test_defect: Defective test images, each with a mask.
-        size: Raw image (height, width); deliberately not the model's resolution.
+        size: Raw image (height, width); deliberately not the model's resolution, and larger, as camera
+            images are (so anomalib's antialiased and plain resizes differ, as they do in the field).
         seed: Seed of the generator; the same seed writes the same images.
     """
     dataset = SyntheticDataset(Path(root))

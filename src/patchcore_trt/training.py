@@ -6,6 +6,10 @@ work offline (no pretrained weights can be downloaded here) and on a small CPU m
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import io
+import logging
 import os
 import warnings
 from dataclasses import dataclass
@@ -13,6 +17,9 @@ from pathlib import Path
 
 from patchcore_trt.errors import MissingDependencyError
 from patchcore_trt.synthetic import SyntheticDataset
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 
 @dataclass(frozen=True)
@@ -26,21 +33,33 @@ class TrainSettings:
     seed: int = 0
 
 
+def _return_large_frees_to_the_os() -> None:
+    """Serve allocations over 1 MiB with mmap (what MALLOC_MMAP_THRESHOLD_=1048576 does at start-up).
+
+    Otherwise glibc keeps the coreset step's freed buffers in its heap and training can grow past 20 GB.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+
+
 def train_patchcore(dataset: SyntheticDataset, work_dir: Path, settings: TrainSettings = TrainSettings()) -> Path:
     """Fit anomalib PatchCore on ``dataset`` and return the path of the Lightning checkpoint it saved.
 
     The validation split (half of the test images) sets anomalib's thresholds and min/max statistics, so
     the checkpoint carries real post-processing values.
     """
-    # glibc keeps freed arenas of the coreset step mapped otherwise; the process can grow past 20 GB.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "1048576")
+    _return_large_frees_to_the_os()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    chatter = io.StringIO()
     try:
-        import torch
-        from anomalib.data import Folder
-        from anomalib.engine import Engine
-        from anomalib.models import Patchcore
-        from lightning.pytorch import seed_everything
+        # anomalib and timm warn about their own deprecations on import; nothing a user can act on.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(chatter):
+            warnings.simplefilter("ignore")
+            import torch
+            from anomalib.data import Folder
+            from anomalib.engine import Engine
+            from anomalib.models import Patchcore
+            from lightning.pytorch import seed_everything
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise MissingDependencyError("anomalib", "anomalib") from exc
 
@@ -75,10 +94,15 @@ def train_patchcore(dataset: SyntheticDataset, work_dir: Path, settings: TrainSe
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    with warnings.catch_warnings():
+    # Lightning and anomalib narrate on stderr (device tips, a tqdm bar per coreset); the caller shows progress.
+    for name in ("lightning.pytorch", "lightning.fabric", "anomalib", *_RANK_ZERO_LOGGERS):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stderr(chatter):
         warnings.simplefilter("ignore")
         engine.fit(model=model, datamodule=datamodule)
-    checkpoint = engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    checkpoint = (
+        engine.trainer.checkpoint_callback.best_model_path or engine.trainer.checkpoint_callback.last_model_path
+    )
     if not checkpoint:
         checkpoint = str(Path(work_dir) / "model.ckpt")
         engine.trainer.save_checkpoint(checkpoint)

@@ -30,8 +30,10 @@ def backend_class(name: str) -> type[Backend]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def open_backend(artifact: Path | str, backend: str | None = None, **options: object) -> Backend:
-    """Load ``artifact`` with the named backend (or the default for its suffix)."""
+def open_backend(
+    artifact: Path | str, backend: str | None = None, *, device: str = "cpu", **options: object
+) -> Backend:
+    """Load ``artifact`` with the named backend (or the default for its suffix) on ``device``."""
     artifact = Path(artifact)
     suffix = artifact.suffix.lower()
     name = backend or DEFAULT_BACKEND.get(suffix)
@@ -42,9 +44,11 @@ def open_backend(artifact: Path | str, backend: str | None = None, **options: ob
     if suffix not in cls.capabilities.artifact_suffixes:
         expected = ", ".join(cls.capabilities.artifact_suffixes)
         raise UserError(f"{artifact}: backend {name!r} runs {expected} files, not {suffix or 'this file'}")
+    if device not in cls.capabilities.devices:
+        raise UserError(f"backend {name!r} runs on {', '.join(cls.capabilities.devices)}, not {device!r}")
     if not artifact.is_file():
         raise UserError(f"{artifact}: no such file")
-    return cls(artifact, **options)
+    return cls(artifact, device=device, **options)
 
 
 __all__ = ["Backend", "Capabilities", "Prediction", "backend_class", "backend_names", "open_backend"]

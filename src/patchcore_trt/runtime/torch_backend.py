@@ -17,7 +17,9 @@ class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
     capabilities: ClassVar[Capabilities] = Capabilities(artifact_suffixes=(".ckpt",))
 
-    def __init__(self, artifact: Path, *, trust_pickled_code: bool = False, map_at_input_size: bool = False) -> None:
+    def __init__(
+        self, artifact: Path, *, device: str = "cpu", trust_pickled_code: bool = False, map_at_input_size: bool = False
+    ) -> None:
         super().__init__(artifact)
         self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code)
         self.model = PatchCoreDeploy(self.spec, map_at_input_size=map_at_input_size).eval()

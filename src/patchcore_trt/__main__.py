@@ -1,0 +1,3 @@
+from patchcore_trt.cli import main
+
+main()

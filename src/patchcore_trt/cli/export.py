@@ -1,0 +1,61 @@
+"""``patchcore-trt export``: checkpoint -> verified dynamic ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from patchcore_trt.cli import app
+from patchcore_trt.cli._common import err, human_size, out, parse_size, step
+from patchcore_trt.errors import UserError
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Path = typer.Argument(..., help="anomalib PatchCore Lightning checkpoint (.ckpt)."),
+    output_dir: Path = typer.Option(..., "--output", "-o", help="Folder for the ONNX file."),
+    name: str = typer.Option("model", help="File name stem: writes NAME.onnx."),
+    map_at_input_size: bool = typer.Option(
+        False, "--map-at-input-size", help="Return the anomaly map at the input's resolution, not the model's."
+    ),
+    opset: int = typer.Option(18, help="ONNX opset (17 or newer)."),
+    image_size: str | None = typer.Option(
+        None, help="Model resolution N or HxW, only for checkpoints that do not record their transform."
+    ),
+    verify: bool = typer.Option(True, help="Check the graph (checker, shapes, ONNX Runtime vs the deploy model)."),
+    trust_pickled_code: bool = typer.Option(
+        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
+    ),
+) -> None:
+    """Export an anomalib PatchCore checkpoint to ONNX with dynamic batch, height and width."""
+    from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.export import export_onnx
+    from patchcore_trt.report import rich_table
+
+    if checkpoint.suffix.lower() != ".ckpt":
+        raise UserError(f"{checkpoint}: expected an anomalib .ckpt checkpoint")
+    with step(f"reading {checkpoint}"):
+        spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, image_size=parse_size(image_size))
+    err.print(
+        f"  {spec.backbone} {list(spec.layers)}, bank {spec.bank_size} x {spec.embedding_dim}, "
+        f"k={spec.num_neighbors}, model size {spec.preprocess.model_size}",
+        highlight=False,
+    )
+    target = output_dir / f"{name}.onnx"
+    with step(f"exporting {target}"):
+        path, checks = export_onnx(spec, target, map_at_input_size=map_at_input_size, opset=opset, verify=verify)
+    err.print(f"  wrote {path} ({human_size(path)})", highlight=False)
+    if checks:
+        rows = [
+            {
+                "batch": c.batch,
+                "input": f"{c.height}x{c.width}",
+                "max |d score|": f"{c.max_score_error:.1e}",
+                "max |d map|": f"{c.max_map_error:.1e}",
+                "labels equal": c.labels_equal,
+            }
+            for c in checks
+        ]
+        out.print(rich_table(rows, title="self-check: ONNX Runtime vs deploy model"))
+    out.print(f"next: patchcore-trt predict {path} IMAGES... --backend onnxruntime", highlight=False)

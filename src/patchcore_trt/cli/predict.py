@@ -1,0 +1,81 @@
+"""``patchcore-trt predict``: score images with a checkpoint, an ONNX file or an engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from patchcore_trt.cli import app
+from patchcore_trt.cli._common import err, out, progress
+from patchcore_trt.errors import UserError
+
+
+@app.command("predict")
+def predict_command(
+    model: Path = typer.Argument(..., help="A .ckpt (torch), .onnx (onnxruntime/openvino) or .engine (tensorrt)."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
+    device: str = typer.Option("cpu", help="Device for the backend (cpu, cuda)."),
+    batch_size: int = typer.Option(8, min=1, help="Images of equal size run together, up to this many."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write all results as JSON."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write all results as CSV."),
+    visuals: Path | None = typer.Option(None, "--save-visuals", help="Write heatmap, overlay and mask PNGs here."),
+    map_at_input_size: bool = typer.Option(
+        False, "--map-at-input-size", help="(.ckpt) Return maps at the input resolution."
+    ),
+    trust_pickled_code: bool = typer.Option(
+        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
+    ),
+) -> None:
+    """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
+    from patchcore_trt.images import collect_images
+    from patchcore_trt.predict import predict_files
+    from patchcore_trt.report import rich_table, save_visuals, write_csv, write_json
+    from patchcore_trt.runtime import open_backend
+
+    paths, unmatched = collect_images(inputs)
+    for item in unmatched:
+        err.print(f"[yellow]warning:[/] {item}: no image files found", highlight=False)
+    if not paths:
+        raise UserError("no input images found in " + ", ".join(inputs))
+    options: dict[str, object] = {}
+    is_checkpoint = model.suffix.lower() == ".ckpt"
+    if is_checkpoint:
+        options.update(trust_pickled_code=trust_pickled_code, map_at_input_size=map_at_input_size)
+    elif map_at_input_size or trust_pickled_code:
+        raise UserError("--map-at-input-size and --trust-pickled-code apply to .ckpt models (export decides for ONNX)")
+    runner = open_backend(model, backend, device=device, **options)
+
+    with progress() as bar:
+        task = bar.add_task(f"predicting ({runner.name})", total=len(paths))
+        results = predict_files(
+            runner,
+            paths,
+            batch_size=batch_size,
+            keep_images=visuals is not None,
+            on_progress=lambda n: bar.advance(task, n),
+        )
+    records = [result.record() for result in results]
+    records += [
+        {"file": item, "status": "error", "score": "", "label": "", "error": "no image files found"}
+        for item in unmatched
+    ]
+    shown = [{k: r[k] for k in ("file", "status", "score", "label", "error") if k in r} for r in records]
+    out.print(rich_table(shown, title=f"{model.name} ({runner.name})"))
+    if visuals is not None:
+        for index, result in enumerate(results):
+            if result.ok and result.image is not None and result.prediction is not None:
+                # Folders often reuse file names (good/000.png, defect/000.png): keep the parent and the order.
+                stem = visuals / f"{index:04d}_{result.path.parent.name}_{result.path.stem}"
+                save_visuals(result.image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
+        err.print(f"  heatmaps, overlays and masks in {visuals}", highlight=False)
+    if json_path is not None:
+        write_json(json_path, {"model": str(model), "backend": runner.name, "results": records})
+    if csv_path is not None:
+        write_csv(csv_path, records)
+    failed = sum(1 for record in records if record["status"] != "ok")
+    anomalous = sum(1 for record in records if record.get("label") == "anomalous")
+    err.print(f"{len(records) - failed} scored ({anomalous} anomalous), {failed} failed", highlight=False)
+    if failed:
+        raise typer.Exit(1)

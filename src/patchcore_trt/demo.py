@@ -1,0 +1,65 @@
+"""The built-in demo: generated data -> anomalib training -> export -> predict -> parity-and-speed table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patchcore_trt.checkpoint import read_checkpoint
+from patchcore_trt.export import export_onnx
+from patchcore_trt.images import collect_images, load_image
+from patchcore_trt.report import save_visuals, write_json
+from patchcore_trt.synthetic import make_synthetic_dataset
+from patchcore_trt.training import TrainSettings, train_patchcore
+from patchcore_trt.verify import BackendParity, backend_parity
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    checkpoint: Path
+    onnx: Path
+    rows: list[BackendParity]
+    test_images: list[Path]
+    visuals_dir: Path
+    report: Path
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows[1:])
+
+
+def run_demo(work_dir: Path, settings: TrainSettings, *, log=print) -> DemoResult:
+    """Run every stage in ``work_dir``; ``log`` receives one line per finished stage."""
+    work_dir = Path(work_dir)
+    dataset = make_synthetic_dataset(work_dir / "data")
+    log(f"data set: {dataset.root} (train/good, test/good, test/defect with masks)")
+    checkpoint = train_patchcore(dataset, work_dir / "train", settings)
+    log(f"trained anomalib PatchCore ({settings.backbone}, pre_trained={settings.pre_trained}): {checkpoint}")
+    spec = read_checkpoint(checkpoint)
+    onnx_path, checks = export_onnx(spec, work_dir / "model.onnx")
+    log(f"exported and self-checked at {len(checks)} batch/size pairs: {onnx_path}")
+
+    test_images, _ = collect_images([str(dataset.root / "test")])
+    images = np.stack([load_image(path) for path in test_images])
+    rows, reference = backend_parity(checkpoint, onnx_path, images)
+    visuals_dir = work_dir / "visuals"
+    for index, path in enumerate(test_images):
+        stem = visuals_dir / f"{path.parent.name}_{path.stem}"
+        save_visuals(images[index], reference.anomaly_map[index, 0], reference.pred_mask[index, 0], stem)
+    report = work_dir / "demo_report.json"
+    write_json(
+        report,
+        {
+            "checkpoint": checkpoint,
+            "onnx": onnx_path,
+            "settings": settings,
+            "export_checks": checks,
+            "parity_vs_anomalib_forward": [
+                {"backend": row.name, "ms_per_image": row.ms_per_image, **row.figures.__dict__} for row in rows
+            ],
+            "scores": {str(path): float(score) for path, score in zip(test_images, reference.pred_score, strict=True)},
+        },
+    )
+    return DemoResult(checkpoint, onnx_path, rows, test_images, visuals_dir, report)

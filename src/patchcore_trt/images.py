@@ -1,0 +1,116 @@
+"""Finding and decoding input images safely: any size, grayscale, RGBA, palette and 16-bit, size-limited.
+
+Every image becomes float32 RGB in [0, 1], [3, H, W] - anomalib's input convention. A file that cannot be
+read raises ImageError with the reason, so callers can report it and go on with the other files.
+"""
+
+from __future__ import annotations
+
+import glob
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from patchcore_trt.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF", "WEBP", "MPO"}
+# Checked from the header before any pixel is decoded: a 100 kB PNG can claim 100,000 x 100,000 pixels.
+MAX_PIXELS = 64 * 1024 * 1024
+MIN_SIDE = 32
+
+
+class ImageError(Exception):
+    """One input image could not be used (the message says why)."""
+
+
+def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    """Expand files, folders (recursively) and glob patterns into image paths.
+
+    Returns:
+        The image files in a stable order, and the inputs that matched nothing (for the caller to report).
+    """
+    found: list[Path] = []
+    unmatched: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.is_file():
+            files = [path]
+        elif any(ch in item for ch in "*?["):
+            files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        else:
+            files = []
+        if files:
+            found.extend(files)
+        else:
+            unmatched.append(item)
+    seen: set[Path] = set()
+    unique = [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+    return unique, unmatched
+
+
+def _to_float_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        gray = np.asarray(image, dtype=np.float32) / 65535.0
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode == "I":
+        # 16-bit PNGs often decode as 32-bit "I"; their values still span 0..65535.
+        gray = np.asarray(image, dtype=np.float32)
+        scale = 65535.0 if gray.max(initial=0) > 255 else 255.0
+        return np.repeat(np.clip(gray / scale, 0, 1)[..., None], 3, axis=2)
+    if image.mode == "F":
+        gray = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+        return np.repeat(gray[..., None], 3, axis=2)
+    # Palette, grayscale, CMYK and alpha all go through PIL's RGB conversion, as anomalib's read_image does.
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def load_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image file to float32 RGB [3, H, W] in [0, 1], or raise ImageError saying why not."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.format not in ALLOWED_FORMATS:
+                    raise ImageError(f"unsupported image format {image.format}")
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageError(
+                        f"{width}x{height} pixels is over the limit of {max_pixels:,} (decompression bomb?)"
+                    )
+                if min(width, height) < MIN_SIDE:
+                    raise ImageError(f"{width}x{height} is too small; both sides must be at least {MIN_SIDE} pixels")
+                image.load()
+                array = _to_float_rgb(image)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except IsADirectoryError:
+        raise ImageError("is a folder") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image (or an unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"corrupt or truncated image ({exc})") from None
+    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def load_batch(paths: list[Path]) -> np.ndarray:
+    """Decode same-sized images into one [N, 3, H, W] batch (for calibration and evaluation sets)."""
+    arrays = []
+    for path in paths:
+        try:
+            arrays.append(load_image(path))
+        except ImageError as exc:
+            raise UserError(f"{path}: {exc}") from None
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise UserError(f"images of different sizes cannot form one batch: {sorted(shapes)}")
+    return np.stack(arrays)

@@ -1,0 +1,95 @@
+"""Run a backend over image files: decode, batch images of equal size, infer, keep per-file results.
+
+A file that fails to decode is recorded with its reason and the run goes on; nothing already computed
+is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from patchcore_trt.images import ImageError, load_image
+from patchcore_trt.runtime.base import Backend, Prediction
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The outcome for one file: a Prediction (batch of one) or the reason it failed."""
+
+    path: Path
+    prediction: Prediction | None = None
+    size: tuple[int, int] | None = None
+    image: np.ndarray | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def record(self) -> dict[str, object]:
+        """A flat row for tables, JSON and CSV."""
+        if self.prediction is None:
+            return {"file": str(self.path), "status": "error", "score": "", "label": "", "error": self.error or ""}
+        anomaly_map = self.prediction.anomaly_map[0, 0]
+        return {
+            "file": str(self.path),
+            "status": "ok",
+            "score": round(float(self.prediction.pred_score[0]), 6),
+            "label": "anomalous" if bool(self.prediction.pred_label[0]) else "normal",
+            "map_max": round(float(anomaly_map.max()), 6),
+            "mask_fraction": round(float(self.prediction.pred_mask.mean()), 6),
+            "height": self.size[0] if self.size else "",
+            "width": self.size[1] if self.size else "",
+            "error": "",
+        }
+
+
+def _batches(paths: list[Path], batch_size: int) -> Iterator[tuple[list[Path], list[np.ndarray], list[ImageResult]]]:
+    """Yield runs of consecutive decodable images of one size, plus the failures met on the way."""
+    pending_paths: list[Path] = []
+    pending: list[np.ndarray] = []
+    failures: list[ImageResult] = []
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            failures.append(ImageResult(path=path, error=str(exc)))
+            continue
+        if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
+            yield pending_paths, pending, failures
+            pending_paths, pending, failures = [], [], []
+        pending_paths.append(path)
+        pending.append(image)
+    if pending or failures:
+        yield pending_paths, pending, failures
+
+
+def predict_files(
+    backend: Backend,
+    paths: list[Path],
+    *,
+    batch_size: int = 8,
+    keep_images: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> list[ImageResult]:
+    """Predict every file in ``paths`` with ``backend``; results come back in input order."""
+    results: dict[Path, ImageResult] = {}
+    for batch_paths, images, failures in _batches(paths, batch_size):
+        for failure in failures:
+            results[failure.path] = failure
+        if images:
+            prediction = backend.predict(np.stack(images))
+            for index, path in enumerate(batch_paths):
+                results[path] = ImageResult(
+                    path=path,
+                    prediction=prediction.item(index),
+                    size=images[index].shape[1:],
+                    image=images[index] if keep_images else None,
+                )
+        if on_progress is not None:
+            on_progress(len(batch_paths) + len(failures))
+    return [results[path] for path in paths]

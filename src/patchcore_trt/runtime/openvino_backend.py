@@ -1,0 +1,40 @@
+"""OpenVINO backend for exported ``.onnx`` files: anomalib's default deployment runtime, for comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from patchcore_trt.errors import MissingDependencyError, UserError
+from patchcore_trt.export import INPUT_NAME, read_onnx_metadata
+from patchcore_trt.model import OUTPUT_NAMES
+from patchcore_trt.runtime.base import Backend, Capabilities, Prediction, prediction_from_outputs
+
+
+class OpenVinoBackend(Backend):
+    name: ClassVar[str] = "openvino"
+    capabilities: ClassVar[Capabilities] = Capabilities(artifact_suffixes=(".onnx",), devices=("cpu",))
+
+    def __init__(self, artifact: Path, *, device: str = "cpu") -> None:
+        super().__init__(artifact)
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise MissingDependencyError("openvino", "openvino") from exc
+        self.metadata = read_onnx_metadata(artifact)
+        core = ov.Core()
+        try:
+            # f32 inference precision: OpenVINO's CPU plugin otherwise may pick bf16 where the CPU has it.
+            self.compiled = core.compile_model(
+                str(artifact), device.upper(), {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+            )
+        except RuntimeError as exc:
+            raise UserError(f"openvino could not compile {artifact}: {str(exc).splitlines()[0]}") from None
+        self.request = self.compiled.create_infer_request()
+
+    def _infer(self, images: np.ndarray) -> Prediction:
+        results = self.request.infer({INPUT_NAME: images})
+        outputs = {name: results[self.compiled.output(name)] for name in OUTPUT_NAMES}
+        return prediction_from_outputs(outputs)

@@ -1,0 +1,79 @@
+"""Session fixtures: real anomalib PatchCore checkpoints trained once per session on generated data.
+
+Training uses pre_trained=False (no weights can be downloaded here). Each (backbone, image size) pair is
+trained and exported at most once per session, on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from patchcore_trt.checkpoint import read_checkpoint
+from patchcore_trt.export import export_onnx
+from patchcore_trt.images import collect_images, load_image
+from patchcore_trt.synthetic import SyntheticDataset, make_synthetic_dataset
+from patchcore_trt.training import TrainSettings, train_patchcore
+
+WRN50 = "wide_resnet50_2"
+RESNET18 = "resnet18"
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> SyntheticDataset:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data"), n_train=6, n_test_good=3, n_test_defect=3)
+
+
+@pytest.fixture(scope="session")
+def test_images(dataset: SyntheticDataset) -> tuple[list[Path], np.ndarray]:
+    """The generated test images (300 x 340 raw, larger than the model size) and their decoded batch."""
+    paths, _ = collect_images([str(dataset.root / "test")])
+    return paths, np.stack([load_image(path) for path in paths])
+
+
+@pytest.fixture(scope="session")
+def trained(dataset: SyntheticDataset, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, int], Path]:
+    """trained(backbone, size) -> checkpoint path, cached for the session."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def get(backbone: str, size: int = 256) -> Path:
+        key = (backbone, size)
+        if key not in cache:
+            work = tmp_path_factory.mktemp(f"train_{backbone}_{size}")
+            cache[key] = train_patchcore(dataset, work, TrainSettings(backbone=backbone, image_size=(size, size)))
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported(
+    trained: Callable[[str, int], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str, int], Path]:
+    """exported(backbone, size) -> verified ONNX path of that checkpoint, cached for the session."""
+    cache: dict[tuple[str, int], Path] = {}
+
+    def get(backbone: str, size: int = 256) -> Path:
+        key = (backbone, size)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"onnx_{backbone}_{size}") / "model.onnx"
+            cache[key], _ = export_onnx(read_checkpoint(trained(backbone, size)), out)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def resnet18_checkpoint(trained: Callable[[str, int], Path]) -> Path:
+    return trained(RESNET18, 256)
+
+
+@pytest.fixture(scope="session")
+def resnet18_onnx(exported: Callable[[str, int], Path]) -> Path:
+    return exported(RESNET18, 256)
