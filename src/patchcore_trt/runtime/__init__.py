@@ -13,10 +13,11 @@ _REGISTRY: dict[str, str] = {
     "torch": "patchcore_trt.runtime.torch_backend:TorchBackend",
     "onnxruntime": "patchcore_trt.runtime.onnxruntime_backend:OnnxRuntimeBackend",
     "openvino": "patchcore_trt.runtime.openvino_backend:OpenVinoBackend",
+    "tensorrt": "patchcore_trt.runtime.tensorrt_backend:TensorRtBackend",
 }
 
 # The backend used when none is named, by artifact suffix.
-DEFAULT_BACKEND = {".ckpt": "torch", ".onnx": "onnxruntime"}
+DEFAULT_BACKEND = {".ckpt": "torch", ".onnx": "onnxruntime", ".engine": "tensorrt"}
 
 
 def backend_names() -> list[str]:

@@ -1,0 +1,230 @@
+"""The accuracy gate: a reduced-precision ONNX against the FP32 deploy model, on a labelled folder.
+
+Both graphs run in ONNX Runtime on the CPU, image by image (any sizes). The figures: score drift, anomaly-map
+error, label agreement, and image and pixel AUROC of each. What the CPU actually computes:
+- FP16: ONNX Runtime's CPU provider has no x86 FP16 Conv kernel; it runs each FP16 node on its FP32 kernel
+  between Casts (its InsertCastTransformer). Weights and every backbone activation are still rounded to FP16,
+  which is what TensorRT's FP16 kernels store; they accumulate in FP32 as those usually do.
+- INT8: Q/DQ fusion is switched off (``session.disable_quant_qdq``), so each QuantizeLinear/DequantizeLinear
+  pair rounds and clips exactly as the graph says, instead of ONNX Runtime's own x86 INT8 kernels, whose
+  saturation differs from TensorRT's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from patchcore_trt.errors import MissingDependencyError, UserError
+from patchcore_trt.export import INPUT_NAME, read_onnx_metadata
+from patchcore_trt.images import ImageError, collect_images, load_image
+
+GOOD = "good"
+MASKS = "ground_truth"
+# Images whose FP32 score is this close to the threshold may flip label within the FP16 score budget; anomalib's
+# adaptive threshold is one validation image's own score, so one image usually sits exactly on it.
+THRESHOLD_BAND = 1e-3
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Images with labels (True = defective) and optional masks; labels are None for a plain folder."""
+
+    images: list[Path]
+    labels: np.ndarray | None
+    masks: list[Path | None]
+
+
+def _mask_for(image: Path, image_root: Path, mask_root: Path) -> Path | None:
+    relative = image.relative_to(image_root)
+    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
+        candidate = mask_root / relative.parent / name
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def labelled_folder(root: Path) -> LabelledSet:
+    """Read an MVTec-style folder: ``good/`` and defect subfolders (under ``test/`` or not), masks optional.
+
+    Masks live in ``ground_truth/<defect>/<name>_mask.png`` beside ``test/`` (or beside the folder given). A
+    folder without a ``good/`` subfolder is taken as unlabelled images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root}: the evaluation folder does not exist")
+    image_root = root / "test" if (root / "test" / GOOD).is_dir() else root
+    mask_root = image_root.parent / MASKS if (image_root.parent / MASKS).is_dir() else image_root / MASKS
+    images = [path for path in collect_images([str(image_root)])[0] if MASKS not in path.relative_to(image_root).parts]
+    if not images:
+        raise UserError(f"{root}: no images found for the accuracy gate")
+    if not (image_root / GOOD).is_dir():
+        return LabelledSet(images, None, [None] * len(images))
+    labels = np.array([path.relative_to(image_root).parts[0] != GOOD for path in images])
+    masks = [
+        _mask_for(path, image_root, mask_root) if label else None for path, label in zip(images, labels, strict=True)
+    ]
+    return LabelledSet(images, labels, masks)
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve as the Mann-Whitney U statistic, ties counted half.
+
+    A rank formula in numpy rather than scikit-learn (not a dependency) or torchmetrics (pulled in only by
+    anomalib): it is exact, and one sort handles the millions of pixels of a pixel AUROC.
+    """
+    labels = np.asarray(labels, dtype=bool).reshape(-1)
+    positives = int(labels.sum())
+    negatives = labels.size - positives
+    if positives == 0 or negatives == 0:
+        return None
+    _, inverse, counts = np.unique(np.asarray(scores).reshape(-1), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts, dtype=np.float64)
+    average_rank = ends - (counts - 1) / 2.0
+    rank_sum = float(average_rank[inverse][labels].sum())
+    return (rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives)
+
+
+@dataclass(frozen=True)
+class GateFigures:
+    """Candidate vs reference on one image set. AUROCs are in [0, 1]; None where labels or masks are missing."""
+
+    precision: str
+    images: int
+    max_score_delta: float
+    mean_score_delta: float
+    max_map_delta: float
+    mean_map_delta: float
+    label_agreement: float
+    flips_off_threshold: int
+    image_auroc_reference: float | None
+    image_auroc: float | None
+    pixel_auroc_reference: float | None
+    pixel_auroc: float | None
+
+    @property
+    def image_auroc_drop_points(self) -> float | None:
+        if self.image_auroc is None or self.image_auroc_reference is None:
+            return None
+        return 100.0 * (self.image_auroc_reference - self.image_auroc)
+
+    def summary(self) -> str:
+        def points(value: float | None) -> str:
+            return "n/a" if value is None else f"{100 * value:.2f}"
+
+        return (
+            f"{self.precision} vs fp32 on {self.images} images: max |delta score| {self.max_score_delta:.2e}, "
+            f"max |delta map| {self.max_map_delta:.2e}, labels agree {100 * self.label_agreement:.2f}% "
+            f"({self.flips_off_threshold} flips farther than {THRESHOLD_BAND:g} from the threshold), "
+            f"image AUROC {points(self.image_auroc_reference)} -> {points(self.image_auroc)}, "
+            f"pixel AUROC {points(self.pixel_auroc_reference)} -> {points(self.pixel_auroc)}"
+        )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The issue's budget: FP16 = identical labels and |delta score| <= 1e-3; INT8 = AUROC drop <= 0.5 points.
+
+    FP16's identical labels are required of every image farther than THRESHOLD_BAND from the threshold: within
+    it, a drift the score budget allows can flip a label, and the two lines would contradict each other.
+    """
+
+    max_score_delta: float | None = None
+    identical_labels_off_threshold: bool = False
+    min_label_agreement: float = 0.0
+    max_image_auroc_drop_points: float | None = None
+
+
+BUDGETS = {
+    "fp16": Budget(max_score_delta=1e-3, identical_labels_off_threshold=True),
+    "int8": Budget(min_label_agreement=0.99, max_image_auroc_drop_points=0.5),
+}
+
+
+def over_budget(figures: GateFigures, budget: Budget) -> list[str]:
+    """The budget lines the figures break (empty when within budget)."""
+    broken = []
+    if budget.max_score_delta is not None and not figures.max_score_delta <= budget.max_score_delta:
+        broken.append(f"max |delta score| {figures.max_score_delta:.2e} > {budget.max_score_delta:g}")
+    if budget.identical_labels_off_threshold and figures.flips_off_threshold:
+        broken.append(f"{figures.flips_off_threshold} labels differ away from the threshold")
+    if figures.label_agreement < budget.min_label_agreement:
+        broken.append(f"label agreement {100 * figures.label_agreement:.2f}% < {100 * budget.min_label_agreement:g}%")
+    if budget.max_image_auroc_drop_points is not None:
+        drop = figures.image_auroc_drop_points
+        if drop is None:
+            broken.append("image AUROC needs a labelled folder with good/ and defect images")
+        elif drop > budget.max_image_auroc_drop_points:
+            broken.append(f"image AUROC drop {drop:.2f} points > {budget.max_image_auroc_drop_points:g}")
+    return broken
+
+
+def _session(path: Path, *, exact_qdq: bool) -> Any:  # onnxruntime.InferenceSession; onnxruntime is optional
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise MissingDependencyError("onnxruntime", "onnxruntime") from exc
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if exact_qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _mask_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
+    if path is None:
+        return np.zeros(shape, dtype=bool)
+    with Image.open(path) as mask:
+        resized = mask.convert("L").resize((shape[1], shape[0]), Image.NEAREST)
+    return np.asarray(resized) > 127
+
+
+def evaluate(reference: Path, candidate: Path, data: LabelledSet, precision: str) -> GateFigures:
+    """Run both ONNX graphs on every image of ``data`` and compare (see the module docstring for what runs)."""
+    threshold = 1.0 - float(read_onnx_metadata(reference)["postprocess"]["image_sensitivity"])
+    sessions = [_session(reference, exact_qdq=False), _session(candidate, exact_qdq=True)]
+    scores = np.zeros((2, len(data.images)), dtype=np.float64)
+    labels = np.zeros((2, len(data.images)), dtype=bool)
+    map_deltas: list[np.ndarray] = []
+    pixel_maps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    pixel_truth: list[np.ndarray] = []
+    for index, path in enumerate(data.images):
+        try:
+            image = load_image(path)[None]
+        except ImageError as exc:
+            raise UserError(f"{path}: {exc}") from None
+        results = [
+            session.run(["pred_score", "pred_label", "anomaly_map"], {INPUT_NAME: image}) for session in sessions
+        ]
+        for which, (score, label, _) in enumerate(results):
+            scores[which, index] = float(score[0])
+            labels[which, index] = bool(label[0])
+        map_deltas.append(np.abs(results[0][2] - results[1][2]).reshape(-1))
+        # Pixel AUROC over good images (all-normal pixels) and defective images that have a mask.
+        if data.labels is not None and (not data.labels[index] or data.masks[index] is not None):
+            pixel_truth.append(_mask_pixels(data.masks[index], results[0][2].shape[-2:]).reshape(-1))
+            for which in (0, 1):
+                pixel_maps[which].append(results[which][2].reshape(-1))
+    deltas = np.abs(scores[0] - scores[1])
+    flips = labels[0] != labels[1]
+    off_threshold = np.abs(scores[0] - threshold) > THRESHOLD_BAND
+    all_map_deltas = np.concatenate(map_deltas)
+    pixels = np.concatenate(pixel_truth) if pixel_truth else None
+    return GateFigures(
+        precision=precision,
+        images=len(data.images),
+        max_score_delta=float(deltas.max()),
+        mean_score_delta=float(deltas.mean()),
+        max_map_delta=float(all_map_deltas.max()),
+        mean_map_delta=float(all_map_deltas.mean()),
+        label_agreement=float(1.0 - flips.mean()),
+        flips_off_threshold=int((flips & off_threshold).sum()),
+        image_auroc_reference=None if data.labels is None else auroc(scores[0], data.labels),
+        image_auroc=None if data.labels is None else auroc(scores[1], data.labels),
+        pixel_auroc_reference=None if pixels is None else auroc(np.concatenate(pixel_maps[0]), pixels),
+        pixel_auroc=None if pixels is None else auroc(np.concatenate(pixel_maps[1]), pixels),
+    )
