@@ -209,6 +209,24 @@ def _cached_ranges(cache: Path | None, key: dict[str, Any]) -> dict[str, Any] | 
     return content["ranges"]
 
 
+def _dequantize_for_convs_only(model: onnx.ModelProto) -> None:
+    """Rewire non-Conv readers of a quantized activation (residual Adds) to its FP32 original.
+
+    onnxruntime shares one Q/DQ pair among all readers of a tensor, so the skip connection would carry the
+    INT8-rounded value; the issue asks for Q/DQ on the backbone convolutions only.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            continue
+        for index, name in enumerate(node.input):
+            dequantize = producers.get(name)
+            quantize = producers.get(dequantize.input[0]) if dequantize is not None else None
+            if dequantize is not None and dequantize.op_type == "DequantizeLinear" and quantize is not None:
+                if quantize.op_type == "QuantizeLinear":
+                    node.input[index] = quantize.input[0]
+
+
 @contextlib.contextmanager
 def _root_log_level(level: int) -> Iterator[None]:
     root = logging.getLogger()
@@ -298,6 +316,7 @@ def write_int8_onnx(
                 },
             )
             quantized = onnx.load(str(tmp))
+            _dequantize_for_convs_only(quantized)
             _update_metadata(
                 quantized,
                 precision="int8",
