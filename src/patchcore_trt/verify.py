@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from patchcore_trt.report import Parity, parity
+from patchcore_trt.report import Parity, parity, parity_row
 from patchcore_trt.runtime import open_backend
 from patchcore_trt.runtime.base import Backend, Prediction
 
@@ -31,7 +32,7 @@ class BackendParity:
         return self.figures.within(SCORE_TOLERANCE, MAP_TOLERANCE)
 
 
-def anomalib_predictions(checkpoint: Path, images: np.ndarray) -> tuple[Prediction, Prediction]:
+def anomalib_predictions(checkpoint: Path, images: Sequence[np.ndarray]) -> tuple[Prediction, Prediction]:
     """anomalib's forward (the parity reference) and its Lightning predict path, one image at a time."""
     from patchcore_trt.reference import AnomalibReference
 
@@ -49,7 +50,7 @@ def _to_prediction(outputs: tuple[torch.Tensor, ...]) -> Prediction:
     return Prediction(score.reshape(-1), label.reshape(-1), anomaly_map, mask)
 
 
-def run_each(backend: Backend, images: np.ndarray) -> tuple[Prediction, float]:
+def run_each(backend: Backend, images: Sequence[np.ndarray]) -> tuple[Prediction, float]:
     """Predict image by image (raw images may differ in size); return results and median ms per image."""
     parts, times = [], []
     for image in images:
@@ -75,7 +76,24 @@ def backend_parity(
     for name in backends:
         artifact = checkpoint if name == "torch" else onnx_path
         with open_backend(artifact, name) as backend:
-            backend.predict(images[:1])  # warm-up: first-call allocation and kernel selection
+            backend.predict(images[0][None])  # warm-up: first-call allocation and kernel selection
             prediction, ms = run_each(backend, images)
         rows.append(BackendParity(name, parity(prediction, reference), ms))
     return rows, reference
+
+
+def table_rows(rows: Sequence[BackendParity]) -> list[dict[str, object]]:
+    """Rows for the parity-and-speed table that ``demo`` and ``verify`` print."""
+    shown = []
+    for row in rows:
+        line = parity_row(row.name, row.figures)
+        line["CPU ms/img"] = f"{row.ms_per_image:.0f}" if row.ms_per_image is not None else "-"
+        line["bar"] = "-" if row.ms_per_image is None else ("PASS" if row.passed else "FAIL")
+        shown.append(line)
+    return shown
+
+
+FOOTNOTE = (
+    f"bar: |d score| <= {SCORE_TOLERANCE:g}, |d map| <= {MAP_TOLERANCE:g}, identical labels (ties at the threshold "
+    "excluded). * anomalib's Lightning predict path, which resizes with antialiasing; its forward and export do not."
+)

@@ -18,22 +18,15 @@ def demo_command(
 ) -> None:
     """Generate an inspection data set, train anomalib PatchCore, export, predict and compare backends."""
     from patchcore_trt.demo import run_demo
-    from patchcore_trt.report import parity_row, rich_table
+    from patchcore_trt.report import rich_table
     from patchcore_trt.training import TrainSettings
+    from patchcore_trt.verify import FOOTNOTE, table_rows
 
     settings = TrainSettings(backbone=backbone, image_size=(image_size, image_size))
     result = run_demo(work_dir, settings, log=lambda line: err.print(f"[green]✓[/] {line}", highlight=False))
-    rows = []
-    for row in result.rows:
-        shown = parity_row(row.name, row.figures)
-        shown["CPU ms/img"] = f"{row.ms_per_image:.0f}" if row.ms_per_image is not None else "-"
-        shown["bar"] = "-" if row.ms_per_image is None else ("PASS" if row.passed else "FAIL")
-        rows.append(shown)
-    out.print(rich_table(rows, title=f"parity vs anomalib's forward on {len(result.test_images)} test images"))
-    out.print(
-        "* anomalib's Lightning predict path resizes with antialiasing; its forward (and its export) does not.",
-        highlight=False,
-    )
+    title = f"parity vs anomalib's forward on {len(result.test_images)} test images"
+    out.print(rich_table(table_rows(result.rows), title=title))
+    out.print(FOOTNOTE, highlight=False)
     out.print(f"report: {result.report}; heatmaps: {result.visuals_dir}", highlight=False)
     out.print(
         f"next: patchcore-trt predict {result.onnx} {work_dir / 'data' / 'test'} --save-visuals out/", highlight=False

@@ -34,11 +34,6 @@ def predict_command(
     from patchcore_trt.report import rich_table, save_visuals, write_csv, write_json
     from patchcore_trt.runtime import open_backend
 
-    paths, unmatched = collect_images(inputs)
-    for item in unmatched:
-        err.print(f"[yellow]warning:[/] {item}: no image files found", highlight=False)
-    if not paths:
-        raise UserError("no input images found in " + ", ".join(inputs))
     options: dict[str, object] = {}
     is_checkpoint = model.suffix.lower() == ".ckpt"
     if is_checkpoint:
@@ -46,6 +41,12 @@ def predict_command(
     elif map_at_input_size or trust_pickled_code:
         raise UserError("--map-at-input-size and --trust-pickled-code apply to .ckpt models (export decides for ONNX)")
     runner = open_backend(model, backend, device=device, **options)
+
+    paths, unmatched = collect_images(inputs)
+    for item in unmatched:
+        err.print(f"[yellow]warning:[/] {item}: no image files found", highlight=False)
+    if not paths:
+        raise UserError("no input images found in " + ", ".join(inputs))
 
     with progress() as bar:
         task = bar.add_task(f"predicting ({runner.name})", total=len(paths))

@@ -1,0 +1,54 @@
+"""``patchcore-trt verify``: prove, on your own images, that every backend computes what anomalib computes."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import typer
+
+from patchcore_trt.cli import app
+from patchcore_trt.cli._common import err, out, progress, step
+from patchcore_trt.errors import UserError
+
+
+@app.command("verify")
+def verify_command(
+    checkpoint: Path = typer.Argument(..., help="anomalib PatchCore checkpoint (.ckpt); anomalib must be installed."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+    onnx_path: Path | None = typer.Option(None, "--onnx", help="Exported ONNX to check (default: export one now)."),
+    backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated backends to compare."),
+    limit: int = typer.Option(50, min=1, help="Use at most this many images."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write the figures as JSON."),
+) -> None:
+    """Compare each backend with anomalib's AnomalibModule.forward; exit 1 if any misses the parity bar."""
+    from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.export import export_onnx
+    from patchcore_trt.images import ImageError, collect_images, load_image
+    from patchcore_trt.report import rich_table, write_json
+    from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
+
+    paths, _ = collect_images(inputs)
+    images, used = [], []
+    for path in paths[:limit]:
+        try:
+            images.append(load_image(path))
+            used.append(path)
+        except ImageError as exc:
+            err.print(f"[yellow]skipped[/] {path}: {exc}", highlight=False)
+    if not images:
+        raise UserError("no readable input images found in " + ", ".join(inputs))
+    with tempfile.TemporaryDirectory() as scratch:
+        if onnx_path is None:
+            with step("exporting a fresh ONNX to check"):
+                onnx_path, _ = export_onnx(read_checkpoint(checkpoint), Path(scratch) / "model.onnx")
+        names = [name.strip() for name in backends.split(",") if name.strip()]
+        with progress() as bar:
+            bar.add_task(f"running anomalib and {len(names)} backends on {len(images)} images", total=None)
+            rows, _ = backend_parity(checkpoint, onnx_path, images, names)
+    out.print(rich_table(table_rows(rows), title=f"parity vs anomalib's forward ({len(images)} images)"))
+    out.print(FOOTNOTE, highlight=False)
+    if json_path is not None:
+        write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
+    if not all(row.passed for row in rows[1:]):
+        raise typer.Exit(1)

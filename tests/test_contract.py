@@ -1,0 +1,44 @@
+"""One contract for every backend: same input checks, same output types and shapes (catches drift)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patchcore_trt.errors import UserError
+from patchcore_trt.runtime import open_backend
+
+CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, resnet18_checkpoint, resnet18_onnx):
+    artifact = resnet18_checkpoint if request.param == "torch" else resnet18_onnx
+    with open_backend(artifact, request.param) as opened:
+        yield opened
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_outputs_have_one_shape_and_type(backend, batch):
+    images = np.random.default_rng(batch).random((batch, 3, 120, 90), dtype=np.float32)
+    prediction = backend.predict(images)
+    assert prediction.pred_score.dtype == np.float32 and prediction.pred_score.shape == (batch,)
+    assert prediction.pred_label.dtype == np.bool_ and prediction.pred_label.shape == (batch,)
+    assert prediction.anomaly_map.dtype == np.float32 and prediction.anomaly_map.shape == (batch, 1, 256, 256)
+    assert prediction.pred_mask.dtype == np.bool_ and prediction.pred_mask.shape == (batch, 1, 256, 256)
+    np.testing.assert_array_equal(prediction.pred_label, prediction.pred_score > 0.5)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (np.zeros((3, 64, 64), dtype=np.float32), r"expected images as a \[N, 3, H, W\] array"),
+        (np.zeros((1, 1, 64, 64), dtype=np.float32), r"got shape \(1, 1, 64, 64\)"),
+        (np.zeros((0, 3, 64, 64), dtype=np.float32), "the batch is empty"),
+        ([[1.0]], r"got shape None"),
+    ],
+    ids=["no-batch-axis", "one-channel", "empty", "not-an-array"],
+)
+def test_bad_input_is_refused_the_same_way(backend, images, message):
+    with pytest.raises(UserError, match=message):
+        backend.predict(images)
