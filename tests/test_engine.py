@@ -168,6 +168,8 @@ def test_build_command_errors_are_one_line(resnet18_onnx, tmp_path):
 
 def test_runtime_refuses_an_engine_from_another_tensorrt(engines):
     metadata = read_sidecar(engines["fp16"])
+    with pytest.raises(UserError, match="metadata beside it belongs to another build"):
+        check_engine(engines["fp16"], engines["fp32"].read_bytes(), metadata, TRT, (8, 9))
     metadata["tensorrt"] = {"library": "tensorrt", "version": "10.0.0"}
     with pytest.raises(
         UserError, match=r"built with tensorrt 10\.0\.0.*patchcore-trt build model\.onnx --precision fp16"
@@ -187,6 +189,9 @@ def test_runtime_without_a_gpu_says_so(engines):
         open_backend(engines["fp32"], device="cpu")
     with pytest.raises(UserError, match="torch sees no CUDA device"):
         TensorRtBackend(engines["fp32"], device="cuda")
+    if TRT.library == "tensorrt_rtx":  # getEngineValidity runs without a GPU and says the plan cannot run here
+        with pytest.raises(UserError, match="this engine cannot run here"):
+            check_engine(engines["fp32"], engines["fp32"].read_bytes(), read_sidecar(engines["fp32"]), TRT, (8, 9))
 
 
 def test_runtime_rejects_shapes_outside_the_profile(tmp_path):

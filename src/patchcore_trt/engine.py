@@ -10,6 +10,7 @@ know about it goes to ``MODEL.<precision>.engine.json`` beside it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import json
 import time
@@ -272,7 +273,7 @@ def build_engine(
         write_bytes_atomic(timing_cache, bytes(cache.serialize()))
     metadata = {
         "format": SIDECAR_FORMAT,
-        "engine": {"name": engine_path.name, "bytes": len(data)},
+        "engine": {"name": engine_path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
         "precision": model_metadata.get("precision", "fp32"),
         "onnx": {"name": onnx_path.name, "sha256": sha256_of(onnx_path)},
         "tensorrt": {"library": trt.library, "version": trt.version},

@@ -12,6 +12,7 @@ docs/tensorrt.md lists exactly what has and has not been executed.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -54,6 +55,9 @@ def check_engine(
     engine: Path, plan: bytes, metadata: dict[str, Any], trt: TensorRT, capability: tuple[int, int]
 ) -> None:
     """Refuse, with a rebuild hint, a plan that the installed TensorRT or this GPU cannot run."""
+    # The plan and its sidecar are two files: make sure they come from the same build.
+    if metadata.get("engine", {}).get("sha256") != hashlib.sha256(plan).hexdigest():
+        raise UserError(f"{engine}: the metadata beside it belongs to another build; {rebuild_hint(metadata)}")
     built = metadata.get("tensorrt", {})
     if (built.get("library"), built.get("version")) != (trt.library, trt.version):
         raise UserError(
