@@ -221,10 +221,11 @@ def _dequantize_for_convs_only(model: onnx.ModelProto) -> None:
             continue
         for index, name in enumerate(node.input):
             dequantize = producers.get(name)
-            quantize = producers.get(dequantize.input[0]) if dequantize is not None else None
-            if dequantize is not None and dequantize.op_type == "DequantizeLinear" and quantize is not None:
-                if quantize.op_type == "QuantizeLinear":
-                    node.input[index] = quantize.input[0]
+            if dequantize is None or dequantize.op_type != "DequantizeLinear":
+                continue
+            quantize = producers.get(dequantize.input[0])
+            if quantize is not None and quantize.op_type == "QuantizeLinear":
+                node.input[index] = quantize.input[0]
 
 
 @contextlib.contextmanager
