@@ -7,6 +7,8 @@ trained and exported at most once per session, on first use.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -77,3 +79,18 @@ def resnet18_checkpoint(trained: Callable[[str, int], Path]) -> Path:
 @pytest.fixture(scope="session")
 def resnet18_onnx(exported: Callable[[str, int], Path]) -> Path:
     return exported(RESNET18, 256)
+
+
+def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``patchcore-trt ARGS`` as a user would, in a fresh process."""
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "patchcore_trt", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The one ``error:`` line a failed command printed (exit code 1, no traceback)."""
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
+from conftest import error_line, run_cli
 from onnx import TensorProto, helper
 
 from patchcore_trt.engine import Profile, Shape, build_engine, default_profile, load_tensorrt, read_sidecar
@@ -27,20 +25,6 @@ except MissingDependencyError:
 
 PROFILE = Profile(Shape(1, 128, 128), Shape(2, 256, 256), Shape(8, 512, 512))
 BACKBONE_CONVS = 15  # resnet18 up to layer3
-
-
-def run_cli(*args: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "patchcore_trt", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
-    )
-
-
-def error_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

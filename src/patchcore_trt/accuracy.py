@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import INPUT_NAME, read_onnx_metadata
+from patchcore_trt.errors import UserError
+from patchcore_trt.export import INPUT_NAME, ort_cpu_session, read_onnx_metadata
 from patchcore_trt.images import ImageError, collect_images, load_image
 
 GOOD = "good"
@@ -163,18 +162,6 @@ def over_budget(figures: GateFigures, budget: Budget) -> list[str]:
     return broken
 
 
-def _session(path: Path, *, exact_qdq: bool) -> Any:  # onnxruntime.InferenceSession; onnxruntime is optional
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "onnxruntime") from exc
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if exact_qdq:
-        options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _mask_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     if path is None:
         return np.zeros(shape, dtype=bool)
@@ -186,7 +173,8 @@ def _mask_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
 def evaluate(reference: Path, candidate: Path, data: LabelledSet, precision: str) -> GateFigures:
     """Run both ONNX graphs on every image of ``data`` and compare (see the module docstring for what runs)."""
     threshold = 1.0 - float(read_onnx_metadata(reference)["postprocess"]["image_sensitivity"])
-    sessions = [_session(reference, exact_qdq=False), _session(candidate, exact_qdq=True)]
+    # INT8 runs with ORT's Q/DQ fusion off, so quantisation happens exactly as the graph writes it.
+    sessions = [ort_cpu_session(reference), ort_cpu_session(candidate, {"session.disable_quant_qdq": "1"})]
     scores = np.zeros((2, len(data.images)), dtype=np.float64)
     labels = np.zeros((2, len(data.images)), dtype=bool)
     map_deltas: list[np.ndarray] = []

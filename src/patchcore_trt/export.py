@@ -105,7 +105,8 @@ def _torch_export(model: PatchCoreDeploy, opset: int) -> onnx.ModelProto:
     return program.model_proto
 
 
-def _save(proto: onnx.ModelProto, path: Path) -> None:
+def save_onnx(proto: onnx.ModelProto, path: Path) -> None:
+    """Write ``proto`` atomically; protos near protobuf's 2 GiB limit keep their tensors in PATH.data."""
     external = proto.ByteSize() > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
     with atomic_path(path) as tmp:
@@ -119,20 +120,23 @@ def _save(proto: onnx.ModelProto, path: Path) -> None:
             onnx.save_model(proto, str(tmp))
 
 
-def _ort_session(path: Path):
+def ort_cpu_session(path: Path, config: dict[str, str] | None = None):
+    """A quiet ONNX Runtime CPU session (with optional session config entries), or an install hint."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
         raise MissingDependencyError("onnxruntime", "onnxruntime") from exc
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def verify_onnx(path: Path, model: PatchCoreDeploy, *, seed: int = 0) -> list[ExportCheck]:
     """onnx.checker, shape inference, then ONNX Runtime against the deploy model at 3 batches x 3 sizes."""
     onnx.checker.check_model(str(path), full_check=True)
-    session = _ort_session(path)
+    session = ort_cpu_session(path)
     generator = torch.Generator().manual_seed(seed)
     checks = []
     for batch, (height, width) in zip(CHECK_BATCHES, CHECK_SIZES, strict=True):
@@ -178,6 +182,6 @@ def export_onnx(
     proto.producer_name = "patchcore-trt"
     proto.producer_version = patchcore_trt.__version__
     proto.doc_string = f"anomalib PatchCore ({spec.backbone}, bank {spec.bank_size}) from {spec.source_name}"
-    _save(proto, path)
+    save_onnx(proto, path)
     checks = verify_onnx(path, model) if verify else []
     return path, checks

@@ -16,7 +16,7 @@ def predict_command(
     model: Path = typer.Argument(..., help="A .ckpt (torch), .onnx (onnxruntime/openvino) or .engine (tensorrt)."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
-    device: str = typer.Option("cpu", help="Device for the backend (cpu, cuda)."),
+    device: str | None = typer.Option(None, help="cpu or cuda; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, help="Images of equal size run together, up to this many."),
     json_path: Path | None = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write all results as CSV."),
