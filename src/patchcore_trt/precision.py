@@ -31,8 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import INPUT_NAME, METADATA_KEY
-from patchcore_trt.export import save_onnx
+from patchcore_trt.export import INPUT_NAME, METADATA_KEY, save_onnx
 from patchcore_trt.files import atomic_path, sha256_of, write_text_atomic
 from patchcore_trt.images import ImageError, collect_images, load_image
 

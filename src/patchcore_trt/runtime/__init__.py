@@ -11,6 +11,7 @@ from patchcore_trt.runtime.base import Backend, Capabilities, Prediction
 # name -> "module:Class"; modules are imported on first use so optional dependencies stay optional.
 _REGISTRY: dict[str, str] = {
     "torch": "patchcore_trt.runtime.torch_backend:TorchBackend",
+    "cuda": "patchcore_trt.runtime.cuda_backend:CudaBackend",
     "onnxruntime": "patchcore_trt.runtime.onnxruntime_backend:OnnxRuntimeBackend",
     "openvino": "patchcore_trt.runtime.openvino_backend:OpenVinoBackend",
     "tensorrt": "patchcore_trt.runtime.tensorrt_backend:TensorRtBackend",
@@ -32,9 +33,9 @@ def backend_class(name: str) -> type[Backend]:
 
 
 def open_backend(
-    artifact: Path | str, backend: str | None = None, *, device: str = "cpu", **options: object
+    artifact: Path | str, backend: str | None = None, *, device: str | None = None, **options: object
 ) -> Backend:
-    """Load ``artifact`` with the named backend (or the default for its suffix) on ``device``."""
+    """Load ``artifact`` with the named backend (or the default for its suffix) on ``device`` (or its first)."""
     artifact = Path(artifact)
     suffix = artifact.suffix.lower()
     name = backend or DEFAULT_BACKEND.get(suffix)
@@ -45,6 +46,7 @@ def open_backend(
     if suffix not in cls.capabilities.artifact_suffixes:
         expected = ", ".join(cls.capabilities.artifact_suffixes)
         raise UserError(f"{artifact}: backend {name!r} runs {expected} files, not {suffix or 'this file'}")
+    device = device or cls.capabilities.devices[0]
     if device not in cls.capabilities.devices:
         raise UserError(f"backend {name!r} runs on {', '.join(cls.capabilities.devices)}, not {device!r}")
     if not artifact.is_file():
