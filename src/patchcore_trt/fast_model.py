@@ -1,0 +1,210 @@
+"""FastPatchCore: the deploy model's function, re-planned for a GPU. model.PatchCoreDeploy is its reference.
+
+What changes, and why it keeps the outputs:
+- the backbone runs in FP16, BF16, TF32 or FP32 (``precision``), channels-last, each BatchNorm folded into
+  the convolution before it and, for timm ResNets on the tensor cores, bias, ReLU and residual add inside
+  the convolution (fused_resnet.py); pooling, upsampling and everything after the backbone stay in FP32;
+- the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank (``exact``)
+  or not (``fast``);
+- the image score's support set comes from a table of each bank row's neighbours built once (knn.BankIndex)
+  instead of a search over the whole bank per image;
+- nearest upsampling, reflect padding and the separable Gaussian blur are linear in the patch scores, so
+  the map is ``A_h @ scores @ A_w^T`` with two small matrices built once per grid size by running those very
+  operations on one-hot inputs in float64 (two tiny FP32 products instead of a 33-tap convolution over the
+  full-resolution map).
+
+Input: float32 [N, 3, H, W] in [0, 1] (``forward``) or uint8 [N, H, W, 3] (``forward_uint8``), on the model's
+device. Output: model.DeployOutput, like the deploy model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+from torch.profiler import record_function
+
+from patchcore_trt.fused_resnet import FusedResNetFeatures, fuse_resnet
+from patchcore_trt.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest
+from patchcore_trt.model import DeployOutput, PatchCoreDeploy, normalize, squared_distances
+from patchcore_trt.spec import PatchCoreSpec
+
+PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@torch.no_grad()
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold every BatchNorm2d that directly follows a Conv2d (timm's ``convN``/``bnN`` pairs and ``[conv, bn]``
+    sequences) into that convolution, in place. BatchNorms in any other position are left as they are."""
+    for parent in module.modules():
+        children = dict(parent.named_children())
+        pairs = [(children.get("conv" + name[2:]), name) for name in children if name.startswith("bn")]
+        if isinstance(parent, nn.Sequential):
+            pairs += [(children[a], b) for a, b in itertools.pairwise(children)]
+        for conv, bn_name in pairs:
+            bn = children[bn_name]
+            if not (isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d and bn.track_running_stats):
+                continue
+            gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+            beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+            scale = gamma / torch.sqrt(bn.running_var + bn.eps)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.copy_(conv.weight * scale[:, None, None, None])
+            conv.bias = nn.Parameter((bias - bn.running_mean) * scale + beta)
+            setattr(parent, bn_name, nn.Identity())
+    return module
+
+
+def blur_matrix(taps: torch.Tensor, grid: int, size: int) -> torch.Tensor:
+    """[size, grid]: nearest upsampling grid -> size, reflect padding and the 1-D blur, as one matrix.
+
+    Built by running AnomalyMap's own operations on the ``grid`` one-hot columns, in float64.
+    """
+    pad = int(taps.numel() // 2)
+    one_hot = torch.eye(grid, dtype=torch.float64).view(grid, 1, grid, 1)
+    upsampled = F.interpolate(one_hot, size=(size, 1), mode="nearest")
+    padded = F.pad(upsampled, (0, 0, pad, pad), mode="reflect")
+    blurred = F.conv2d(padded, taps.to(torch.float64).view(1, 1, -1, 1))
+    return blurred.view(grid, size).T.contiguous()
+
+
+class SeparableMap(nn.Module):
+    """model.AnomalyMap as ``A_h @ scores @ A_w^T``; the matrices are cached per patch-grid size."""
+
+    def __init__(self, taps: torch.Tensor, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+        self.taps = taps.detach().to(torch.float64).cpu()
+        self._matrices: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def forward(self, patch_scores: torch.Tensor) -> torch.Tensor:
+        grid_h, grid_w = patch_scores.shape[-2:]
+        key = (grid_h, grid_w, patch_scores.device)
+        if key not in self._matrices:  # built during warm-up, never inside a CUDA graph capture
+            self._matrices[key] = (
+                blur_matrix(self.taps, grid_h, self.size[0]).to(patch_scores.device, torch.float32),
+                blur_matrix(self.taps, grid_w, self.size[1]).T.contiguous().to(patch_scores.device, torch.float32),
+            )
+        rows, columns = self._matrices[key]
+        return torch.matmul(torch.matmul(rows, patch_scores), columns)
+
+
+class FastPatchCore(nn.Module):
+    """PatchCore inference for speed; see the module docstring for what differs from the deploy model.
+
+    Args:
+        spec: The fitted model.
+        precision: Backbone arithmetic: fp32 (IEEE), tf32, fp16 or bf16.
+        search: ``exact`` (FP16 candidates + FP32 re-rank) or ``fast`` (FP16 distances).
+        device: Where the model runs; the bank index is built there.
+        map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.
+    """
+
+    def __init__(
+        self,
+        spec: PatchCoreSpec,
+        *,
+        precision: str = "fp16",
+        search: str = "exact",
+        device: torch.device | str = "cpu",
+        map_at_input_size: bool = False,
+    ) -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if search not in SEARCH_MODES:
+            raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
+        self.precision = precision
+        self.search = search
+        self.dtype = PRECISIONS[precision]
+        self.num_neighbors = spec.num_neighbors
+        self.map_at_input_size = map_at_input_size
+        # Start from the reference model (its weight checks included) and re-plan its parts.
+        reference = PatchCoreDeploy(spec, map_at_input_size=map_at_input_size)
+        self.post = reference.post
+        self.preprocess = reference.preprocess.to(device)
+        self.pool = reference.pool
+        backbone = fold_batchnorm(reference.backbone)
+        # Fused convolutions pay on the tensor cores; cuDNN's FP32 fused engines are NCHW-only and were slower
+        # at batch 16 on an H100 (benchmarks/backbone_error.py), and wrong at batch 1 in NCHW.
+        if precision != "fp32":
+            backbone = fuse_resnet(backbone)
+        self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device)
+        self.anomaly_map = SeparableMap(spec.blur_kernel, spec.preprocess.model_size)
+
+    def embed(self, normalized: torch.Tensor) -> torch.Tensor:
+        """[N, 3, h, w] float32 -> [N, gh, gw, D] float32 patch features, as PatchCoreDeploy.embed computes them."""
+        features = self.backbone(normalized.to(self.dtype, memory_format=torch.channels_last))
+        pooled = [self.pool(feature.float()) for feature in features]
+        grid = pooled[0].shape[-2:]
+        upsampled = [pooled[0]] + [F.interpolate(feature, size=grid, mode="bilinear") for feature in pooled[1:]]
+        return torch.cat(upsampled, dim=1).permute(0, 2, 3, 1)
+
+    @torch.no_grad()
+    def check_fused_backbone(self, images: torch.Tensor) -> None:
+        """Fall back to the plain folded backbone if cuDNN's fused convolutions disagree with it on ``images``.
+
+        Run once per new input shape, before capture: a fused engine that computes garbage for some shape (seen
+        for FP32 NCHW at batch 1) must cost speed, never correctness.
+        """
+        if not isinstance(self.backbone, FusedResNetFeatures):
+            return
+        normalized = self.preprocess(images).to(self.dtype, memory_format=torch.channels_last)
+        if not self.backbone.agrees_with_plain(normalized):
+            warnings.warn(
+                f"cuDNN's fused convolutions disagree at input {list(images.shape)}; running unfused", stacklevel=2
+            )
+            self.backbone = self.backbone.features
+
+    def image_scores(self, distances: torch.Tensor, rows: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """model.image_scores with the support set read from the neighbour table. [N, P], [N, P], [N, P, D] -> [N]."""
+        if self.num_neighbors == 1:
+            return distances.amax(dim=1)
+        max_patch = distances.argmax(dim=1, keepdim=True)
+        score = distances.gather(1, max_patch).squeeze(1)
+        max_feature = patches.gather(1, max_patch[..., None].expand(-1, -1, patches.shape[-1]))
+        support = self.index.neighbours[rows.gather(1, max_patch).squeeze(1)]
+        support_rows = self.index.bank[support]
+        support_sq = self.index.bank_sq[support][:, None, :]
+        weights = 1 - F.softmax(squared_distances(max_feature, support_rows, support_sq).sqrt().squeeze(1), dim=1)[:, 0]
+        return weights * score
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> DeployOutput:
+        with float32_matmul(conv_tf32=self.precision == "tf32"):
+            with record_function("preprocess"):
+                normalized = self.preprocess(images)
+            with record_function("backbone+embed"):
+                embedding = self.embed(normalized)
+            batch, grid_h, grid_w, dim = embedding.shape
+            patches = embedding.reshape(batch, grid_h * grid_w, dim)
+            with record_function("search"):
+                distances, rows = nearest(patches.reshape(-1, dim), self.index, self.search)
+                distances, rows = distances.view(batch, -1), rows.view(batch, -1)
+            with record_function("score+map"):
+                score = self.image_scores(distances, rows, patches)
+                anomaly_map = self.anomaly_map(distances.view(batch, 1, grid_h, grid_w))
+                if self.map_at_input_size:
+                    anomaly_map = F.interpolate(
+                        anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False
+                    )
+                return self._outputs(score, anomaly_map)
+
+    def forward_uint8(self, images: torch.Tensor) -> DeployOutput:
+        """uint8 [N, H, W, 3] (decoders' layout) -> the same outputs as ``forward(images / 255)`` in NCHW."""
+        return self(images.permute(0, 3, 1, 2).float().div_(255))
+
+    def _outputs(self, score: torch.Tensor, anomaly_map: torch.Tensor) -> DeployOutput:
+        post = self.post
+        pred_score = normalize(score, post.image_threshold, post.image_min, post.image_max)
+        norm_map = normalize(anomaly_map, post.pixel_threshold, post.pixel_min, post.pixel_max)
+        return DeployOutput(
+            pred_score=pred_score,
+            pred_label=pred_score > post.normalized_image_threshold,
+            anomaly_map=norm_map,
+            pred_mask=norm_map > post.normalized_pixel_threshold,
+        )

@@ -1,0 +1,108 @@
+"""timm ResNet features with each convolution's bias, residual add and ReLU inside the convolution's call.
+
+After fast_model.fold_batchnorm a bottleneck block is conv+bias, ReLU, conv+bias, ReLU, conv+bias,
++shortcut, ReLU. Eager PyTorch runs each conv, then a bias-add kernel, a ReLU kernel and an add kernel, each
+one more pass over the activations (a sixth of the FP16 backbone's GPU time at batch 16, in the profile).
+cuDNN's fused convolutions (``torch.cudnn_convolution_relu`` and ``torch.cudnn_convolution_add_relu``:
+act(conv(x, w) + z + bias)) do all of it in the convolution's epilogue.
+
+The same walk runs with plain operations off CUDA, so it is tested on the CPU against timm's own forward.
+Networks that are not plain timm ResNets (other blocks, attention, anti-aliasing, ...) are left as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.resnet import BasicBlock, Bottleneck
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+_STEM = ("conv1", "bn1", "act1", "maxpool")
+_STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+def conv_act(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """relu(conv(x) + bias [+ residual]) in one cuDNN call on CUDA."""
+    geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if x.is_cuda:
+        if residual is None:
+            return torch.cudnn_convolution_relu(x, conv.weight, conv.bias, *geometry)
+        return torch.cudnn_convolution_add_relu(x, conv.weight, residual, 1.0, conv.bias, *geometry)
+    out = F.conv2d(x, conv.weight, conv.bias, *geometry)
+    return F.relu(out if residual is None else out + residual)
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
+
+
+def _fusable(block: nn.Module) -> bool:
+    convs = ("conv1", "conv2", "conv3") if isinstance(block, Bottleneck) else ("conv1", "conv2")
+    if not isinstance(block, (Bottleneck, BasicBlock)) or not all(_plain_conv(getattr(block, c)) for c in convs):
+        return False
+    identity = [getattr(block, name, None) for name in ("bn1", "bn2", "bn3", "drop_block", "aa", "drop_path")]
+    if not all(module is None or isinstance(module, nn.Identity) for module in identity) or block.se is not None:
+        return False
+    acts = [getattr(block, name) for name in ("act1", "act2", "act3") if hasattr(block, name)]
+    down = block.downsample
+    plain_down = down is None or (
+        isinstance(down, nn.Sequential) and _plain_conv(down[0]) and all(isinstance(m, nn.Identity) for m in down[1:])
+    )
+    return plain_down and all(type(act) is nn.ReLU for act in acts)
+
+
+def _block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    shortcut = x if block.downsample is None else block.downsample(x)
+    out = conv_act(block.conv1, x)
+    if isinstance(block, Bottleneck):
+        out = conv_act(block.conv2, out)
+    last = block.conv3 if isinstance(block, Bottleneck) else block.conv2
+    return conv_act(last, out, shortcut)
+
+
+class FusedResNetFeatures(nn.Module):
+    """The features of a BatchNorm-folded timm ResNet ``features_only`` network, with fused convolutions."""
+
+    def __init__(self, features: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.return_layers = list(features.return_layers)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        net = self.features
+        outputs = []
+        x = conv_act(net.conv1, x)
+        if "act1" in self.return_layers:
+            outputs.append(x)
+        x = net.maxpool(x)
+        for name in _STAGES:
+            if len(outputs) == len(self.return_layers):
+                break
+            for block in getattr(net, name):
+                x = _block(block, x)
+            if name in self.return_layers:
+                outputs.append(x)
+        return outputs
+
+    def agrees_with_plain(self, x: torch.Tensor, tolerance: float = 1e-2) -> bool:
+        """Whether the fused walk gives the plain module's features on ``x`` (rounding apart: FP16/BF16 differ
+        by about 1e-3 of the norm, a broken engine by order 1)."""
+        fused, plain = self(x), self.features(x)
+        return all(_relative_difference(f, p) <= tolerance for f, p in zip(fused, plain, strict=True))
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def fuse_resnet(features: nn.Module) -> nn.Module:
+    """``features`` with fused convolutions if it is a folded timm ResNet, else ``features`` unchanged."""
+    children = [name for name, _ in features.named_children()]
+    if children[: len(_STEM)] != list(_STEM) or any(name not in _STEM + _STAGES for name in children):
+        return features
+    if not (_plain_conv(features.conv1) and isinstance(features.bn1, nn.Identity) and type(features.act1) is nn.ReLU):
+        return features
+    if not hasattr(features, "return_layers") or not set(features.return_layers) <= {"act1", *_STAGES}:
+        return features
+    blocks = [block for name in children if name in _STAGES for block in getattr(features, name)]
+    return FusedResNetFeatures(features) if all(_fusable(block) for block in blocks) else features

@@ -1,0 +1,216 @@
+"""A synthetic PatchCore model, so benchmarks run on a machine without a checkpoint.
+
+Latency does not depend on the weights, but accuracy checks do: an untrained timm network has its last
+BatchNorm of each block at zero (residual branches off) and identity statistics, and a Gaussian bank has no
+near neighbours. So the synthetic model is built like a fitted one, only from random parts:
+- backbone: timm's random initialisation, random BatchNorm scales and shifts, running statistics measured on
+  generated textures (every branch contributes, activations stay in FP16 range);
+- memory bank: ``bank_size`` patch features of generated defect-free textures, drawn at random (a coreset
+  stand-in);
+- post-processing: min/max of the image scores and maps of generated normal and defective textures, with
+  the thresholds at their midpoints, so normalised scores spread over [0, 1] as a real model's do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from patchcore_trt.checkpoint import BACKBONE_PREFIX, BLUR_KERNEL_KEY, MEMORY_BANK_KEY, POST_PREFIX
+from patchcore_trt.errors import UserError
+from patchcore_trt.files import atomic_path
+from patchcore_trt.knn import float32_matmul
+from patchcore_trt.model import PatchCoreDeploy, Preprocessor, create_backbone
+from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
+
+SIGMA = 4  # anomalib's AnomalyMapGenerator default
+
+
+def gaussian_taps(sigma: float = SIGMA) -> torch.Tensor:
+    """The 1-D factor of anomalib's blur kernel: size 2 * int(4 sigma + 0.5) + 1, normalised."""
+    size = 2 * int(4.0 * sigma + 0.5) + 1
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    taps = torch.exp(-(x**2) / (2 * sigma**2))
+    return (taps / taps.sum()).float()
+
+
+def texture_images(count: int, size: tuple[int, int], *, seed: int, defects: bool = False) -> torch.Tensor:
+    """uint8 [count, H, W, 3]: smooth coloured textures with fine grain; ``defects`` adds one blot each."""
+    gen = torch.Generator().manual_seed(seed)
+    height, width = size
+    coarse = F.interpolate(torch.rand(count, 3, 6, 6, generator=gen), size=size, mode="bicubic", align_corners=False)
+    medium = F.interpolate(torch.rand(count, 1, 24, 24, generator=gen), size=size, mode="bilinear", align_corners=False)
+    fine = torch.rand(count, 1, height, width, generator=gen)
+    images = 0.2 + 0.4 * coarse + 0.25 * medium + 0.15 * fine
+    if defects:
+        yy = torch.linspace(0, 1, height)[:, None]
+        xx = torch.linspace(0, 1, width)[None, :]
+        for image in images:
+            cy, cx, ry, rx = (torch.rand(4, generator=gen) * torch.tensor([0.6, 0.6, 0.12, 0.12]) + 0.2).tolist()
+            blot = ((yy - cy) / (ry * 0.5)) ** 2 + ((xx - cx) / (rx * 0.5)) ** 2 <= 1
+            image[:, blot] = 0.6 * image[:, blot] + 0.4 * torch.rand(3, 1, generator=gen)
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _as_input(images: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return images.to(device).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def _calibrated_backbone(
+    name: str, layers: tuple[str, ...], size: tuple[int, int], seed: int, device: torch.device | str
+) -> dict[str, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = create_backbone(name, layers)
+        norms = [m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+        for norm in norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.2)
+            norm.reset_running_stats()
+            norm.momentum = None  # cumulative averages over the calibration batches
+    normalise = Preprocessor(Preprocess(resize=size)).to(device)
+    backbone.to(device).train()
+    for batch in range(2):
+        backbone(normalise(_as_input(texture_images(4, size, seed=seed + 101 + batch), device)))
+    for norm in norms:
+        norm.momentum = 0.1
+    return {key: value.detach().float().cpu() for key, value in backbone.eval().state_dict().items()}
+
+
+@torch.no_grad()
+def _bank(
+    deploy: PatchCoreDeploy, bank_size: int, size: tuple[int, int], seed: int, device: torch.device | str
+) -> torch.Tensor:
+    """``bank_size`` rows drawn without replacement from the patch features of a quarter more defect-free textures."""
+    features: list[torch.Tensor] = []
+    while sum(len(f) for f in features) < math.ceil(1.25 * bank_size):
+        images = _as_input(texture_images(8, size, seed=seed + 1000 + len(features)), device)
+        embedding = deploy.embed(deploy.preprocess(images))
+        features.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).cpu())
+    pool = torch.cat(features)
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(seed))[:bank_size]
+    return pool[pick].contiguous()
+
+
+@torch.no_grad()
+def _postprocess(deploy: PatchCoreDeploy, size: tuple[int, int], seed: int, device: torch.device | str) -> Postprocess:
+    images = torch.cat(
+        [texture_images(8, size, seed=seed + 2000), texture_images(8, size, seed=seed + 3000, defects=True)]
+    )
+    outputs = [deploy.raw_scores(_as_input(images[i : i + 8], device)) for i in range(0, len(images), 8)]
+    scores = torch.cat([score for score, _ in outputs])
+    maps = torch.cat([anomaly_map for _, anomaly_map in outputs])
+    # Values a float32 checkpoint holds exactly, so write_checkpoint -> read_checkpoint returns this very spec.
+    image_min, image_max, pixel_min, pixel_max = (
+        float(v) for v in (scores.min(), scores.max(), maps.min(), maps.max())
+    )
+    image_threshold, pixel_threshold = (
+        float(torch.tensor(v)) for v in ((image_min + image_max) / 2, (pixel_min + pixel_max) / 2)
+    )
+    return Postprocess(
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        image_min=image_min,
+        image_max=image_max,
+        pixel_min=pixel_min,
+        pixel_max=pixel_max,
+    )
+
+
+def synthetic_spec(
+    bank_size: int = 16384,
+    image_size: tuple[int, int] = (256, 256),
+    *,
+    backbone: str = "wide_resnet50_2",
+    layers: tuple[str, ...] = ("layer2", "layer3"),
+    num_neighbors: int = 9,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> PatchCoreSpec:
+    """A fitted-looking PatchCore model from random parts (see the module docstring); tensors end on the CPU.
+
+    Args:
+        bank_size: Memory-bank rows M.
+        image_size: Model resolution (height, width).
+        device: Where the features are computed (a GPU makes large banks quick).
+    """
+    if bank_size < 1:
+        raise UserError(f"the synthetic memory bank needs at least 1 row, got {bank_size}")
+    spec = PatchCoreSpec(
+        backbone=backbone,
+        layers=tuple(layers),
+        backbone_state=_calibrated_backbone(backbone, tuple(layers), image_size, seed, device),
+        memory_bank=torch.zeros(1, 1),  # replaced below, once the feature size is known
+        num_neighbors=num_neighbors,
+        blur_kernel=gaussian_taps(),
+        preprocess=Preprocess(resize=image_size),
+        postprocess=Postprocess(
+            image_threshold=0.5, pixel_threshold=0.5, image_min=0, image_max=1, pixel_min=0, pixel_max=1
+        ),
+        source_name=f"synthetic-{backbone}-M{bank_size}-{image_size[0]}x{image_size[1]}-seed{seed}",
+    )
+    with float32_matmul():
+        spec = replace(
+            spec, memory_bank=_bank(PatchCoreDeploy(spec).to(device).eval(), bank_size, image_size, seed, device)
+        )
+        return replace(
+            spec, postprocess=_postprocess(PatchCoreDeploy(spec).to(device).eval(), image_size, seed, device)
+        )
+
+
+def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
+    """Save ``spec`` as an anomalib 2.x-layout Lightning checkpoint that checkpoint.read_checkpoint reads back."""
+    taps = spec.blur_kernel.float()
+    post = spec.postprocess
+    state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}
+    state[MEMORY_BANK_KEY] = spec.memory_bank
+    state[BLUR_KERNEL_KEY] = torch.outer(taps, taps)[None, None]
+    for name, value in (
+        ("_image_threshold", post.image_threshold),
+        ("_pixel_threshold", post.pixel_threshold),
+        ("image_min", post.image_min),
+        ("image_max", post.image_max),
+        ("pixel_min", post.pixel_min),
+        ("pixel_max", post.pixel_max),
+    ):
+        state[POST_PREFIX + name] = torch.tensor(value, dtype=torch.float32)
+    pre = spec.preprocess
+    transforms = [
+        {
+            "class_path": "torchvision.transforms.v2.Resize",
+            "init_args": {"size": list(pre.resize), "interpolation": pre.interpolation, "antialias": pre.antialias},
+        },
+        {
+            "class_path": "torchvision.transforms.v2.Normalize",
+            "init_args": {"mean": list(pre.mean), "std": list(pre.std)},
+        },
+    ]
+    raw = {
+        "state_dict": state,
+        "hyper_parameters": {
+            "backbone": spec.backbone,
+            "layers": list(spec.layers),
+            "pre_trained": False,
+            "num_neighbors": spec.num_neighbors,
+        },
+        "anomalib_pre_processor_config": {
+            "transform": {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
+        },
+        "anomalib_post_processor_config": {
+            "enable_normalization": True,
+            "enable_thresholding": True,
+            "enable_threshold_matching": True,
+            "image_sensitivity": post.image_sensitivity,
+            "pixel_sensitivity": post.pixel_sensitivity,
+        },
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(raw, tmp)
+    return path

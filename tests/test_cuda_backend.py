@@ -1,0 +1,204 @@
+"""The CUDA backend's pieces that run without a GPU: the search (torch path, and the Triton kernels through
+Triton's interpreter), BatchNorm folding and fused ResNet blocks, the separable map, and the whole fast
+model on the CPU against the FP32 deploy model. Fresh random inputs everywhere; nothing here is timed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from patchcore_trt.errors import UserError
+from patchcore_trt.fast_model import FastPatchCore, SeparableMap, fold_batchnorm
+from patchcore_trt.fused_resnet import FusedResNetFeatures, fuse_resnet
+from patchcore_trt.knn import BankIndex, nearest
+from patchcore_trt.model import AnomalyMap, MemoryBankSearch, PatchCoreDeploy, create_backbone
+from patchcore_trt.runtime import backend_names
+from patchcore_trt.synthetic_model import gaussian_taps, synthetic_spec, texture_images
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return synthetic_spec(150, (64, 80), backbone="resnet18", seed=3)
+
+
+def random_bank(seed: int, rows: int = 700, dim: int = 96) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    # A common offset, as post-ReLU features have: the products are large next to the distances.
+    return torch.randn(rows, dim, generator=generator) + 2, torch.randn(90, dim, generator=generator) + 2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_exact_search_is_the_fp32_search(seed):
+    bank, queries = random_bank(seed)
+    index = BankIndex(bank, 9)
+    expected, expected_rows = MemoryBankSearch(bank).nearest(queries)
+    distances, rows = nearest(queries, index, "exact")
+    torch.testing.assert_close(distances, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows, expected_rows)
+
+
+def test_fast_search_is_within_fp16_rounding():
+    bank, queries = random_bank(2)
+    expected, _ = MemoryBankSearch(bank).nearest(queries)
+    distances, rows = nearest(queries, BankIndex(bank, 9), "fast")
+    assert ((distances - expected).abs() / expected).max() < 1e-3
+    assert rows.dtype == torch.int64 and rows.max() < len(bank)
+
+
+def test_neighbour_table_is_the_k_nearest_search():
+    bank, _ = random_bank(3, rows=300)
+    index = BankIndex(bank, 9)
+    assert torch.equal(index.neighbours, MemoryBankSearch(bank).k_nearest_indices(bank, 9))
+    assert torch.equal(index.neighbours[:, 0], torch.arange(300))  # each row is its own nearest
+    assert BankIndex(bank, 1).neighbours.shape == (300, 0)
+
+
+def test_unknown_search_mode_is_refused():
+    bank, queries = random_bank(4)
+    with pytest.raises(ValueError, match="search mode"):
+        nearest(queries, BankIndex(bank, 9), "approximate")
+
+
+TRITON_CHECK = """
+import torch
+from patchcore_trt.knn import BankIndex, _finish_cpu, candidates
+from patchcore_trt.knn_triton import TileConfig, finish, tile_candidates
+generator = torch.Generator().manual_seed(5)
+# Sizes that fill no block exactly: queries, bank tiles and the feature dimension all have tails.
+bank, queries = torch.randn(300, 96, generator=generator) + 2, torch.randn(70, 96, generator=generator) + 2
+index = BankIndex(bank, 9)
+config = TileConfig(block_p=32, block_m=64, block_k=64, group_p=2, num_warps=4, num_stages=1)
+full = index.bank_sq - 2 * (queries.half().float() @ index.bank_half.float().T)
+for keep, exact in ((2, True), (1, False)):
+    values, rows = tile_candidates(queries.half(), index.bank_half, index.bank_sq, keep, config)
+    for tile in range(5):
+        block = full[:, tile * 64 : (tile + 1) * 64]
+        best = block.topk(min(keep, block.shape[1]), dim=1, largest=False).values
+        torch.testing.assert_close(values[:, tile * keep : (tile + 1) * keep], best, rtol=1e-5, atol=1e-3)
+        torch.testing.assert_close(full.gather(1, rows[:, tile * keep : (tile + 1) * keep].long()), best,
+                                   rtol=1e-5, atol=1e-3)
+    got = finish(queries, values, rows, index.bank, index.bank_sq, exact)
+    want = _finish_cpu(queries, values, rows, index, exact)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[1], want[1])
+print("kernels agree")
+"""
+
+
+def test_triton_kernels_match_their_torch_specification():
+    """The real kernels, run by Triton's CPU interpreter (it must be enabled before triton is imported)."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(TRITON_CHECK)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0 and "kernels agree" in result.stdout, result.stderr[-3000:]
+
+
+def _randomised_backbone(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    backbone = create_backbone(name, ("layer2", "layer3")).eval()
+    for norm in (m for m in backbone.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.uniform_(-0.5, 0.2)
+        norm.running_mean.uniform_(-0.2, 0.2)
+        norm.running_var.uniform_(0.5, 2.0)
+    return backbone
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wide_resnet50_2"])
+def test_folded_and_fused_backbone_computes_timms_features(name):
+    backbone = _randomised_backbone(name)
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expected = backbone(images)
+        fused = fuse_resnet(fold_batchnorm(backbone))
+        assert isinstance(fused, FusedResNetFeatures)
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+        for got, want in zip(fused(images), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        assert fused.agrees_with_plain(images)
+
+
+def test_networks_other_than_plain_resnets_are_not_fused():
+    efficientnet = create_backbone("efficientnet_b0", ("blocks.2", "blocks.4"))
+    assert fuse_resnet(fold_batchnorm(efficientnet)) is efficientnet
+    unfolded = create_backbone("resnet18", ("layer2", "layer3"))  # BatchNorms still in place
+    assert fuse_resnet(unfolded) is unfolded
+
+
+def test_a_disagreeing_fused_backbone_falls_back(spec, monkeypatch):
+    model = FastPatchCore(spec, precision="bf16")
+    assert isinstance(model.backbone, FusedResNetFeatures)
+    monkeypatch.setattr(FusedResNetFeatures, "agrees_with_plain", lambda self, x: False)
+    with pytest.warns(UserWarning, match="running unfused"):
+        model.check_fused_backbone(torch.rand(1, 3, 64, 80))
+    assert not isinstance(model.backbone, FusedResNetFeatures)
+
+
+@pytest.mark.parametrize(("grid", "size"), [((8, 10), (64, 80)), ((7, 9), (50, 61)), ((32, 32), (256, 256))])
+def test_separable_map_is_anomalibs_map(grid, size):
+    taps = gaussian_taps()
+    scores = torch.rand(3, 1, *grid, generator=torch.Generator().manual_seed(sum(grid))) * 40
+    torch.testing.assert_close(SeparableMap(taps, size)(scores), AnomalyMap(taps, size)(scores), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("search", "tolerance"), [("exact", 1e-4), ("fast", 1e-3)])
+def test_fast_model_on_the_cpu_matches_the_deploy_model(spec, search, tolerance):
+    images = torch.cat([texture_images(3, (64, 80), seed=11), texture_images(3, (64, 80), seed=12, defects=True)])
+    floats = images.permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        expected = PatchCoreDeploy(spec).eval()(floats)
+        got = FastPatchCore(spec, precision="fp32", search=search).forward_uint8(images)
+    assert (got.pred_score - expected.pred_score).abs().max() <= tolerance
+    assert (got.anomaly_map - expected.anomaly_map).abs().max() <= tolerance
+    assert torch.equal(got.pred_label, expected.pred_label)
+    assert got.anomaly_map.shape == expected.anomaly_map.shape == (6, 1, 64, 80)
+
+
+def test_map_at_input_size(spec):
+    images = torch.rand(2, 3, 90, 70)
+    with torch.no_grad():
+        expected = PatchCoreDeploy(spec, map_at_input_size=True).eval()(images)
+        got = FastPatchCore(spec, precision="fp32", map_at_input_size=True)(images)
+    assert got.anomaly_map.shape == (2, 1, 90, 70)
+    assert (got.anomaly_map - expected.anomaly_map).abs().max() <= 1e-4
+
+
+def test_options_are_checked(spec):
+    with pytest.raises(ValueError, match="precision"):
+        FastPatchCore(spec, precision="int4")
+    with pytest.raises(ValueError, match="search"):
+        FastPatchCore(spec, search="approximate")
+
+
+def test_the_cuda_backend_is_registered_and_refuses_a_machine_without_gpu(spec, tmp_path):
+    assert "cuda" in backend_names()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from patchcore_trt.runtime.cuda_backend import CudaPatchCore
+
+    with pytest.raises(UserError, match="sees no GPU"):
+        CudaPatchCore(spec)
+
+
+def test_host_output_labels_are_the_gpu_comparisons():
+    from patchcore_trt.runtime.cuda_backend import HostOutput
+    from patchcore_trt.spec import Postprocess
+
+    post = Postprocess(image_threshold=1, pixel_threshold=1, image_min=0, image_max=2, pixel_min=0, pixel_max=2)
+    score = np.array([0.2, 0.5, np.nextafter(np.float32(0.5), np.float32(1))], dtype=np.float32)
+    anomaly_map = np.full((3, 1, 2, 2), 0.75, dtype=np.float32)
+    prediction = HostOutput(score, anomaly_map).prediction(post)
+    assert prediction.pred_label.tolist() == [False, False, True] and prediction.pred_mask.all()
+    assert prediction.pred_score is not score  # the pinned buffers are reused by the next call
