@@ -1,0 +1,126 @@
+"""``patchcore-trt bench``: the benchmark matrix, printed as the article's comparison table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from patchcore_trt.cli import app
+from patchcore_trt.cli._common import err, out, parse_size, step
+from patchcore_trt.errors import UserError
+
+
+def _names(text: str, option: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not values:
+        raise UserError(f"{option} needs at least one value")
+    bad = [value for value in values if allowed is not None and value not in allowed]
+    if bad:
+        raise UserError(f"{option}: {', '.join(bad)} not one of {', '.join(allowed or ())}")
+    return values
+
+
+def _numbers(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in _names(text, option))
+    except ValueError:
+        raise UserError(f"{option} takes whole numbers separated by commas, got {text!r}") from None
+    if min(values) < 1:
+        raise UserError(f"{option} values must be at least 1, got {text!r}")
+    return values
+
+
+@app.command("bench")
+def bench_command(
+    model: Path | None = typer.Argument(None, help="An anomalib PatchCore .ckpt (or use --synthetic)."),
+    synthetic: bool = typer.Option(False, "--synthetic", help="Random-weight WRN50 model, bank of --bank rows."),
+    backends: str = typer.Option("cuda", help="Comma list: cuda, torch, onnxruntime, openvino, tensorrt, anomalib."),
+    precision: str | None = typer.Option(
+        None, help="Comma list of fp32, tf32, fp16, bf16. Default: each backend's own (cuda fp16, others fp32)."
+    ),
+    search: str = typer.Option("exact", help="cuda search modes: exact (FP32 re-rank), fast, or both."),
+    sizes: str = typer.Option("256", help="Input sizes, e.g. 256,512 or 320x256 (height x width)."),
+    batch: str = typer.Option("1", help="Batch sizes, e.g. 1,16."),
+    bank: str = typer.Option("16384", help="--synthetic bank rows: one value, or one per size."),
+    copies: str = typer.Option("host,device", help="host: uint8 in, map out on the host; device: GPU-resident."),
+    warmup: int = typer.Option(10, min=0, help="Untimed batches per row."),
+    iters: int = typer.Option(100, min=1, help="Timed batches per row (fewer if --max-seconds runs out)."),
+    max_seconds: float = typer.Option(10.0, min=0.1, help="Time budget per row for warm-up and for timing."),
+    images: int = typer.Option(16, min=1, help="Distinct images per input size, rotated and checked."),
+    baseline: bool = typer.Option(True, help="Add anomalib's eager module as the baseline row when installed."),
+    graphs: bool = typer.Option(True, help="cuda: replay CUDA graphs (--no-graphs: eager launches)."),
+    backbone: str = typer.Option("wide_resnet50_2", help="--synthetic backbone (a timm name)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for bench.json, .csv, .md and .png."),
+    trust_pickled_code: bool = typer.Option(
+        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
+    ),
+) -> None:
+    """Time backends side by side and check each against the FP32 deploy model."""
+    if (model is None) == (not synthetic):
+        raise UserError("bench needs a MODEL checkpoint or --synthetic (not both)")
+    if model is not None and (bank != "16384" or backbone != "wide_resnet50_2"):
+        raise UserError("--bank and --backbone shape the synthetic model; a checkpoint brings its own")
+    # Every option is checked before torch is imported: a typo costs a fraction of a second.
+    options = {
+        "backends": _names(backends, "--backends"),
+        "precisions": _names(precision, "--precision", ("fp32", "tf32", "fp16", "bf16")) if precision else (),
+        "searches": _names(search, "--search", ("exact", "fast")),
+        "sizes": tuple(parse_size(text) for text in _names(sizes, "--sizes")),
+        "batches": _numbers(batch, "--batch"),
+        "banks": _numbers(bank, "--bank"),
+        "copies": _names(copies, "--copies", ("host", "device")),
+    }
+    from patchcore_trt.bench import BenchSettings, run_matrix
+    from patchcore_trt.bench_report import display_row, environment, write_chart, write_results
+    from patchcore_trt.report import markdown_table, rich_table
+
+    settings = BenchSettings(
+        **options,
+        warmup=warmup,
+        iters=iters,
+        max_seconds=max_seconds,
+        images=images,
+        baseline=baseline,
+        graphs=graphs,
+        backbone=backbone,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    env = environment()
+    rows: list[dict] = []
+    notices: list[str] = []
+
+    def on_row(row: dict) -> None:
+        rows.append(row)
+        shown = display_row(row)
+        err.print(
+            f"  {shown['backend']} {shown['precision']} {shown['search']} {shown['input']} batch {shown['batch']}"
+            f" ({shown['copies']}): {shown['median ms']} ms, {shown['img/s']} img/s, Δscore {shown['max Δscore']}",
+            highlight=False,
+        )
+        write_results(output, settings, env, rows, notices)
+
+    def on_notice(text: str) -> None:
+        notices.append(text)
+        err.print(f"[yellow]note:[/] {text}", highlight=False)
+
+    with step(f"benchmark on {env.get('gpu', env['cpu'])}"):
+        run_matrix(
+            settings,
+            output,
+            checkpoint=model,
+            trust_pickled_code=trust_pickled_code,
+            on_row=on_row,
+            on_notice=on_notice,
+        )
+    if not rows:
+        raise UserError("bench: no row could run; see the notes above")
+    write_results(output, settings, env, rows, notices)
+    chart = write_chart(output, rows)
+    shown = [display_row(row) for row in rows]
+    if out.is_terminal:
+        out.print(rich_table(shown, title="patchcore-trt bench"))
+    else:  # sixteen columns do not fit rich's 80-column default of pipes and logs
+        out.print(markdown_table(shown), highlight=False, soft_wrap=True)
+    written = ", ".join(str(output / name) for name in ("bench.md", "bench.csv", "bench.json"))
+    err.print(f"wrote {written}" + (f", {chart}" if chart else " (no chart: pip install 'patchcore-trt[report]')"))

@@ -1,0 +1,157 @@
+"""The synthetic model and the bench command's plumbing, on the CPU at toy sizes: rows, parity columns, the
+result files and the user errors. Timings are produced but never asserted (they belong to benchmarks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import error_line, run_cli
+
+from patchcore_trt.anomalib_baseline import anomalib_available
+from patchcore_trt.bench import BenchSettings, matrix_cases, percentile, run_matrix, workloads
+from patchcore_trt.bench_report import display_row, environment, write_chart, write_results
+from patchcore_trt.checkpoint import read_checkpoint
+from patchcore_trt.errors import UserError
+from patchcore_trt.model import PatchCoreDeploy
+from patchcore_trt.synthetic_model import synthetic_spec, texture_images, write_checkpoint
+
+TOY = {"backbone": "resnet18", "sizes": ((64, 64),), "banks": (64,), "images": 4, "warmup": 1, "iters": 2}
+
+
+@pytest.fixture(scope="module")
+def toy_spec():
+    return synthetic_spec(64, (64, 64), backbone="resnet18", seed=1)
+
+
+def test_synthetic_spec_round_trips_through_a_checkpoint(toy_spec, tmp_path):
+    assert toy_spec.memory_bank.shape == (64, 384) and toy_spec.num_neighbors == 9
+    post = toy_spec.postprocess
+    assert post.image_min < post.image_threshold < post.image_max
+    back = read_checkpoint(write_checkpoint(toy_spec, tmp_path / "toy.ckpt"))
+    assert torch.equal(back.memory_bank, toy_spec.memory_bank)
+    assert back.postprocess == post and back.preprocess == toy_spec.preprocess
+    assert back.backbone == "resnet18" and back.layers == ("layer2", "layer3")
+    torch.testing.assert_close(back.blur_kernel, toy_spec.blur_kernel)
+    assert back.backbone_state.keys() == toy_spec.backbone_state.keys()
+
+
+def test_synthetic_scores_spread_like_a_fitted_models(toy_spec):
+    images = torch.cat([texture_images(4, (64, 64), seed=70), texture_images(4, (64, 64), seed=71, defects=True)])
+    with torch.no_grad():
+        scores = PatchCoreDeploy(toy_spec).eval()(images.permute(0, 3, 1, 2).float() / 255).pred_score
+    assert scores.min() < 0.5 < scores.max() and bool(((scores > 0) & (scores < 1)).any())
+
+
+def test_synthetic_bank_must_have_rows():
+    with pytest.raises(UserError, match="at least 1 row"):
+        synthetic_spec(0, (64, 64), backbone="resnet18")
+
+
+def test_texture_images_are_fresh_per_seed():
+    first, again, other = (texture_images(2, (40, 50), seed=s) for s in (5, 5, 6))
+    assert first.dtype == torch.uint8 and first.shape == (2, 40, 50, 3)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_matrix_rows_files_and_parity(tmp_path):
+    """torch backend rows, anomalib's baseline row when it is installed, and the files written as rows come."""
+    settings = BenchSettings(
+        backends=("torch",),
+        precisions=("fp32", "tf32"),  # torch and anomalib run tf32 nowhere: a notice, not a row
+        batches=(2,),
+        copies=("host",),
+        baseline=anomalib_available(),
+        **TOY,
+    )
+    rows, notices = [], []
+    env = environment()
+
+    def on_row(row):
+        rows.append(row)
+        write_results(tmp_path, settings, env, rows, notices)
+
+    run_matrix(settings, tmp_path, on_row=on_row, on_notice=notices.append)
+    torch_rows = [r for r in rows if r["backend"] == "torch"]
+    assert [(r["batch"], r["precision"], r["copies"]) for r in torch_rows] == [(2, "fp32", "host")]
+    for row in torch_rows:  # the torch backend is the FP32 deploy model itself, run in other batch sizes
+        assert row["max_score_error"] < 1e-5 and row["max_map_error"] < 1e-5
+        assert row["labels_equal"] == row["labels_compared"] and row["mask_agreement"] == 1
+        assert row["iters"] == 2 and row["median_ms"] > 0 and row["img_per_s"] > 0
+    for row in (r for r in rows if r["backend"] == "anomalib" and r["precision"] == "fp32"):
+        assert row["max_score_error"] < 1e-5 and row["max_map_error"] < 1e-4
+    assert any("torch tf32: not benchmarked" in text for text in notices)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["environment"]["torch"] == torch.__version__ and len(saved["rows"]) == len(rows)
+    assert len(list(csv.DictReader((tmp_path / "bench.csv").open()))) == len(rows)
+    table = (tmp_path / "bench.md").read_text()
+    assert "| torch | fp32 | - | 64x64 | 64 | 2 | host |" in table and "torch tf32: not benchmarked" in table
+    chart = write_chart(tmp_path, rows)
+    assert chart is not None and chart.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cases_skip_what_a_backend_cannot_run():
+    settings = BenchSettings(backends=("cuda", "torch"), precisions=("fp32", "bf16"), baseline=False)
+    cases, notices = matrix_cases(settings, batch=4)
+    assert all(case.batch == 4 for case in cases)
+    assert [case.precision for case in cases if case.backend == "torch"] == ["fp32"]
+    assert any(text.startswith("torch bf16") for text in notices)
+    if not torch.cuda.is_available():
+        assert not any(case.backend == "cuda" for case in cases) and any("cuda" in text for text in notices)
+    with pytest.raises(UserError, match="unknown backend"):
+        matrix_cases(BenchSettings(backends=("tensorflow",)), batch=1)
+
+
+def test_banks_pair_with_sizes():
+    settings = BenchSettings(sizes=((256, 256), (512, 512)), banks=(16384, 32768))
+    assert workloads(settings) == [((256, 256), 16384), ((512, 512), 32768)]
+    assert workloads(BenchSettings(sizes=((64, 64), (96, 96)), banks=(10,))) == [((64, 64), 10), ((96, 96), 10)]
+    with pytest.raises(UserError, match="one bank size or one per input size"):
+        workloads(BenchSettings(sizes=((64, 64),), banks=(1, 2)))
+
+
+def test_percentiles_and_display():
+    values = [float(v) for v in range(1, 101)]
+    assert (percentile(values, 50), percentile(values, 90), percentile(values, 99)) == (50.0, 90.0, 99.0)
+    row = {
+        "backend": "cuda", "precision": "fp16", "search": "exact", "height": 256, "width": 256, "bank": 16384,
+        "batch": 1, "copies": "host", "median_ms": 0.5, "p90_ms": 0.6, "p99_ms": 0.7, "img_per_s": 2000.0,
+        "peak_gpu_mib": float("nan"), "host_rss_mib": 900.0, "max_score_error": float("nan"), "max_map_error": 0.0,
+        "labels_equal": 3, "labels_compared": 4,
+    }  # fmt: skip
+    shown = display_row(row)
+    assert shown["GPU MiB"] == "-" and shown["max Δscore"] == "nan" and shown["max Δmap"] == "0"
+    assert shown["labels"] == "3/4" and shown["img/s"] == "2,000" and shown["bank"] == "16,384"
+
+
+def test_bench_command_on_a_checkpoint_writes_its_files(toy_spec, tmp_path):
+    checkpoint = write_checkpoint(toy_spec, tmp_path / "toy.ckpt")
+    out = tmp_path / "bench"
+    result = run_cli(
+        "bench", checkpoint, "--backends", "torch", "--no-baseline", "--sizes", "64", "--batch", "1",
+        "--iters", "2", "--warmup", "0", "--images", "2", "-o", out,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} >= {"bench.json", "bench.csv", "bench.md", "bench.png"}
+    assert "| torch | fp32 |" in result.stdout
+    np.testing.assert_equal(json.loads((out / "bench.json").read_text())["settings"]["batches"], [1])
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("bench", "-o", "x"), "needs a MODEL checkpoint or --synthetic"),
+        (("bench", "m.ckpt", "--synthetic", "-o", "x"), "needs a MODEL checkpoint or --synthetic"),
+        (("bench", "--synthetic", "--precision", "fp64", "-o", "x"), "--precision: fp64 not one of"),
+        (("bench", "--synthetic", "--batch", "1,x", "-o", "x"), "--batch takes whole numbers"),
+        (("bench", "--synthetic", "--batch", "0", "-o", "x"), "at least 1"),
+        (("bench", "--synthetic", "--sizes", "16", "-o", "x"), "at least 32"),
+        (("bench", "m.ckpt", "--bank", "10", "-o", "x"), "a checkpoint brings its own"),
+    ],
+)
+def test_bad_bench_options_are_one_line(args, fragment, tmp_path):
+    (tmp_path / "m.ckpt").write_text("?")
+    assert fragment in error_line(run_cli(*args, cwd=tmp_path))
