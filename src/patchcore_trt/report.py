@@ -80,9 +80,13 @@ def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Tabl
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return ""
+
+    def cell(value: object) -> str:
+        return str(value).replace("|", "\\|")
+
     header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(row[key]) for key in header) + " |" for row in rows]
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(row[key]) for key in header) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

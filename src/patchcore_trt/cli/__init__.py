@@ -31,28 +31,24 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks 
 
 def _register_commands() -> None:
     # Each module adds its command to ``app``; importing them is cheap (heavy imports happen inside commands).
-    from patchcore_trt.cli import bench, build, demo, export, predict  # noqa: F401
+    from patchcore_trt.cli import bench, build, demo, export, predict, verify  # noqa: F401
 
 
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _register_commands()
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode click returns a command's exit code instead of exiting.
+        exit_code = app(standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # usage errors, in click's own words (typer ships its own click)
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(exit_code if isinstance(exit_code, int) else 0)
