@@ -48,8 +48,9 @@ def main(work_dir: Path) -> None:
         print(title, flush=True)
         print(markdown_table(table_rows(rows)), flush=True)
     header = (
-        f"{len(images)} generated test images (raw 300 x 340), anomalib 2.7.0, CPU ({platform.processor() or 'x86-64'}, "
-        f"Python {platform.python_version()}). Command: `.venv/bin/python benchmarks/cpu_parity.py`.\n\n"
+        f"{len(images)} generated test images (raw 300 x 340), anomalib 2.7.0, CPU "
+        f"({platform.processor() or 'x86-64'}, Python {platform.python_version()}). "
+        "Command: `.venv/bin/python benchmarks/cpu_parity.py`. CPU ms/img are indicative (shared 2-core machine).\n\n"
     )
     write_text_atomic(RESULTS / "cpu_parity.md", header + "\n".join(sections) + "\n" + FOOTNOTE + "\n")
     write_json(RESULTS / "cpu_parity.json", payload)
