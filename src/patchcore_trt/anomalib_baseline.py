@@ -15,7 +15,7 @@ import torch
 
 from patchcore_trt.errors import MissingDependencyError, UserError
 from patchcore_trt.model import DeployOutput
-from patchcore_trt.spec import PatchCoreSpec
+from patchcore_trt.spec import PatchCoreSpec, Postprocess
 
 
 def anomalib_available() -> bool:
@@ -24,6 +24,18 @@ def anomalib_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def post_processor_buffers(post: Postprocess) -> dict[str, float]:
+    """The statistics as anomalib's PostProcessor keeps them: buffer name -> value."""
+    return {
+        "_image_threshold": post.image_threshold,
+        "_pixel_threshold": post.pixel_threshold,
+        "image_min": post.image_min,
+        "image_max": post.image_max,
+        "pixel_min": post.pixel_min,
+        "pixel_max": post.pixel_max,
+    }
 
 
 def anomalib_module(spec: PatchCoreSpec) -> torch.nn.Module:
@@ -67,16 +79,8 @@ def anomalib_module(spec: PatchCoreSpec) -> torch.nn.Module:
     if kernel.shape[-1] != taps.numel():
         raise UserError(f"anomalib blurs with {kernel.shape[-1]} taps, the model with {taps.numel()}")
     kernel.copy_(torch.outer(taps, taps).expand_as(kernel))
-    processor = module.post_processor
-    for name, value in (
-        ("_image_threshold", post.image_threshold),
-        ("_pixel_threshold", post.pixel_threshold),
-        ("image_min", post.image_min),
-        ("image_max", post.image_max),
-        ("pixel_min", post.pixel_min),
-        ("pixel_max", post.pixel_max),
-    ):
-        getattr(processor, name).fill_(value)
+    for name, value in post_processor_buffers(post).items():
+        getattr(module.post_processor, name).fill_(value)
     return module.eval()
 
 

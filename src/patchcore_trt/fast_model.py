@@ -29,7 +29,7 @@ from torch.profiler import record_function
 
 from patchcore_trt.fused_resnet import FusedResNetFeatures, fuse_resnet
 from patchcore_trt.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest
-from patchcore_trt.model import DeployOutput, PatchCoreDeploy, normalize, squared_distances
+from patchcore_trt.model import DeployOutput, PatchCoreDeploy, squared_distances
 from patchcore_trt.spec import PatchCoreSpec
 
 PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,8 +92,9 @@ class SeparableMap(nn.Module):
         return torch.matmul(torch.matmul(rows, patch_scores), columns)
 
 
-class FastPatchCore(nn.Module):
-    """PatchCore inference for speed; see the module docstring for what differs from the deploy model.
+class FastPatchCore(PatchCoreDeploy):
+    """The deploy model with its parts re-planned for speed (see the module docstring); ``forward`` and its
+    post-processing are the deploy model's own.
 
     Args:
         spec: The fitted model.
@@ -112,37 +113,33 @@ class FastPatchCore(nn.Module):
         device: torch.device | str = "cpu",
         map_at_input_size: bool = False,
     ) -> None:
-        super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
+        super().__init__(spec, map_at_input_size=map_at_input_size)
         self.precision = precision
-        self.search = search
+        self.search_mode = search
         self.dtype = PRECISIONS[precision]
-        self.num_neighbors = spec.num_neighbors
-        self.map_at_input_size = map_at_input_size
-        # Start from the reference model (its weight checks included) and re-plan its parts.
-        reference = PatchCoreDeploy(spec, map_at_input_size=map_at_input_size)
-        self.post = reference.post
-        self.preprocess = reference.preprocess.to(device)
-        self.pool = reference.pool
-        backbone = fold_batchnorm(reference.backbone)
+        self.preprocess.to(device)
+        backbone = fold_batchnorm(self.backbone)
         # Fused convolutions pay on the tensor cores; cuDNN's FP32 fused engines are NCHW-only and were slower
         # at batch 16 on an H100 (benchmarks/backbone_error.py), and wrong at batch 1 in NCHW.
         if precision != "fp32":
             backbone = fuse_resnet(backbone)
         self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        del self.search  # the deploy model's chunked FP32 search; the index below replaces it
         self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device)
         self.anomaly_map = SeparableMap(spec.blur_kernel, spec.preprocess.model_size)
 
-    def embed(self, normalized: torch.Tensor) -> torch.Tensor:
-        """[N, 3, h, w] float32 -> [N, gh, gw, D] float32 patch features, as PatchCoreDeploy.embed computes them."""
-        features = self.backbone(normalized.to(self.dtype, memory_format=torch.channels_last))
+    def embed(self, normalized_images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, h, w] float32 -> [N, D, gh, gw] float32 (channels-last): PatchCoreDeploy.embed, backbone in
+        ``precision``, everything after it in FP32."""
+        features = self.backbone(normalized_images.to(self.dtype, memory_format=torch.channels_last))
         pooled = [self.pool(feature.float()) for feature in features]
         grid = pooled[0].shape[-2:]
         upsampled = [pooled[0]] + [F.interpolate(feature, size=grid, mode="bilinear") for feature in pooled[1:]]
-        return torch.cat(upsampled, dim=1).permute(0, 2, 3, 1)
+        return torch.cat(upsampled, dim=1)
 
     @torch.no_grad()
     def check_fused_backbone(self, images: torch.Tensor) -> None:
@@ -173,38 +170,27 @@ class FastPatchCore(nn.Module):
         weights = 1 - F.softmax(squared_distances(max_feature, support_rows, support_sq).sqrt().squeeze(1), dim=1)[:, 0]
         return weights * score
 
+    def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Un-normalised image scores [N] and maps [N, 1, h, w], as PatchCoreDeploy.raw_scores returns them."""
+        with record_function("preprocess"):
+            normalized = self.preprocess(images)
+        with record_function("backbone+embed"):
+            embedding = self.embed(normalized)
+        batch, dim, grid_h, grid_w = embedding.shape
+        # Channels-last: this permute is a view, and patches is [N, P, D] without a copy.
+        patches = embedding.permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, dim)
+        with record_function("search"):
+            distances, rows = nearest(patches.reshape(-1, dim), self.index, self.search_mode)
+            distances, rows = distances.view(batch, -1), rows.view(batch, -1)
+        with record_function("score+map"):
+            score = self.image_scores(distances, rows, patches)
+            return score, self.anomaly_map(distances.view(batch, 1, grid_h, grid_w))
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> DeployOutput:
         with float32_matmul(conv_tf32=self.precision == "tf32"):
-            with record_function("preprocess"):
-                normalized = self.preprocess(images)
-            with record_function("backbone+embed"):
-                embedding = self.embed(normalized)
-            batch, grid_h, grid_w, dim = embedding.shape
-            patches = embedding.reshape(batch, grid_h * grid_w, dim)
-            with record_function("search"):
-                distances, rows = nearest(patches.reshape(-1, dim), self.index, self.search)
-                distances, rows = distances.view(batch, -1), rows.view(batch, -1)
-            with record_function("score+map"):
-                score = self.image_scores(distances, rows, patches)
-                anomaly_map = self.anomaly_map(distances.view(batch, 1, grid_h, grid_w))
-                if self.map_at_input_size:
-                    anomaly_map = F.interpolate(
-                        anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False
-                    )
-                return self._outputs(score, anomaly_map)
+            return super().forward(images)
 
     def forward_uint8(self, images: torch.Tensor) -> DeployOutput:
         """uint8 [N, H, W, 3] (decoders' layout) -> the same outputs as ``forward(images / 255)`` in NCHW."""
         return self(images.permute(0, 3, 1, 2).float().div_(255))
-
-    def _outputs(self, score: torch.Tensor, anomaly_map: torch.Tensor) -> DeployOutput:
-        post = self.post
-        pred_score = normalize(score, post.image_threshold, post.image_min, post.image_max)
-        norm_map = normalize(anomaly_map, post.pixel_threshold, post.pixel_min, post.pixel_max)
-        return DeployOutput(
-            pred_score=pred_score,
-            pred_label=pred_score > post.normalized_image_threshold,
-            anomaly_map=norm_map,
-            pred_mask=norm_map > post.normalized_pixel_threshold,
-        )

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from patchcore_trt.anomalib_baseline import post_processor_buffers
 from patchcore_trt.checkpoint import BACKBONE_PREFIX, BLUR_KERNEL_KEY, MEMORY_BANK_KEY, POST_PREFIX
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import atomic_path
@@ -171,14 +172,7 @@ def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
     state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}
     state[MEMORY_BANK_KEY] = spec.memory_bank
     state[BLUR_KERNEL_KEY] = torch.outer(taps, taps)[None, None]
-    for name, value in (
-        ("_image_threshold", post.image_threshold),
-        ("_pixel_threshold", post.pixel_threshold),
-        ("image_min", post.image_min),
-        ("image_max", post.image_max),
-        ("pixel_min", post.pixel_min),
-        ("pixel_max", post.pixel_max),
-    ):
+    for name, value in post_processor_buffers(post).items():
         state[POST_PREFIX + name] = torch.tensor(value, dtype=torch.float32)
     pre = spec.preprocess
     transforms = [

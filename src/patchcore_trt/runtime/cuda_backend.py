@@ -6,7 +6,7 @@ staging buffer to the GPU and the score and map come back into pinned buffers, a
 
 Two ways in:
 - ``CudaPatchCore.run(tensor)``: device-resident, uint8 [N, H, W, 3] or float32 [N, 3, H, W] on the GPU;
-  returns the graph's device outputs (overwritten by the next call of the same shape).
+  returns the graph's device outputs (valid until the next call).
 - ``CudaPatchCore.run_host(array)`` / ``CudaBackend.predict``: numpy in, numpy out.
 """
 
@@ -200,7 +200,8 @@ class CudaPatchCore:
         return self._runners[key]
 
     def run(self, images: torch.Tensor) -> DeployOutput:
-        """Device-resident inference; the outputs are the runner's buffers, overwritten by the next call."""
+        """Device-resident inference. The outputs live in graph memory that every shape's graph shares: read
+        (or clone) them before the next call."""
         if images.device != self.device:
             raise UserError(f"cuda: images are on {images.device}, the model on {self.device}")
         runner = self._runner(tuple(images.shape), images.dtype, host=False)
