@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The whole GPU matrix in one call on the GPU machine; every result lands in $OUT as soon as it exists.
+#
+#   OUT=/path bash benchmarks/run_gpu_matrix.sh [stage ...]      (from the repository root)
+#
+# Stages (default: all, in this order):
+#   env      nvidia-smi and library versions
+#   backbone backbone error per precision and per stage, fused vs unfused convolutions (backbone.json)
+#   search   knn exactness vs the FP32 search, candidate-kernel speed vs cuBLAS (search.json)
+#   trained  train anomalib PatchCore (WRN50, CPU) on generated data; cuda backend vs FP32 on it (trained.json)
+#   bench    the benchmark table beside anomalib's eager module (bench/bench.{md,csv,json,png})
+#   profile  torch.profiler: GPU time per stage and kernel (profile.txt)
+# Wheels for packages the machine lacks (anomalib for the baseline row) are installed from .whl/ if present.
+set -uo pipefail
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=1048576
+BENCH_ARGS=${BENCH_ARGS:-"--precision fp32,fp16 --search exact,fast --batch 1,16"}
+log=$OUT/log.txt
+run() { echo "=== $* ($(date -u +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
+for stage in ${*:-env backbone search trained bench profile}; do
+  case $stage in
+    env) run nvidia-smi
+         run python3 -c "import torch, triton, timm; print(torch.__version__, torch.version.cuda,
+torch.backends.cudnn.version(), triton.__version__, timm.__version__, torch.cuda.get_device_name())" ;;
+    backbone) run python3 benchmarks/backbone_error.py "$OUT/backbone.json" ${BACKBONE_PARTS:-errors,timing} ;;
+    search) run python3 benchmarks/check_search.py "$OUT/search.json" ${TUNE:-} ;;
+    trained) run python3 benchmarks/check_trained.py /tmp/trained "$OUT/trained.json" ;;
+    bench) run python3 -m patchcore_trt bench --synthetic --backends cuda --sizes 256,512 --bank 16384,32768 \
+             $BENCH_ARGS -o "$OUT/bench" ;;
+    profile) run python3 benchmarks/profile_cuda.py "$OUT/profile.txt" fp16,fp32 ;;
+    *) echo "unknown stage $stage" | tee -a "$log" ;;
+  esac
+done
