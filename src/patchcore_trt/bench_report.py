@@ -147,13 +147,14 @@ def write_chart(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
     for column, (height, width, bank) in enumerate(sizes):
         same = [r for r in rows if (r["height"], r["width"], r["bank"]) == (height, width, bank)]
         smallest, largest = min(r["batch"] for r in same), max(r["batch"] for r in same)
-        for axis, batch, key, unit in (
-            (axes[0][column], smallest, "median_ms", "ms per batch (log)"),
-            (axes[1][column], largest, "img_per_s", "images / s"),
+        for axis, batch, key, unit, fmt in (
+            (axes[0][column], smallest, "median_ms", "ms per batch (median)", "%.2f"),
+            (axes[1][column], largest, "img_per_s", "images / s", "%.0f"),
         ):
             chosen = [r for r in same if r["batch"] == batch]
-            axis.barh([_label(r) for r in chosen], [r[key] for r in chosen], color="tab:blue")
-            axis.set_xscale("log" if key == "median_ms" else "linear")
+            bars = axis.barh([_label(r) for r in chosen], [r[key] for r in chosen], color="tab:blue")
+            axis.bar_label(bars, fmt=fmt, padding=2, fontsize=8)
+            axis.margins(x=0.15)
             axis.set_title(f"{height}x{width}, bank {bank:,}, batch {batch}")
             axis.set_xlabel(unit)
             axis.invert_yaxis()
