@@ -243,11 +243,9 @@ def run_matrix(
             seen.add(text)
             on_notice(text)
 
+    fitted = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code) if checkpoint is not None else None
     for size, bank in workloads(settings):
-        if checkpoint is not None:
-            spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code)
-        else:
-            spec = synthetic_spec(bank, size, backbone=settings.backbone, device=device)
+        spec = fitted or synthetic_spec(bank, size, backbone=settings.backbone, device=device)
         images = input_pool(size, max(settings.images, 2 * max(settings.batches)))
         reference = reference_predictions(spec, images)
         artifact = artifact_maker(spec, checkpoint, out_dir)

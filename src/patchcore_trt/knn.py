@@ -118,10 +118,7 @@ def _finish_cpu(
 
 
 def nearest(queries: torch.Tensor, index: BankIndex, mode: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance to, and bank row of, the nearest bank row for each FP32 query row [P, D].
-
-    Run inside ``float32_matmul()``: the CPU path's exact re-rank is an FP32 product.
-    """
+    """Distance to, and bank row of, the nearest bank row for each FP32 query row [P, D]."""
     if mode not in SEARCH_MODES:
         raise ValueError(f"search mode must be one of {SEARCH_MODES}, got {mode!r}")
     exact = mode == "exact"

@@ -121,6 +121,8 @@ def tile_candidates(
     num_queries, dim = queries.shape
     bank_size = bank.shape[0]
     tiles = triton.cdiv(bank_size, config.block_m)
+    if max(queries.numel(), bank.numel(), num_queries * tiles * keep) >= 2**31:  # the kernels index in int32
+        raise ValueError(f"{num_queries} queries x {bank_size} bank rows x {dim} is too large at once: split the batch")
     values = torch.empty((num_queries, tiles * keep), device=queries.device, dtype=torch.float32)
     rows = torch.empty((num_queries, tiles * keep), device=queries.device, dtype=torch.int32)
     grid = (triton.cdiv(num_queries, config.block_p) * tiles,)

@@ -39,7 +39,7 @@ def bench_command(
     precision: str | None = typer.Option(
         None, help="Comma list of fp32, tf32, fp16, bf16. Default: each backend's own (cuda fp16, others fp32)."
     ),
-    search: str = typer.Option("exact", help="cuda search modes: exact (FP32 re-rank), fast, or both."),
+    search: str = typer.Option("exact", help="Comma list of cuda search modes: exact (FP32 re-rank), fast."),
     sizes: str = typer.Option("256", help="Input sizes, e.g. 256,512 or 320x256 (height x width)."),
     batch: str = typer.Option("1", help="Batch sizes, e.g. 1,16."),
     bank: str = typer.Option("16384", help="--synthetic bank rows: one value, or one per size."),

@@ -179,7 +179,6 @@ class CudaPatchCore:
             raise UserError(f"cuda: the cuda backend runs on CUDA devices, not {self.device}")
         if self.device.index is None:  # tensors report 'cuda:N': compare like with like
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.post = spec.postprocess
         with torch.cuda.device(self.device):
             self.model = FastPatchCore(
                 spec, precision=precision, search=search, device=self.device, map_at_input_size=map_at_input_size
