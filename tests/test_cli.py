@@ -53,6 +53,7 @@ def test_predict_checkpoint_with_openvino_is_refused(resnet18_checkpoint, datase
         (("predict", "m.onnx", ".", "--backend", "nope"), "unknown backend 'nope'"),
         (("predict", "m.onnx", ".", "--device", "tpu"), "runs on cpu, cuda, not 'tpu'"),
         (("export", "notes.txt", "-o", "x"), "expected an anomalib .ckpt"),
+        (("predict", "m.onnx", ".", "--precision", "fp16"), "apply to --backend cuda"),
     ],
 )
 def test_bad_input_is_one_line(args, fragment, tmp_path):

@@ -24,6 +24,8 @@ def predict_command(
     map_at_input_size: bool = typer.Option(
         False, "--map-at-input-size", help="(.ckpt) Return maps at the input resolution."
     ),
+    precision: str | None = typer.Option(None, help="(--backend cuda) Backbone precision: fp16 (default), fp32, ..."),
+    search: str | None = typer.Option(None, help="(--backend cuda) Nearest-neighbour search: exact or fast."),
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
     ),
@@ -40,7 +42,10 @@ def predict_command(
         options.update(trust_pickled_code=trust_pickled_code, map_at_input_size=map_at_input_size)
     elif map_at_input_size or trust_pickled_code:
         raise UserError("--map-at-input-size and --trust-pickled-code apply to .ckpt models (export decides for ONNX)")
-    runner = open_backend(model, backend, device=device, **options)
+    gpu_options = {key: value for key, value in (("precision", precision), ("search", search)) if value is not None}
+    if gpu_options and backend != "cuda":
+        raise UserError("--precision and --search apply to --backend cuda; ONNX and engine files carry their own")
+    runner = open_backend(model, backend, device=device, **options, **gpu_options)
 
     paths, unmatched = collect_images(inputs)
     for item in unmatched:
