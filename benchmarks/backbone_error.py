@@ -18,15 +18,15 @@ import sys
 import torch
 from torch import nn
 
-from patchcore_trt.bench import device_ms, input_pool, reference_predictions
-from patchcore_trt.bench_subjects import as_float_nchw
-from patchcore_trt.fast_model import fold_batchnorm
-from patchcore_trt.knn import float32_matmul
+from patchcore_trt.bench.matrix import device_ms, input_pool, reference_predictions
+from patchcore_trt.bench.subjects import as_float_nchw
+from patchcore_trt.bench.synthetic_model import synthetic_spec
+from patchcore_trt.gpu.fast_model import fold_batchnorm
+from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy
 from patchcore_trt.report import parity
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.runtime.cuda_backend import CudaPatchCore
-from patchcore_trt.synthetic_model import synthetic_spec
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 STAGES = ("stem", "layer1", "layer2", "layer3")

@@ -14,10 +14,10 @@ from dataclasses import asdict
 import torch
 import triton.testing
 
-from patchcore_trt.knn import BankIndex, float32_matmul, nearest
-from patchcore_trt.knn_triton import TileConfig, tile_candidates
+from patchcore_trt.bench.synthetic_model import synthetic_spec, texture_images
+from patchcore_trt.gpu.knn import BankIndex, float32_matmul, nearest
+from patchcore_trt.gpu.knn_triton import TileConfig, tile_candidates
 from patchcore_trt.model import MemoryBankSearch
-from patchcore_trt.synthetic_model import synthetic_spec, texture_images
 
 SHAPES = [(1024, 16384), (16384, 16384), (4096, 32768), (65536, 32768)]  # (patches, bank): batch 1 / 16
 CONFIGS = [

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from patchcore_trt.bench import reference_predictions
+from patchcore_trt.bench.matrix import reference_predictions
 from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.images import collect_images, load_batch
 from patchcore_trt.report import parity

@@ -12,9 +12,9 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from patchcore_trt.bench import device_ms
+from patchcore_trt.bench.matrix import device_ms
+from patchcore_trt.bench.synthetic_model import synthetic_spec, texture_images
 from patchcore_trt.runtime.cuda_backend import CudaPatchCore
-from patchcore_trt.synthetic_model import synthetic_spec, texture_images
 
 WORKLOADS = [((256, 256), 16384, 1), ((256, 256), 16384, 16), ((512, 512), 32768, 1), ((512, 512), 32768, 16)]
 STAGES = ("preprocess", "backbone+embed", "search", "score+map")

@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import error_line, run_cli
 
-from patchcore_trt.anomalib_baseline import anomalib_available
-from patchcore_trt.bench import BenchSettings, matrix_cases, percentile, run_matrix, workloads
-from patchcore_trt.bench_report import display_row, environment, write_chart, write_results
+from patchcore_trt.bench.anomalib_baseline import anomalib_available
+from patchcore_trt.bench.matrix import BenchSettings, matrix_cases, percentile, run_matrix, workloads
+from patchcore_trt.bench.report import display_row, environment, write_chart, write_results
+from patchcore_trt.bench.synthetic_model import synthetic_spec, texture_images, write_checkpoint
 from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.errors import UserError
 from patchcore_trt.model import PatchCoreDeploy
-from patchcore_trt.synthetic_model import synthetic_spec, texture_images, write_checkpoint
 
 TOY = {"backbone": "resnet18", "sizes": ((64, 64),), "banks": (64,), "images": 4, "warmup": 1, "iters": 2}
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import nn
 
+from patchcore_trt.bench.synthetic_model import gaussian_taps, synthetic_spec, texture_images
 from patchcore_trt.errors import UserError
-from patchcore_trt.fast_model import FastPatchCore, SeparableMap, fold_batchnorm
-from patchcore_trt.fused_resnet import FusedResNetFeatures, fuse_resnet
-from patchcore_trt.knn import BankIndex, nearest
+from patchcore_trt.gpu.fast_model import FastPatchCore, SeparableMap, fold_batchnorm
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, fuse_resnet
+from patchcore_trt.gpu.knn import BankIndex, nearest
 from patchcore_trt.model import AnomalyMap, MemoryBankSearch, PatchCoreDeploy, create_backbone
 from patchcore_trt.runtime import backend_names
-from patchcore_trt.synthetic_model import gaussian_taps, synthetic_spec, texture_images
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -71,8 +71,8 @@ def test_unknown_search_mode_is_refused():
 
 TRITON_CHECK = """
 import torch
-from patchcore_trt.knn import BankIndex, _finish_cpu, candidates
-from patchcore_trt.knn_triton import TileConfig, finish, tile_candidates
+from patchcore_trt.gpu.knn import BankIndex, _finish_cpu, candidates
+from patchcore_trt.gpu.knn_triton import TileConfig, finish, tile_candidates
 generator = torch.Generator().manual_seed(5)
 # Sizes that fill no block exactly: queries, bank tiles and the feature dimension all have tails.
 bank, queries = torch.randn(300, 96, generator=generator) + 2, torch.randn(70, 96, generator=generator) + 2

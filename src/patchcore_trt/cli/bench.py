@@ -71,8 +71,8 @@ def bench_command(
         "banks": _numbers(bank, "--bank"),
         "copies": _names(copies, "--copies", ("host", "device")),
     }
-    from patchcore_trt.bench import BenchSettings, run_matrix
-    from patchcore_trt.bench_report import display_row, environment, write_chart, write_results
+    from patchcore_trt.bench.matrix import BenchSettings, run_matrix
+    from patchcore_trt.bench.report import display_row, environment, write_chart, write_results
     from patchcore_trt.report import markdown_table, rich_table
 
     settings = BenchSettings(

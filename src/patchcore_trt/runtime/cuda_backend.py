@@ -25,8 +25,8 @@ import torch
 
 from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.errors import UserError
-from patchcore_trt.fast_model import PRECISIONS, FastPatchCore
-from patchcore_trt.knn import SEARCH_MODES
+from patchcore_trt.gpu.fast_model import PRECISIONS, FastPatchCore
+from patchcore_trt.gpu.knn import SEARCH_MODES
 from patchcore_trt.model import DeployOutput
 from patchcore_trt.runtime.base import Backend, Capabilities, Prediction
 from patchcore_trt.spec import PatchCoreSpec, Postprocess
@@ -154,7 +154,7 @@ class CudaPatchCore:
     Args:
         spec: The fitted model.
         precision: Backbone precision: fp32, tf32, fp16 or bf16.
-        search: ``exact`` or ``fast`` (see knn.py).
+        search: ``exact`` or ``fast`` (see gpu/knn.py).
         device: A CUDA device; the current one by default.
         graphs: Capture CUDA graphs (off: plain eager launches, for profiling and comparison).
     """

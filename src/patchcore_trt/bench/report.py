@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from patchcore_trt.bench import BenchSettings
+from patchcore_trt.bench.matrix import BenchSettings
 from patchcore_trt.files import atomic_path, write_text_atomic
 from patchcore_trt.report import markdown_table, write_csv, write_json
 

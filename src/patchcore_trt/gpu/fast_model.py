@@ -27,8 +27,8 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torch.profiler import record_function
 
-from patchcore_trt.fused_resnet import FusedResNetFeatures, fuse_resnet
-from patchcore_trt.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, fuse_resnet
+from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest
 from patchcore_trt.model import DeployOutput, PatchCoreDeploy, squared_distances
 from patchcore_trt.spec import PatchCoreSpec
 

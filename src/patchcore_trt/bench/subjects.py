@@ -77,7 +77,7 @@ def _cuda_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray], gr
 
 
 def _anomalib_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray]) -> Subject:
-    from patchcore_trt.anomalib_baseline import anomalib_module, anomalib_outputs
+    from patchcore_trt.bench.anomalib_baseline import anomalib_module, anomalib_outputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if case.precision == "fp16" else torch.float32
@@ -141,7 +141,7 @@ def artifact_maker(spec: PatchCoreSpec, checkpoint: Path | None, out_dir: Path) 
         if suffix in made:
             return made[suffix]
         if suffix == ".ckpt":
-            from patchcore_trt.synthetic_model import write_checkpoint
+            from patchcore_trt.bench.synthetic_model import write_checkpoint
 
             made[suffix] = checkpoint or write_checkpoint(spec, stem.with_suffix(".ckpt"))
         elif suffix == ".onnx":

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from patchcore_trt.anomalib_baseline import post_processor_buffers
+from patchcore_trt.bench.anomalib_baseline import post_processor_buffers
 from patchcore_trt.checkpoint import BACKBONE_PREFIX, BLUR_KERNEL_KEY, MEMORY_BANK_KEY, POST_PREFIX
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import atomic_path
-from patchcore_trt.knn import float32_matmul
+from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy, Preprocessor, create_backbone
 from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
 

@@ -86,7 +86,7 @@ def candidates(queries: torch.Tensor, index: BankIndex, keep: int) -> tuple[torc
     """
     half = queries.to(torch.float16)
     if half.is_cuda:
-        from patchcore_trt.knn_triton import tile_candidates
+        from patchcore_trt.gpu.knn_triton import tile_candidates
 
         return tile_candidates(half, index.bank_half, index.bank_sq, keep)
     values, rows = [], []
@@ -125,6 +125,6 @@ def nearest(queries: torch.Tensor, index: BankIndex, mode: str = "exact") -> tup
     values, rows = candidates(queries, index, EXACT_CANDIDATES if exact else 1)
     if not queries.is_cuda:
         return _finish_cpu(queries, values, rows, index, exact)
-    from patchcore_trt.knn_triton import finish
+    from patchcore_trt.gpu.knn_triton import finish
 
     return finish(queries.contiguous(), values, rows, index.bank, index.bank_sq, exact)

@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchcore_trt.bench_subjects import Case, Subject, artifact_maker, as_float_nchw, host_prediction, make_subject
+from patchcore_trt.bench.subjects import Case, Subject, artifact_maker, as_float_nchw, host_prediction, make_subject
+from patchcore_trt.bench.synthetic_model import texture_images
 from patchcore_trt.errors import UserError
-from patchcore_trt.knn import float32_matmul
+from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy
 from patchcore_trt.report import parity
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.spec import PatchCoreSpec
-from patchcore_trt.synthetic_model import texture_images
 
 MIB = 1 << 20
 DEFAULT_PRECISION = {"cuda": "fp16"}  # every other backend: fp32
@@ -176,8 +176,8 @@ def batches_of(images: np.ndarray, batch: int) -> list[np.ndarray]:
 
 def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[str]]:
     """The rows for one batch size, and a notice for each combination a backend cannot run."""
-    from patchcore_trt.anomalib_baseline import anomalib_available
-    from patchcore_trt.fast_model import PRECISIONS
+    from patchcore_trt.bench.anomalib_baseline import anomalib_available
+    from patchcore_trt.gpu.fast_model import PRECISIONS
     from patchcore_trt.runtime import backend_names
 
     backends = list(settings.backends)
@@ -231,8 +231,8 @@ def run_matrix(
     on_notice: Callable[[str], None] = lambda text: None,
 ) -> list[dict[str, Any]]:
     """Run every row of the matrix; ``on_row`` sees each finished row (to write results as they come)."""
+    from patchcore_trt.bench.synthetic_model import synthetic_spec
     from patchcore_trt.checkpoint import read_checkpoint
-    from patchcore_trt.synthetic_model import synthetic_spec
 
     rows: list[dict[str, Any]] = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
