@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,12 @@ from patchcore_trt.report import save_visuals, write_json
 from patchcore_trt.synthetic import make_synthetic_dataset
 from patchcore_trt.training import TrainSettings, train_patchcore
 from patchcore_trt.verify import BackendParity, backend_parity
+
+
+@contextlib.contextmanager
+def _quiet(title: str) -> Iterator[None]:
+    del title
+    yield
 
 
 @dataclass(frozen=True)
@@ -30,20 +39,21 @@ class DemoResult:
         return all(row.passed for row in self.rows[1:])
 
 
-def run_demo(work_dir: Path, settings: TrainSettings, *, log=print) -> DemoResult:
-    """Run every stage in ``work_dir``; ``log`` receives one line per finished stage."""
+def run_demo(
+    work_dir: Path, settings: TrainSettings, *, step: Callable[[str], AbstractContextManager] = _quiet
+) -> DemoResult:
+    """Run every stage in ``work_dir``; each runs inside ``step(title)`` (the CLI logs start, end and time)."""
     work_dir = Path(work_dir)
-    dataset = make_synthetic_dataset(work_dir / "data")
-    log(f"data set: {dataset.root} (train/good, test/good, test/defect with masks)")
-    checkpoint = train_patchcore(dataset, work_dir / "train", settings)
-    log(f"trained anomalib PatchCore ({settings.backbone}, pre_trained={settings.pre_trained}): {checkpoint}")
-    spec = read_checkpoint(checkpoint)
-    onnx_path, checks = export_onnx(spec, work_dir / "model.onnx")
-    log(f"exported and self-checked at {len(checks)} batch/size pairs: {onnx_path}")
-
+    with step(f"generating an inspection data set in {work_dir / 'data'}"):
+        dataset = make_synthetic_dataset(work_dir / "data")
+    with step(f"training anomalib PatchCore ({settings.backbone}, pre_trained={settings.pre_trained})"):
+        checkpoint = train_patchcore(dataset, work_dir / "train", settings)
+    with step(f"exporting and self-checking {work_dir / 'model.onnx'}"):
+        onnx_path, checks = export_onnx(read_checkpoint(checkpoint), work_dir / "model.onnx")
     test_images, _ = collect_images([str(dataset.root / "test")])
     images = np.stack([load_image(path) for path in test_images])
-    rows, reference = backend_parity(checkpoint, onnx_path, images)
+    with step(f"running anomalib and every CPU backend on {len(images)} test images"):
+        rows, reference = backend_parity(checkpoint, onnx_path, images)
     visuals_dir = work_dir / "visuals"
     for index, path in enumerate(test_images):
         stem = visuals_dir / f"{path.parent.name}_{path.stem}"

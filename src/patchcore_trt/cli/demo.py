@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, out
+from patchcore_trt.cli._common import out, step
 
 
 @app.command("demo")
@@ -23,7 +23,7 @@ def demo_command(
     from patchcore_trt.verify import FOOTNOTE, table_rows
 
     settings = TrainSettings(backbone=backbone, image_size=(image_size, image_size))
-    result = run_demo(work_dir, settings, log=lambda line: err.print(f"[green]✓[/] {line}", highlight=False))
+    result = run_demo(work_dir, settings, step=step)
     title = f"parity vs anomalib's forward on {len(result.test_images)} test images"
     out.print(rich_table(table_rows(result.rows), title=title))
     out.print(FOOTNOTE, highlight=False)
