@@ -13,7 +13,14 @@ from conftest import RESNET18, WRN50
 
 from patchcore_trt.report import parity
 from patchcore_trt.runtime import open_backend
-from patchcore_trt.verify import LIGHTNING_ROW, MAP_TOLERANCE, SCORE_TOLERANCE, anomalib_predictions, backend_parity
+from patchcore_trt.verify import (
+    LIGHTNING_ROW,
+    MAP_TOLERANCE,
+    REFERENCE_ROW,
+    SCORE_TOLERANCE,
+    anomalib_predictions,
+    backend_parity,
+)
 
 CASES = [(RESNET18, 256), (RESNET18, 320), (WRN50, 256), (WRN50, 320)]
 
@@ -24,7 +31,8 @@ def test_every_backend_matches_anomalib_forward(backbone, size, trained, exporte
     rows, reference = backend_parity(trained(backbone, size), exported(backbone, size), images)
     assert reference.anomaly_map.shape == (len(images), 1, size, size)
     by_name = {row.name: row for row in rows}
-    assert set(by_name) == {LIGHTNING_ROW, "torch", "onnxruntime", "openvino"}
+    assert set(by_name) == {REFERENCE_ROW, LIGHTNING_ROW, "torch", "onnxruntime", "openvino"}
+    assert [row.name for row in rows if row.checked] == ["torch", "onnxruntime", "openvino"]
     for name in ("torch", "onnxruntime", "openvino"):
         figures = by_name[name].figures
         assert figures.max_score_error <= SCORE_TOLERANCE, (name, figures)
@@ -37,7 +45,7 @@ def test_every_backend_matches_anomalib_forward(backbone, size, trained, exporte
 
 def test_batched_inference_matches_one_by_one(resnet18_checkpoint, resnet18_onnx, test_images):
     _, images = test_images
-    reference, _ = anomalib_predictions(resnet18_checkpoint, images)
+    reference, _, _ = anomalib_predictions(resnet18_checkpoint, images)
     for name, artifact in (("torch", resnet18_checkpoint), ("onnxruntime", resnet18_onnx), ("openvino", resnet18_onnx)):
         with open_backend(artifact, name) as backend:
             figures = parity(backend.predict(images), reference)
@@ -47,7 +55,7 @@ def test_batched_inference_matches_one_by_one(resnet18_checkpoint, resnet18_onnx
 def test_lightning_predict_path_differs_and_is_measured(resnet18_checkpoint, test_images):
     """anomalib's own two paths disagree when images are downscaled: antialiasing changes the input."""
     _, images = test_images
-    forward, lightning = anomalib_predictions(resnet18_checkpoint, images)
+    forward, lightning, _ = anomalib_predictions(resnet18_checkpoint, images)
     assert np.abs(forward.anomaly_map - lightning.anomaly_map).max() > 1e-3
 
 
