@@ -117,3 +117,33 @@ def test_pickled_code_is_refused_by_default(resnet18_checkpoint, tmp_path):
     assert "--trust-pickled-code" in message and "Fraction" in message
     # The explicit opt-in loads the same file.
     assert read_checkpoint(path, trust_pickled_code=True).backbone == "resnet18"
+
+
+def _with_transform(resnet18_checkpoint, tmp_path, transforms):
+    spec = {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
+    return _modified(
+        resnet18_checkpoint, tmp_path, "t.ckpt", lambda raw: raw["anomalib_pre_processor_config"].update(transform=spec)
+    )
+
+
+def _resize(size):
+    return {"class_path": "torchvision.transforms.v2.Resize", "init_args": {"size": size, "antialias": True}}
+
+
+def _crop(size):
+    return {"class_path": "torchvision.transforms.v2.CenterCrop", "init_args": {"size": size}}
+
+
+def test_shorter_side_resize_is_refused_not_squashed(resnet18_checkpoint, tmp_path):
+    path = _with_transform(resnet18_checkpoint, tmp_path, [_resize([256])])
+    assert "resizes the shorter side" in _error(path)
+
+
+def test_center_crop_is_read(resnet18_checkpoint, tmp_path):
+    spec = read_checkpoint(_with_transform(resnet18_checkpoint, tmp_path, [_resize([256, 256]), _crop([224])]))
+    assert spec.preprocess.model_size == (224, 224)
+
+
+def test_crop_larger_than_resize_is_refused(resnet18_checkpoint, tmp_path):
+    path = _with_transform(resnet18_checkpoint, tmp_path, [_resize([256, 256]), _crop([300, 300])])
+    assert "larger than the resize" in _error(path)

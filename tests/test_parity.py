@@ -78,3 +78,15 @@ def test_bank_chunking_does_not_change_results(resnet18_checkpoint, test_images)
         chunked = PatchCoreDeploy(spec, bank_chunk=97).eval()(batch)
     for a, b in zip(whole, chunked, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_zero_range_normalisation_matches_anomalib():
+    from anomalib.post_processing import PostProcessor
+
+    from patchcore_trt.model import normalize
+
+    values = torch.tensor([0.9, 1.0, 1.1])
+    one = torch.tensor(1.0)
+    expected = PostProcessor._normalize(values, one, one, one)
+    torch.testing.assert_close(normalize(values, 1.0, 1.0, 1.0), expected)
+    torch.testing.assert_close(expected, torch.tensor([0.0, 0.5, 1.0]))

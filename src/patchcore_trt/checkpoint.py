@@ -144,10 +144,7 @@ def _flatten_transforms(spec: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _pair(value: Any) -> tuple[int, int] | None:
-    if isinstance(value, int):
-        return None
-    if isinstance(value, (list, tuple)) and len(value) == 1:
-        return (int(value[0]), int(value[0]))
+    """(height, width) of a fixed-size Resize/CenterCrop; None for torchvision's shorter-side form (int or [n])."""
     if isinstance(value, (list, tuple)) and len(value) == 2:
         return (int(value[0]), int(value[1]))
     return None
@@ -172,7 +169,10 @@ def _preprocess(path: Path, raw: dict[str, Any], image_size: tuple[int, int] | N
             fields.update(resize=size, interpolation=str(args.get("interpolation", "bilinear")).lower())
             fields["antialias"] = bool(args.get("antialias", True))
         elif name in ("CenterCrop", "ExportableCenterCrop"):
-            fields["center_crop"] = _pair(args.get("size"))
+            # Unlike Resize, a one-number crop size means a square.
+            size = args.get("size")
+            side = size if isinstance(size, int) else size[0]
+            fields["center_crop"] = _pair(size) or (int(side), int(side))
         elif name == "Normalize":
             fields.update(mean=tuple(float(v) for v in args["mean"]), std=tuple(float(v) for v in args["std"]))
         else:
@@ -181,6 +181,9 @@ def _preprocess(path: Path, raw: dict[str, Any], image_size: tuple[int, int] | N
         raise UserError(f"{path}: the pre-processor has no Resize; patchcore-trt needs a fixed model resolution")
     if image_size is not None:
         fields["resize"] = image_size
+    crop = fields.get("center_crop")
+    if crop is not None and (crop[0] > fields["resize"][0] or crop[1] > fields["resize"][1]):
+        raise UserError(f"{path}: the centre crop {crop} is larger than the resize {fields['resize']}; not supported")
     if fields["interpolation"] not in ("bilinear", "nearest", "bicubic"):
         raise UserError(f"{path}: resize interpolation {fields['interpolation']!r} is not supported")
     return Preprocess(**fields)

@@ -1,7 +1,10 @@
 """Finding and decoding input images safely: any size, grayscale, RGBA, palette and 16-bit, size-limited.
 
-Every image becomes float32 RGB in [0, 1], [3, H, W] - anomalib's input convention. A file that cannot be
-read raises ImageError with the reason, so callers can report it and go on with the other files.
+Every image becomes float32 RGB in [0, 1], [3, H, W] - anomalib's input convention. 8-bit images decode exactly as
+anomalib's ``read_image`` does. 16-bit and float images are scaled to [0, 1] by their full range; anomalib's
+``read_image`` instead clips them through PIL's RGB conversion, so a model trained by anomalib's own loaders on
+16-bit data saw clipped inputs. A file that cannot be read raises ImageError with the reason, so callers can
+report it and go on with the other files.
 """
 
 from __future__ import annotations
@@ -58,10 +61,9 @@ def _to_float_rgb(image: Image.Image) -> np.ndarray:
         gray = np.asarray(image, dtype=np.float32) / 65535.0
         return np.repeat(gray[..., None], 3, axis=2)
     if image.mode == "I":
-        # 16-bit PNGs often decode as 32-bit "I"; their values still span 0..65535.
+        # 16-bit PNGs often decode as 32-bit "I"; their values span 0..65535 (a fixed scale, never the content's).
         gray = np.asarray(image, dtype=np.float32)
-        scale = 65535.0 if gray.max(initial=0) > 255 else 255.0
-        return np.repeat(np.clip(gray / scale, 0, 1)[..., None], 3, axis=2)
+        return np.repeat(np.clip(gray / 65535.0, 0, 1)[..., None], 3, axis=2)
     if image.mode == "F":
         gray = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
         return np.repeat(gray[..., None], 3, axis=2)

@@ -169,7 +169,9 @@ class AnomalyMap(nn.Module):
 
 
 def normalize(values: torch.Tensor, threshold: float, low: float, high: float) -> torch.Tensor:
-    """anomalib's PostProcessor._normalize."""
+    """anomalib's PostProcessor._normalize, including its guard for a zero min-max range."""
+    if high == low:
+        return torch.where(values > threshold, 1.0, torch.where(values < threshold, 0.0, 0.5))
     return (((values - threshold) / (high - low)) + 0.5).clamp(min=0, max=1)
 
 
