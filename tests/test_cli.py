@@ -54,6 +54,9 @@ def test_predict_checkpoint_with_openvino_is_refused(resnet18_checkpoint, datase
         (("predict", "m.onnx", ".", "--device", "tpu"), "runs on cpu, cuda, not 'tpu'"),
         (("export", "notes.txt", "-o", "x"), "expected an anomalib .ckpt"),
         (("predict", "m.onnx", ".", "--precision", "fp16"), "apply to --backend cuda"),
+        (("predict", "m.onnx", ".", "--csv", "."), "is a folder; give a file name"),
+        (("predict", "m.onnx", ".", "--json", "model.xyz/r.json"), "is a file, not a folder"),
+        (("export", "a.ckpt", "-o", "model.xyz"), "is a file, not a folder"),
     ],
 )
 def test_bad_input_is_one_line(args, fragment, tmp_path):
@@ -64,3 +67,14 @@ def test_bad_input_is_one_line(args, fragment, tmp_path):
 
 def test_predict_with_no_images(resnet18_onnx, tmp_path):
     assert "no input images found" in error_line(run_cli("predict", resnet18_onnx, tmp_path))
+
+
+def test_csv_keeps_every_column_when_the_first_file_failed(resnet18_onnx, dataset, tmp_path):
+    broken = tmp_path / "0_broken.png"
+    broken.write_text("not an image")
+    csv_path = tmp_path / "r.csv"
+    result = run_cli("predict", resnet18_onnx, broken, dataset.test_good, "--csv", csv_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [row["status"] for row in rows] == ["error", "ok", "ok", "ok"]
+    assert rows[0]["score"] == "" and rows[1]["map_max"] != ""

@@ -183,5 +183,11 @@ def export_onnx(
     proto.producer_version = patchcore_trt.__version__
     proto.doc_string = f"anomalib PatchCore ({spec.backbone}, bank {spec.bank_size}) from {spec.source_name}"
     save_onnx(proto, path)
-    checks = verify_onnx(path, model) if verify else []
+    try:
+        checks = verify_onnx(path, model) if verify else []
+    except (RuntimeError, onnx.checker.ValidationError) as exc:
+        # A graph that failed its own check must not be left where a deployment would pick it up.
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".data").unlink(missing_ok=True)
+        raise UserError(f"{path}: the exported graph failed its self-check and was removed ({exc})") from None
     return path, checks

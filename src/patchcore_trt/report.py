@@ -107,7 +107,9 @@ def _json_default(value: Any) -> Any:
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     buffer = io.StringIO()
     if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        # Failed files have fewer fields than scored ones: the columns are every field seen, in order.
+        fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+        writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())

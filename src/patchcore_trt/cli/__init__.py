@@ -45,6 +45,12 @@ def main() -> None:
             raise
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
+    except OSError as exc:  # an output path that is a folder, a full disk, a permission: the user's to fix
+        if _state["debug"]:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)

@@ -59,3 +59,22 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if len(values) != 2 or min(values) < 32:
         raise UserError(f"image size {text!r} must be N or HxW with both sides at least 32")
     return values[0], values[1]
+
+
+def check_output_file(path: Path | None) -> None:
+    """Fail before the work, not after it, when an output file cannot be written where the user asked."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name")
+    check_output_dir(path.parent)
+
+
+def check_output_dir(path: Path | None) -> None:
+    if path is None:
+        return
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"{folder}: is a file, not a folder")
+            return

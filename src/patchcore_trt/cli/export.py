@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, human_size, out, parse_size, step
+from patchcore_trt.cli._common import check_output_dir, err, human_size, out, parse_size, step
 from patchcore_trt.errors import UserError
 
 
@@ -35,6 +35,7 @@ def export_command(
 
     if checkpoint.suffix.lower() != ".ckpt":
         raise UserError(f"{checkpoint}: expected an anomalib .ckpt checkpoint")
+    check_output_dir(output_dir)
     with step(f"reading {checkpoint}"):
         spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, image_size=parse_size(image_size))
     err.print(

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, out, progress
+from patchcore_trt.cli._common import check_output_dir, check_output_file, err, out, progress
 from patchcore_trt.errors import UserError
 
 
@@ -36,6 +36,9 @@ def predict_command(
     from patchcore_trt.report import rich_table, save_visuals, write_csv, write_json
     from patchcore_trt.runtime import open_backend
 
+    for output in (json_path, csv_path):
+        check_output_file(output)
+    check_output_dir(visuals)
     options: dict[str, object] = {}
     is_checkpoint = model.suffix.lower() == ".ckpt"
     if is_checkpoint:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, out, progress, step
+from patchcore_trt.cli._common import check_output_file, err, out, progress, step
 from patchcore_trt.errors import UserError
 
 
@@ -28,6 +28,7 @@ def verify_command(
     from patchcore_trt.report import rich_table, write_json
     from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
 
+    check_output_file(json_path)
     paths, _ = collect_images(inputs)
     images, used = [], []
     for path in paths[:limit]:
