@@ -23,7 +23,6 @@ class ImageResult:
     path: Path
     prediction: Prediction | None = None
     size: tuple[int, int] | None = None
-    image: np.ndarray | None = None
     error: str | None = None
 
     @property
@@ -73,23 +72,25 @@ def predict_files(
     paths: list[Path],
     *,
     batch_size: int = 8,
-    keep_images: bool = False,
-    on_progress: Callable[[int], None] | None = None,
+    on_result: Callable[[ImageResult, np.ndarray | None], None] | None = None,
 ) -> list[ImageResult]:
-    """Predict every file in ``paths`` with ``backend``; results come back in input order."""
+    """Predict every file in ``paths`` with ``backend``; results come back in input order.
+
+    ``on_result(result, image)`` is called once per file as soon as it is done (``image`` is the decoded
+    [3, H, W] array, None for a failure), so callers can report progress or write per-image files without
+    holding every decoded image until the end.
+    """
     results: dict[Path, ImageResult] = {}
     for batch_paths, images, failures in _batches(paths, batch_size):
-        for failure in failures:
-            results[failure.path] = failure
+        done: list[tuple[ImageResult, np.ndarray | None]] = [(failure, None) for failure in failures]
         if images:
             prediction = backend.predict(np.stack(images))
-            for index, path in enumerate(batch_paths):
-                results[path] = ImageResult(
-                    path=path,
-                    prediction=prediction.item(index),
-                    size=images[index].shape[1:],
-                    image=images[index] if keep_images else None,
-                )
-        if on_progress is not None:
-            on_progress(len(batch_paths) + len(failures))
+            done += [
+                (ImageResult(path=path, prediction=prediction.item(index), size=images[index].shape[1:]), images[index])
+                for index, path in enumerate(batch_paths)
+            ]
+        for result, image in done:
+            results[result.path] = result
+            if on_result is not None:
+                on_result(result, image)
     return [results[path] for path in paths]

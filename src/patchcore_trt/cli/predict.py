@@ -31,8 +31,10 @@ def predict_command(
     ),
 ) -> None:
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
+    import numpy as np
+
     from patchcore_trt.images import collect_images
-    from patchcore_trt.predict import predict_files
+    from patchcore_trt.predict import ImageResult, predict_files
     from patchcore_trt.report import rich_table, save_visuals, write_csv, write_json
     from patchcore_trt.runtime import open_backend
 
@@ -56,28 +58,23 @@ def predict_command(
     if not paths:
         raise UserError("no input images found in " + ", ".join(inputs))
 
+    order = {path: index for index, path in enumerate(paths)}
+
+    def finished(result: ImageResult, image: np.ndarray | None) -> None:
+        bar.advance(task)
+        if visuals is not None and image is not None and result.prediction is not None:
+            # Folders often reuse file names (good/000.png, defect/000.png): keep the parent and the order.
+            stem = visuals / f"{order[result.path]:04d}_{result.path.parent.name}_{result.path.stem}"
+            save_visuals(image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
+
     with progress() as bar:
         task = bar.add_task(f"predicting ({runner.name})", total=len(paths))
-        results = predict_files(
-            runner,
-            paths,
-            batch_size=batch_size,
-            keep_images=visuals is not None,
-            on_progress=lambda n: bar.advance(task, n),
-        )
+        results = predict_files(runner, paths, batch_size=batch_size, on_result=finished)
     records = [result.record() for result in results]
-    records += [
-        {"file": item, "status": "error", "score": "", "label": "", "error": "no image files found"}
-        for item in unmatched
-    ]
+    records += [ImageResult(path=Path(item), error="no image files found").record() for item in unmatched]
     shown = [{k: r[k] for k in ("file", "status", "score", "label", "error") if k in r} for r in records]
     out.print(rich_table(shown, title=f"{model.name} ({runner.name})"))
     if visuals is not None:
-        for index, result in enumerate(results):
-            if result.ok and result.image is not None and result.prediction is not None:
-                # Folders often reuse file names (good/000.png, defect/000.png): keep the parent and the order.
-                stem = visuals / f"{index:04d}_{result.path.parent.name}_{result.path.stem}"
-                save_visuals(result.image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
         err.print(f"  heatmaps, overlays and masks in {visuals}", highlight=False)
     if json_path is not None:
         write_json(json_path, {"model": str(model), "backend": runner.name, "results": records})
