@@ -20,13 +20,13 @@ from torch import nn
 
 from patchcore_trt.bench.matrix import device_ms, input_pool, reference_predictions
 from patchcore_trt.bench.subjects import as_float_nchw
-from patchcore_trt.bench.synthetic_model import synthetic_spec
+from patchcore_trt.compare import compare
+from patchcore_trt.demo.synthetic_model import synthetic_spec
+from patchcore_trt.gpu.executor import CudaPatchCore
 from patchcore_trt.gpu.fast_model import fold_batchnorm
 from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy
-from patchcore_trt.report import parity
 from patchcore_trt.runtime.base import Prediction
-from patchcore_trt.runtime.cuda_backend import CudaPatchCore
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 STAGES = ("stem", "layer1", "layer2", "layer3")
@@ -63,8 +63,7 @@ def predictions(model: PatchCoreDeploy, images, tf32: bool) -> tuple[Prediction,
     with torch.no_grad(), float32_matmul(conv_tf32=tf32):
         embedding = model.embed(model.preprocess(floats))
         out = model(floats)
-    host = Prediction(*(t.float().cpu().numpy() if t.is_floating_point() else t.cpu().numpy() for t in out))
-    return host, embedding
+    return Prediction.from_outputs(out), embedding
 
 
 def errors(spec, images, reference: Prediction) -> list[dict]:
@@ -77,7 +76,7 @@ def errors(spec, images, reference: Prediction) -> list[dict]:
         model.backbone = MixedBackbone(features, dtypes)
         prediction, embedding = predictions(model, images, tf32=name == "tf32")
         per_patch = (embedding - ref_embedding).norm(dim=1) / ref_embedding.norm(dim=1)
-        figures = parity(prediction, reference)
+        figures = compare(prediction, reference, threshold=spec.postprocess.normalized_image_threshold)
         rows.append(
             {
                 "variant": name,
@@ -109,7 +108,7 @@ def fusion_times(spec, size: tuple[int, int], batches: tuple[int, ...]) -> list[
     """Graph replay per (precision, activation layout, fused convolutions), the rest of the model unchanged."""
     rows = []
     for precision, layout, fused in TIMED:
-        runner = CudaPatchCore(spec, precision=precision)
+        runner = CudaPatchCore(spec, backbone_dtype=precision)
         model = runner.model
         backbone = model.backbone if fused else getattr(model.backbone, "features", model.backbone)
         model.memory_format = LAYOUTS[layout]

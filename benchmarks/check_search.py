@@ -14,7 +14,7 @@ from dataclasses import asdict
 import torch
 import triton.testing
 
-from patchcore_trt.bench.synthetic_model import synthetic_spec, texture_images
+from patchcore_trt.demo.synthetic_model import synthetic_spec, texture_images
 from patchcore_trt.gpu.knn import BankIndex, float32_matmul, nearest
 from patchcore_trt.gpu.knn_triton import TileConfig, tile_candidates
 from patchcore_trt.model import MemoryBankSearch

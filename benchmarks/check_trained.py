@@ -14,11 +14,11 @@ import numpy as np
 
 from patchcore_trt.bench.matrix import reference_predictions
 from patchcore_trt.checkpoint import read_checkpoint
+from patchcore_trt.compare import compare
+from patchcore_trt.demo.data import make_synthetic_dataset
+from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.images import collect_images, load_batch
-from patchcore_trt.report import parity
 from patchcore_trt.runtime.cuda_backend import CudaBackend
-from patchcore_trt.synthetic import make_synthetic_dataset
-from patchcore_trt.training import TrainSettings, train_patchcore
 
 
 def main() -> None:
@@ -33,8 +33,9 @@ def main() -> None:
     rows = []
     for precision in ("fp32", "tf32", "fp16", "bf16"):
         for search in ("exact", "fast"):
-            with CudaBackend(checkpoint, precision=precision, search=search) as backend:
-                figures = parity(backend.predict(uint8.transpose(0, 3, 1, 2).astype(np.float32) / 255), reference)
+            with CudaBackend(checkpoint, backbone_dtype=precision, search=search) as backend:
+                prediction = backend.predict(uint8.transpose(0, 3, 1, 2).astype(np.float32) / 255)
+                figures = compare(prediction, reference, threshold=backend.image_threshold)
             rows.append({"precision": precision, "search": search, "bank": spec.bank_size, **figures.__dict__})
             print(rows[-1], flush=True)
     out.write_text(json.dumps({"checkpoint": str(checkpoint), "images": len(paths), "rows": rows}, indent=2))

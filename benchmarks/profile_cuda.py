@@ -13,8 +13,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from patchcore_trt.bench.matrix import device_ms
-from patchcore_trt.bench.synthetic_model import synthetic_spec, texture_images
-from patchcore_trt.runtime.cuda_backend import CudaPatchCore
+from patchcore_trt.demo.synthetic_model import synthetic_spec, texture_images
+from patchcore_trt.gpu.executor import CudaPatchCore
 
 WORKLOADS = [((256, 256), 16384, 1), ((256, 256), 16384, 16), ((512, 512), 32768, 1), ((512, 512), 32768, 16)]
 STAGES = ("preprocess", "backbone+embed", "search", "score+map")
@@ -47,7 +47,7 @@ def main() -> None:
         spec = synthetic_spec(bank, size, device="cuda")
         images = texture_images(batch, size, seed=7).cuda()
         for precision in precisions:
-            runner = CudaPatchCore(spec, precision=precision, search=search)
+            runner = CudaPatchCore(spec, backbone_dtype=precision, search=search)
             replay = device_ms(functools.partial(runner.run, images))
             for _ in range(3):
                 runner.model.forward_uint8(images)

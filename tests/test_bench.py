@@ -11,13 +11,13 @@ import pytest
 import torch
 from conftest import error_line, run_cli
 
-from patchcore_trt.bench.anomalib_baseline import anomalib_available
 from patchcore_trt.bench.matrix import BenchSettings, matrix_cases, percentile, run_matrix, workloads
 from patchcore_trt.bench.report import display_row, environment, write_chart, write_results
-from patchcore_trt.bench.synthetic_model import synthetic_spec, texture_images, write_checkpoint
-from patchcore_trt.checkpoint import read_checkpoint
+from patchcore_trt.checkpoint import read_checkpoint, write_checkpoint
+from patchcore_trt.demo.synthetic_model import synthetic_spec, texture_images
 from patchcore_trt.errors import UserError
 from patchcore_trt.model import PatchCoreDeploy
+from patchcore_trt.reference import anomalib_available
 
 TOY = {"backbone": "resnet18", "sizes": ((64, 64),), "banks": (64,), "images": 4, "warmup": 1, "iters": 2}
 
@@ -74,7 +74,7 @@ def test_matrix_rows_files_and_parity(tmp_path):
         rows.append(row)
         write_results(tmp_path, settings, env, rows, notices)
 
-    run_matrix(settings, tmp_path, on_row=on_row, on_notice=notices.append)
+    run_matrix(settings, on_row=on_row, on_notice=notices.append)
     torch_rows = [r for r in rows if r["backend"] == "torch"]
     assert [(r["batch"], r["precision"], r["copies"]) for r in torch_rows] == [(2, "fp32", "host")]
     for row in torch_rows:  # the torch backend is the FP32 deploy model itself, run in other batch sizes

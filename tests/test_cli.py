@@ -53,7 +53,7 @@ def test_predict_checkpoint_with_openvino_is_refused(resnet18_checkpoint, datase
         (("predict", "m.onnx", ".", "--backend", "nope"), "unknown backend 'nope'"),
         (("predict", "m.onnx", ".", "--device", "tpu"), "runs on cpu, cuda, not 'tpu'"),
         (("export", "notes.txt", "-o", "x"), "expected an anomalib .ckpt"),
-        (("predict", "m.onnx", ".", "--precision", "fp16"), "apply to --backend cuda"),
+        (("predict", "m.onnx", ".", "--backbone-dtype", "fp16"), "apply to --backend cuda"),
         (("predict", "m.onnx", ".", "--csv", "."), "is a folder; give a file name"),
         (("predict", "m.onnx", ".", "--json", "model.xyz/r.json"), "is a file, not a folder"),
         (("export", "a.ckpt", "-o", "model.xyz"), "is a file, not a folder"),

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from patchcore_trt.bench.synthetic_model import gaussian_taps, synthetic_spec, texture_images
+from patchcore_trt.demo.synthetic_model import gaussian_taps, synthetic_spec, texture_images
 from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.fast_model import FastPatchCore, SeparableMap, fold_batchnorm
 from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, fuse_resnet
@@ -138,7 +138,7 @@ def test_networks_other_than_plain_resnets_are_not_fused():
 
 
 def test_a_disagreeing_fused_backbone_falls_back(spec, monkeypatch):
-    model = FastPatchCore(spec, precision="bf16")
+    model = FastPatchCore(spec, backbone_dtype="bf16")
     assert isinstance(model.backbone, FusedResNetFeatures)
     monkeypatch.setattr(FusedResNetFeatures, "agrees_with_plain", lambda self, x: False)
     with pytest.warns(UserWarning, match="running unfused"):
@@ -159,7 +159,7 @@ def test_fast_model_on_the_cpu_matches_the_deploy_model(spec, search, tolerance)
     floats = images.permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         expected = PatchCoreDeploy(spec).eval()(floats)
-        got = FastPatchCore(spec, precision="fp32", search=search).forward_uint8(images)
+        got = FastPatchCore(spec, backbone_dtype="fp32", search=search).forward_uint8(images)
     assert (got.pred_score - expected.pred_score).abs().max() <= tolerance
     assert (got.anomaly_map - expected.anomaly_map).abs().max() <= tolerance
     assert torch.equal(got.pred_label, expected.pred_label)
@@ -170,14 +170,14 @@ def test_map_at_input_size(spec):
     images = torch.rand(2, 3, 90, 70)
     with torch.no_grad():
         expected = PatchCoreDeploy(spec, map_at_input_size=True).eval()(images)
-        got = FastPatchCore(spec, precision="fp32", map_at_input_size=True)(images)
+        got = FastPatchCore(spec, backbone_dtype="fp32", map_at_input_size=True)(images)
     assert got.anomaly_map.shape == (2, 1, 90, 70)
     assert (got.anomaly_map - expected.anomaly_map).abs().max() <= 1e-4
 
 
 def test_options_are_checked(spec):
-    with pytest.raises(ValueError, match="precision"):
-        FastPatchCore(spec, precision="int4")
+    with pytest.raises(ValueError, match="backbone_dtype"):
+        FastPatchCore(spec, backbone_dtype="int4")
     with pytest.raises(ValueError, match="search"):
         FastPatchCore(spec, search="approximate")
 
@@ -186,14 +186,14 @@ def test_the_cuda_backend_is_registered_and_refuses_a_machine_without_gpu(spec, 
     assert "cuda" in backend_names()
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from patchcore_trt.runtime.cuda_backend import CudaPatchCore
+    from patchcore_trt.gpu.executor import CudaPatchCore
 
     with pytest.raises(UserError, match="sees no GPU"):
         CudaPatchCore(spec)
 
 
 def test_host_output_labels_are_the_gpu_comparisons():
-    from patchcore_trt.runtime.cuda_backend import HostOutput
+    from patchcore_trt.gpu.executor import HostOutput
     from patchcore_trt.spec import Postprocess
 
     post = Postprocess(image_threshold=1, pixel_threshold=1, image_min=0, image_max=2, pixel_min=0, pixel_max=2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
@@ -11,9 +10,9 @@ import torch
 from conftest import error_line, run_cli
 from onnx import TensorProto, helper
 
-from patchcore_trt.engine import Profile, Shape, build_engine, default_profile, load_tensorrt, read_sidecar
+from patchcore_trt.artifact import METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata, read_sidecar
+from patchcore_trt.engine import Profile, Shape, build_engine, default_profile, load_tensorrt
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import METADATA_KEY
 from patchcore_trt.precision import calibration_images, write_fp16_onnx, write_int8_onnx
 from patchcore_trt.runtime import open_backend
 from patchcore_trt.runtime.tensorrt_backend import TensorRtBackend, check_engine, invalidity_reasons
@@ -74,7 +73,14 @@ def test_profiles_are_validated_before_anything_is_built(resnet18_onnx, tmp_path
 
 
 def _with_patchcore_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    helper.set_model_props(model, {METADATA_KEY: json.dumps({"precision": "fp32", "model_size": [64, 64]})})
+    post = dict.fromkeys(("image_threshold", "pixel_threshold", "image_min", "pixel_min"), 0.0)
+    post.update(image_max=1.0, pixel_max=1.0, image_sensitivity=0.5, pixel_sensitivity=0.5)
+    metadata = ArtifactMetadata(
+        precision="fp32", model_size=(64, 64), map_at_input_size=False, backbone="resnet18", layers=("layer2",),
+        bank_size=1, embedding_dim=1, num_neighbors=1, transform={}, postprocess=post, source_checkpoint={},
+        producer="test", versions={},
+    )  # fmt: skip
+    helper.set_model_props(model, {METADATA_KEY: metadata.to_json()})
     return model
 
 
@@ -88,9 +94,9 @@ def test_a_static_input_dimension_is_checked_against_the_profile(resnet18_onnx, 
 
 def test_an_unparsable_graph_names_the_failing_node(tmp_path):
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])
-    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, None)
-    node = helper.make_node("Mystery", ["image"], ["score"], name="the_bad_node", domain="example.ops")
-    graph = helper.make_graph([node], "g", [image], [score])
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in OUTPUT_NAMES]
+    node = helper.make_node("Mystery", ["image"], list(OUTPUT_NAMES), name="the_bad_node", domain="example.ops")
+    graph = helper.make_graph([node], "g", [image], outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("example.ops", 1)])
     onnx.save(_with_patchcore_metadata(model), str(tmp_path / "bad.onnx"))
     with pytest.raises(UserError, match=r"cannot parse the graph: node 0 'the_bad_node' \(Mystery\)"):

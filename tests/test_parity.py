@@ -11,16 +11,11 @@ import pytest
 import torch
 from conftest import RESNET18, WRN50
 
-from patchcore_trt.report import parity
+from patchcore_trt.compare import PARITY_BAR, compare
 from patchcore_trt.runtime import open_backend
-from patchcore_trt.verify import (
-    LIGHTNING_ROW,
-    MAP_TOLERANCE,
-    REFERENCE_ROW,
-    SCORE_TOLERANCE,
-    anomalib_predictions,
-    backend_parity,
-)
+from patchcore_trt.verify import LIGHTNING_ROW, REFERENCE_ROW, anomalib_predictions, backend_parity
+
+SCORE_TOLERANCE, MAP_TOLERANCE = PARITY_BAR.score, PARITY_BAR.map
 
 CASES = [(RESNET18, 256), (RESNET18, 320), (WRN50, 256), (WRN50, 320)]
 
@@ -48,8 +43,8 @@ def test_batched_inference_matches_one_by_one(resnet18_checkpoint, resnet18_onnx
     reference, _, _ = anomalib_predictions(resnet18_checkpoint, images)
     for name, artifact in (("torch", resnet18_checkpoint), ("onnxruntime", resnet18_onnx), ("openvino", resnet18_onnx)):
         with open_backend(artifact, name) as backend:
-            figures = parity(backend.predict(images), reference)
-        assert figures.within(SCORE_TOLERANCE, MAP_TOLERANCE), (name, figures)
+            figures = compare(backend.predict(images), reference, threshold=backend.image_threshold)
+        assert figures.within(PARITY_BAR), (name, figures)
 
 
 def test_lightning_predict_path_differs_and_is_measured(resnet18_checkpoint, test_images):

@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from patchcore_trt.accuracy import BUDGETS, GateFigures, auroc, evaluate, labelled_folder, over_budget
+from patchcore_trt.artifact import read_onnx_metadata
 from patchcore_trt.errors import UserError
-from patchcore_trt.export import read_onnx_metadata
 from patchcore_trt.precision import (
     backbone_nodes,
     calibration_images,
@@ -62,7 +62,7 @@ def test_fp16_runs_the_backbone_in_fp16_and_the_search_in_fp32(resnet18_onnx, fp
         (v.name, v.type.tensor_type.elem_type) for v in source.graph.output
     ]
     metadata = read_onnx_metadata(fp16_onnx)
-    assert metadata["precision"] == "fp16" and metadata["model_size"] == read_onnx_metadata(resnet18_onnx)["model_size"]
+    assert metadata.precision == "fp16" and metadata.model_size == read_onnx_metadata(resnet18_onnx).model_size
 
 
 def test_fp16_is_within_its_budget_on_the_labelled_folder(resnet18_onnx, fp16_onnx, dataset):
@@ -100,7 +100,7 @@ def test_int8_puts_symmetric_qdq_on_backbone_convs_only(resnet18_onnx, int8_onnx
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
             zero_point = initializers[node.input[2]]
             assert zero_point.dtype == np.int8 and not zero_point.any()  # symmetric
-    assert read_onnx_metadata(int8_onnx[0])["precision"] == "int8"
+    assert read_onnx_metadata(int8_onnx[0]).precision == "int8"
 
 
 def test_int8_calibration_cache_is_reused_only_for_the_same_images(resnet18_onnx, int8_onnx, dataset, tmp_path):

@@ -1,11 +1,12 @@
-"""The accuracy gate: a reduced-precision ONNX against the FP32 deploy model, on a labelled folder.
+"""The accuracy gate: a reduced-precision ONNX against the FP32 export, on a labelled folder.
 
-Both graphs run in ONNX Runtime on the CPU, image by image (any sizes). The figures: score drift, anomaly-map
-error, label agreement, and image and pixel AUROC of each. What the CPU actually computes:
+Both graphs run in the onnxruntime backend on the CPU, image by image (any sizes). The figures: score drift,
+anomaly-map error, label agreement (compare.py's tie rule, one band for every precision), and image and pixel
+AUROC of each. What the CPU actually computes:
 - FP16: ONNX Runtime's CPU provider has no x86 FP16 Conv kernel; it runs each FP16 node on its FP32 kernel
   between Casts (its InsertCastTransformer). Weights and every backbone activation are still rounded to FP16,
   which is what TensorRT's FP16 kernels store; they accumulate in FP32 as those usually do.
-- INT8: Q/DQ fusion is switched off (``session.disable_quant_qdq``), so each QuantizeLinear/DequantizeLinear
+- INT8: Q/DQ fusion is switched off (the backend's ``qdq_fusion=False``), so each QuantizeLinear/DequantizeLinear
   pair rounds and clips exactly as the graph says, instead of ONNX Runtime's own x86 INT8 kernels, whose
   saturation differs from TensorRT's.
 """
@@ -18,14 +19,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from patchcore_trt.compare import off_threshold
 from patchcore_trt.errors import UserError
-from patchcore_trt.export import INPUT_NAME, ort_cpu_session, read_onnx_metadata
 from patchcore_trt.images import ImageError, collect_images, load_image
+from patchcore_trt.runtime import open_backend
 
 GOOD = "good"
 MASKS = "ground_truth"
-# Images whose FP32 score is this close to the threshold may flip label within the FP16 score budget; anomalib's
-# adaptive threshold is one validation image's own score, so one image usually sits exactly on it.
+# The tie band of every precision's gate: FP16's score budget, within which a label may flip (compare.py).
 THRESHOLD_BAND = 1e-3
 
 
@@ -126,7 +127,8 @@ class GateFigures:
 
 @dataclass(frozen=True)
 class Budget:
-    """The issue's budget: FP16 = identical labels and |delta score| <= 1e-3; INT8 = AUROC drop <= 0.5 points.
+    """What a precision may cost: FP16 = identical labels and |delta score| <= 1e-3; INT8 = labels agree on 99%
+    and the image AUROC drops by at most 0.5 points.
 
     FP16's identical labels are required of every image farther than THRESHOLD_BAND from the threshold: within
     it, a drift the score budget allows can flip a label, and the two lines would contradict each other.
@@ -172,34 +174,34 @@ def _mask_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
 
 def evaluate(reference: Path, candidate: Path, data: LabelledSet, precision: str) -> GateFigures:
     """Run both ONNX graphs on every image of ``data`` and compare (see the module docstring for what runs)."""
-    threshold = 1.0 - float(read_onnx_metadata(reference)["postprocess"]["image_sensitivity"])
-    # INT8 runs with ORT's Q/DQ fusion off, so quantisation happens exactly as the graph writes it.
-    sessions = [ort_cpu_session(reference), ort_cpu_session(candidate, {"session.disable_quant_qdq": "1"})]
     scores = np.zeros((2, len(data.images)), dtype=np.float64)
     labels = np.zeros((2, len(data.images)), dtype=bool)
     map_deltas: list[np.ndarray] = []
     pixel_maps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     pixel_truth: list[np.ndarray] = []
-    for index, path in enumerate(data.images):
-        try:
-            image = load_image(path)[None]
-        except ImageError as exc:
-            raise UserError(f"{path}: {exc}") from None
-        results = [
-            session.run(["pred_score", "pred_label", "anomaly_map"], {INPUT_NAME: image}) for session in sessions
-        ]
-        for which, (score, label, _) in enumerate(results):
-            scores[which, index] = float(score[0])
-            labels[which, index] = bool(label[0])
-        map_deltas.append(np.abs(results[0][2] - results[1][2]).reshape(-1))
-        # Pixel AUROC over good images (all-normal pixels) and defective images that have a mask.
-        if data.labels is not None and (not data.labels[index] or data.masks[index] is not None):
-            pixel_truth.append(_mask_pixels(data.masks[index], results[0][2].shape[-2:]).reshape(-1))
-            for which in (0, 1):
-                pixel_maps[which].append(results[which][2].reshape(-1))
+    with (
+        open_backend(reference, "onnxruntime") as fp32,
+        open_backend(candidate, "onnxruntime", qdq_fusion=False) as low,
+    ):
+        threshold = fp32.image_threshold
+        for index, path in enumerate(data.images):
+            try:
+                image = load_image(path)[None]
+            except ImageError as exc:
+                raise UserError(f"{path}: {exc}") from None
+            results = [fp32.predict(image), low.predict(image)]
+            for which, result in enumerate(results):
+                scores[which, index] = float(result.pred_score[0])
+                labels[which, index] = bool(result.pred_label[0])
+            map_deltas.append(np.abs(results[0].anomaly_map - results[1].anomaly_map).reshape(-1))
+            # Pixel AUROC over good images (all-normal pixels) and defective images that have a mask.
+            if data.labels is not None and (not data.labels[index] or data.masks[index] is not None):
+                pixel_truth.append(_mask_pixels(data.masks[index], results[0].anomaly_map.shape[-2:]).reshape(-1))
+                for which in (0, 1):
+                    pixel_maps[which].append(results[which].anomaly_map.reshape(-1))
     deltas = np.abs(scores[0] - scores[1])
-    flips = labels[0] != labels[1]
-    off_threshold = np.abs(scores[0] - threshold) > THRESHOLD_BAND
+    decided = off_threshold(scores[0], threshold, THRESHOLD_BAND)
+    flips = (labels[0] != labels[1]) & decided
     all_map_deltas = np.concatenate(map_deltas)
     pixels = np.concatenate(pixel_truth) if pixel_truth else None
     return GateFigures(
@@ -209,8 +211,8 @@ def evaluate(reference: Path, candidate: Path, data: LabelledSet, precision: str
         mean_score_delta=float(deltas.mean()),
         max_map_delta=float(all_map_deltas.max()),
         mean_map_delta=float(all_map_deltas.mean()),
-        label_agreement=float(1.0 - flips.mean()),
-        flips_off_threshold=int((flips & off_threshold).sum()),
+        label_agreement=float(1.0 - flips.sum() / max(1, decided.sum())),
+        flips_off_threshold=int(flips.sum()),
         image_auroc_reference=None if data.labels is None else auroc(scores[0], data.labels),
         image_auroc=None if data.labels is None else auroc(scores[1], data.labels),
         pixel_auroc_reference=None if pixels is None else auroc(np.concatenate(pixel_maps[0]), pixels),

@@ -1,9 +1,12 @@
-"""Read an anomalib 2.x PatchCore Lightning checkpoint into a PatchCoreSpec, without running pickled code.
+"""anomalib's PatchCore checkpoint layout: read one into a PatchCoreSpec without running pickled code, and write one.
 
 Checkpoints are pickles. By default they load with ``torch.load(weights_only=True)`` and an allowlist of the
 few non-tensor types anomalib writes (its ``PrecisionType`` enum and numpy scalars), so anomalib itself need
 not be installed and no code from the file runs. ``trust_pickled_code=True`` is the explicit opt-in for
 trusted legacy files that pickled whole objects.
+
+``write_checkpoint`` writes the same layout from a spec (synthetic benchmark models, tests), so reader and
+writer of the format sit side by side.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from patchcore_trt.errors import UserError
-from patchcore_trt.files import sha256_of
+from patchcore_trt.files import atomic_path, sha256_of
 from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
 
 BACKBONE_PREFIX = "model.feature_extractor.feature_extractor."
@@ -262,3 +265,63 @@ def read_checkpoint(
         source_sha256=sha256_of(path),
         source_name=path.name,
     )
+
+
+def post_processor_buffers(post: Postprocess) -> dict[str, float]:
+    """The statistics as anomalib's PostProcessor keeps them: buffer name -> value."""
+    return {
+        "_image_threshold": post.image_threshold,
+        "_pixel_threshold": post.pixel_threshold,
+        "image_min": post.image_min,
+        "image_max": post.image_max,
+        "pixel_min": post.pixel_min,
+        "pixel_max": post.pixel_max,
+    }
+
+
+def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
+    """Save ``spec`` as an anomalib 2.7-layout Lightning checkpoint that ``read_checkpoint`` reads back."""
+    taps = spec.blur_kernel.float()
+    post = spec.postprocess
+    state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}
+    state[MEMORY_BANK_KEY] = spec.memory_bank
+    state[BLUR_KERNEL_KEY] = torch.outer(taps, taps)[None, None]
+    for name, value in post_processor_buffers(post).items():
+        state[POST_PREFIX + name] = torch.tensor(value, dtype=torch.float32)
+    pre = spec.preprocess
+    transforms = [
+        {
+            "class_path": "torchvision.transforms.v2.Resize",
+            "init_args": {"size": list(pre.resize), "interpolation": pre.interpolation, "antialias": pre.antialias},
+        },
+        {
+            "class_path": "torchvision.transforms.v2.Normalize",
+            "init_args": {"mean": list(pre.mean), "std": list(pre.std)},
+        },
+    ]
+    if pre.center_crop is not None:
+        crop = {"class_path": "torchvision.transforms.v2.CenterCrop", "init_args": {"size": list(pre.center_crop)}}
+        transforms.insert(1, crop)
+    raw = {
+        "state_dict": state,
+        "hyper_parameters": {
+            "backbone": spec.backbone,
+            "layers": list(spec.layers),
+            "pre_trained": False,
+            "num_neighbors": spec.num_neighbors,
+        },
+        "anomalib_pre_processor_config": {
+            "transform": {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
+        },
+        "anomalib_post_processor_config": {
+            "enable_normalization": True,
+            "enable_thresholding": True,
+            "enable_threshold_matching": True,
+            "image_sensitivity": post.image_sensitivity,
+            "pixel_sensitivity": post.pixel_sensitivity,
+        },
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(raw, tmp)
+    return path

@@ -4,7 +4,7 @@ The library is picked once, on first use: full ``tensorrt`` (10 or newer) if it 
 ``tensorrt_rtx_bindings`` (TensorRT-RTX, which builds engines on a machine without a GPU). Only APIs both have
 are used: strongly typed networks (precision comes from the ONNX, see precision.py), ``set_memory_pool_limit``,
 ``build_serialized_network`` and tensor names. The ``.engine`` file stays a plain plan; what a runtime needs to
-know about it goes to ``MODEL.<precision>.engine.json`` beside it.
+know about it goes to the sidecar ``MODEL.<precision>.engine.json`` beside it (artifact.py).
 """
 
 from __future__ import annotations
@@ -22,14 +22,19 @@ from typing import Any
 
 import onnx
 
+from patchcore_trt.artifact import (
+    INPUT_NAME,
+    MAX_BATCH,
+    MAX_SIDE,
+    MIN_SIDE,
+    OUTPUT_NAMES,
+    ArtifactMetadata,
+    read_onnx_metadata,
+    write_sidecar,
+)
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import INPUT_NAME, MAX_DIM, read_onnx_metadata
-from patchcore_trt.files import sha256_of, write_bytes_atomic, write_text_atomic
-from patchcore_trt.images import MIN_SIDE
+from patchcore_trt.files import sha256_of, write_bytes_atomic
 
-SIDECAR_FORMAT = 1
-# The batch range torch.export declares for the ONNX input (see export.py).
-MAX_BATCH = 1024
 DEFAULT_MAX_BATCH = 32
 # TensorRT-RTX's default targets when no compute capability is set (its "CPU-only AOT" documentation).
 RTX_DEFAULT_TARGETS = "8.0, 8.6, 8.9, 12.0 and later"
@@ -102,7 +107,7 @@ class Profile:
 
     def validate(self) -> None:
         """Raise UserError unless min <= opt <= max and every size is one the exported graph accepts."""
-        limits = {"batch": (1, MAX_BATCH), "height": (MIN_SIDE, MAX_DIM), "width": (MIN_SIDE, MAX_DIM)}
+        limits = {"batch": (1, MAX_BATCH), "height": (MIN_SIDE, MAX_SIDE), "width": (MIN_SIDE, MAX_SIDE)}
         for name, (low, high) in limits.items():
             small, tuned, large = (getattr(shape, name) for shape in (self.min, self.opt, self.max))
             if not small <= tuned <= large:
@@ -110,50 +115,57 @@ class Profile:
             if small < low or large > high:
                 raise UserError(f"profile {self}: {name} must lie within {low}..{high}, got {small}..{large}")
 
-    def contains(self, batch: int, height: int, width: int) -> bool:
-        return all(
-            getattr(self.min, name) <= value <= getattr(self.max, name)
-            for name, value in (("batch", batch), ("height", height), ("width", width))
-        )
-
     def __str__(self) -> str:
         return f"{self.min} {self.opt} {self.max}"
 
 
 def default_profile(model_size: tuple[int, int]) -> Profile:
-    """Half to twice the model resolution, tuned for it at batch 1 (the seed article's 256/512/1024 for 512)."""
+    """Half to twice the model resolution, tuned for it at batch 1 (256/512/1024 for a 512 model)."""
     height, width = model_size
     return Profile(
         min=Shape(1, max(MIN_SIDE, height // 2), max(MIN_SIDE, width // 2)),
         opt=Shape(1, height, width),
-        max=Shape(DEFAULT_MAX_BATCH, min(MAX_DIM, height * 2), min(MAX_DIM, width * 2)),
+        max=Shape(DEFAULT_MAX_BATCH, min(MAX_SIDE, height * 2), min(MAX_SIDE, width * 2)),
     )
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A build checked before its long steps: the TensorRT to use and the options it was given."""
+
+    trt: TensorRT
+    profile: Profile
+    workspace_gib: float | None = None
+    timing_cache: Path | None = None
+
+
+MAX_WORKSPACE_GIB = 4096
 
 
 def check_build(
     path: Path, profile: Profile, *, workspace_gib: float | None = None, timing_cache: Path | None = None
-) -> TensorRT:
-    """Everything that can be checked before a long step: options, TensorRT, the profile against the graph's input.
-
-    Returns the TensorRT the build will use.
-    """
+) -> BuildPlan:
+    """Everything that can be checked before a long step: options, TensorRT, the profile against the graph."""
     profile.validate()
-    if workspace_gib is not None and workspace_gib <= 0:
-        raise UserError(f"--workspace must be a positive number of GiB, got {workspace_gib}")
+    if workspace_gib is not None and not 0 < workspace_gib <= MAX_WORKSPACE_GIB:  # NaN fails both comparisons
+        raise UserError(f"--workspace must be a number of GiB in (0, {MAX_WORKSPACE_GIB}], got {workspace_gib}")
     trt = load_tensorrt()
     if timing_cache is not None and trt.library == "tensorrt_rtx":
         raise UserError(
             "--timing-cache: TensorRT-RTX has no timing cache (it compiles kernels on the GPU at run time); drop it"
         )
-    _check_input(path, profile)
-    return trt
+    _check_io(path, profile)
+    return BuildPlan(trt, profile, workspace_gib, timing_cache)
 
 
-def _check_input(path: Path, profile: Profile) -> None:
+def _check_io(path: Path, profile: Profile) -> None:
     graph = onnx.load(str(path), load_external_data=False).graph
     inputs = {value.name: value for value in graph.input}
     if INPUT_NAME not in inputs:
         raise UserError(f"{path}: the graph has no input named {INPUT_NAME!r} (it has {sorted(inputs)})")
+    outputs = [value.name for value in graph.output]
+    if sorted(outputs) != sorted(OUTPUT_NAMES):
+        raise UserError(f"{path}: the graph's outputs are {outputs}, not {list(OUTPUT_NAMES)}; export it again")
     dims = inputs[INPUT_NAME].type.tensor_type.shape.dim
     if len(dims) != 4:
         raise UserError(f"{path}: input {INPUT_NAME!r} has {len(dims)} dimensions; expected [N, 3, H, W]")
@@ -210,13 +222,7 @@ def layer_precisions(network: Any) -> dict[str, int]:
 class BuildResult:
     engine: Path
     sidecar: Path
-    plan_bytes: int
     seconds: float
-    metadata: dict[str, Any]
-
-
-def sidecar_path(engine: Path) -> Path:
-    return engine.with_name(engine.name + ".json")
 
 
 def build_engine(
@@ -232,15 +238,25 @@ def build_engine(
 
     Args:
         onnx_path: FP32, FP16 or INT8 ONNX from ``export``/precision.py; the precision comes from the graph.
-        engine_path: Where the plan goes; its metadata goes to ``<engine_path>.json``.
+        engine_path: Where the plan goes; its metadata goes to the sidecar ``<engine_path>.json``.
         profile: Input shapes (validated against the graph before anything is built).
         workspace_gib: Cap on TensorRT's scratch memory (default: TensorRT's, the whole device).
         timing_cache: Kernel timing cache to reuse and update (full TensorRT only).
-        extra_metadata: More keys for the sidecar (the CLI stores the accuracy gate's figures there).
+        extra_metadata: More keys for the sidecar (build.py stores the accuracy gate's figures there).
     """
-    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    model_metadata = read_onnx_metadata(onnx_path)
-    trt = check_build(onnx_path, profile, workspace_gib=workspace_gib, timing_cache=timing_cache)
+    plan = check_build(Path(onnx_path), profile, workspace_gib=workspace_gib, timing_cache=timing_cache)
+    return run_build(plan, Path(onnx_path), Path(engine_path), read_onnx_metadata(onnx_path), extra_metadata)
+
+
+def run_build(
+    plan: BuildPlan,
+    onnx_path: Path,
+    engine_path: Path,
+    model_metadata: ArtifactMetadata,
+    extra_metadata: dict[str, Any] | None = None,
+) -> BuildResult:
+    """The TensorRT build of a checked ``plan`` (see ``check_build``); writes the sidecar, then the plan."""
+    trt, profile, workspace_gib, timing_cache = plan.trt, plan.profile, plan.workspace_gib, plan.timing_cache
     started = time.perf_counter()
     logger = _make_logger(trt.module)
     builder = trt.module.Builder(logger)
@@ -262,35 +278,34 @@ def build_engine(
     if timing_cache is not None:
         cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
         reason = logger.errors[-1] if logger.errors else "no reason given"
         raise UserError(f"{onnx_path}: {trt.library} {trt.version} could not build the engine: {reason}")
     seconds = time.perf_counter() - started
-    data = bytes(plan)
-    write_bytes_atomic(engine_path, data)
-    if cache is not None:
-        write_bytes_atomic(timing_cache, bytes(cache.serialize()))
-    metadata = {
-        "format": SIDECAR_FORMAT,
+    data = bytes(serialized)
+    document = {
         "engine": {"name": engine_path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-        "precision": model_metadata.get("precision", "fp32"),
+        "precision": model_metadata.precision,
         "onnx": {"name": onnx_path.name, "sha256": sha256_of(onnx_path)},
         "tensorrt": {"library": trt.library, "version": trt.version},
         "device": _build_device(trt),
         "input": INPUT_NAME,
-        "outputs": model_metadata.get("outputs"),
+        "outputs": list(OUTPUT_NAMES),
         "profile": {name: list(getattr(profile, name).dims()) for name in ("min", "opt", "max")},
         "tf32": False if tf32_flag is not None else "not controllable in this TensorRT",
         "workspace_bytes": None if workspace_gib is None else int(workspace_gib * (1 << 30)),
         "layers": layer_precisions(network),
         "build_seconds": round(seconds, 3),
-        "model": model_metadata,
+        "model": json.loads(model_metadata.to_json()),
         **(extra_metadata or {}),
     }
-    sidecar = sidecar_path(engine_path)
-    write_text_atomic(sidecar, json.dumps(metadata, indent=2))
-    return BuildResult(engine_path, sidecar, len(data), seconds, metadata)
+    # The sidecar first: an engine on disk always has its metadata beside it (a stale one fails the hash check).
+    sidecar = write_sidecar(engine_path, document)
+    write_bytes_atomic(engine_path, data)
+    if cache is not None:
+        write_bytes_atomic(timing_cache, bytes(cache.serialize()))
+    return BuildResult(engine_path, sidecar, seconds)
 
 
 def _build_device(trt: TensorRT) -> dict[str, Any]:
@@ -303,14 +318,3 @@ def _build_device(trt: TensorRT) -> dict[str, Any]:
         return {"compute_capability": None, "targets": "unknown (no CUDA device visible to torch)"}
     major, minor = torch.cuda.get_device_capability()
     return {"compute_capability": [major, minor], "name": torch.cuda.get_device_name(), "targets": f"{major}.{minor}"}
-
-
-def read_sidecar(engine: Path) -> dict[str, Any]:
-    """The metadata written beside an engine by ``build_engine``."""
-    path = sidecar_path(Path(engine))
-    if not path.is_file():
-        raise UserError(f"{engine}: no metadata file {path.name} beside it; rebuild it with 'patchcore-trt build'")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{path}: unreadable engine metadata ({exc}); rebuild the engine") from None

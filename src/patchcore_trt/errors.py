@@ -8,7 +8,8 @@ class UserError(Exception):
 
 
 class MissingDependencyError(UserError):
-    """An optional backend is not installed."""
+    """An optional (or broken) dependency is not importable; ``extra`` names the patchcore-trt extra, if any."""
 
-    def __init__(self, module: str, extra: str) -> None:
-        super().__init__(f"{module} is not installed; install it with: pip install 'patchcore-trt[{extra}]'")
+    def __init__(self, module: str, extra: str | None = None) -> None:
+        requirement = f"'patchcore-trt[{extra}]'" if extra else module
+        super().__init__(f"{module} is not installed; install it with: pip install {requirement}")

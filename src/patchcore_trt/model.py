@@ -28,13 +28,12 @@ DEFAULT_BANK_CHUNK = 4096
 
 
 class DeployOutput(NamedTuple):
+    """The graph's outputs, in artifact.OUTPUT_NAMES order (the exporter names them by position)."""
+
     pred_score: torch.Tensor
     pred_label: torch.Tensor
     anomaly_map: torch.Tensor
     pred_mask: torch.Tensor
-
-
-OUTPUT_NAMES = DeployOutput._fields
 
 
 def create_backbone(name: str, layers: tuple[str, ...]) -> nn.Module:
@@ -235,8 +234,3 @@ class PatchCoreDeploy(nn.Module):
             anomaly_map=norm_map,
             pred_mask=norm_map > post.normalized_pixel_threshold,
         )
-
-
-def validate_images(images: torch.Tensor) -> None:
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise UserError(f"expected images of shape [N, 3, H, W], got {list(images.shape)}")

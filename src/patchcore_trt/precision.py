@@ -30,12 +30,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from patchcore_trt.artifact import INPUT_NAME, METADATA_KEY, ArtifactMetadata, save_onnx, staged_onnx, write_onnx
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import INPUT_NAME, METADATA_KEY, save_onnx
-from patchcore_trt.files import atomic_path, sha256_of, write_text_atomic
+from patchcore_trt.files import sha256_of, write_text_atomic
 from patchcore_trt.images import ImageError, collect_images, load_image
 
-PRECISIONS = ("fp32", "fp16", "int8")
 BACKBONE_SCOPE = "backbone"
 SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 DEFAULT_CALIBRATION_IMAGES = 500
@@ -133,14 +132,15 @@ def convert_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _update_metadata(model: onnx.ModelProto, **fields: Any) -> None:
+def _set_precision(model: onnx.ModelProto, source: Path, precision: str, **details: Any) -> None:
+    """Mark ``model``'s metadata (copied from ``source``) as the ``precision`` variant."""
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
-            metadata = json.loads(prop.value)
-            metadata.update(fields)
-            prop.value = json.dumps(metadata)
+            prop.value = ArtifactMetadata.from_json(prop.value, source).with_precision(precision, **details).to_json()
             return
-    raise UserError(f"not exported by patchcore-trt (no {METADATA_KEY!r} metadata); run 'patchcore-trt export'")
+    raise UserError(
+        f"{source}: not exported by patchcore-trt (no {METADATA_KEY!r} metadata); run 'patchcore-trt export'"
+    )
 
 
 def write_fp16_onnx(source: Path, output: Path) -> Path:
@@ -149,7 +149,7 @@ def write_fp16_onnx(source: Path, output: Path) -> Path:
     fp16_nodes = sum(
         1 for node in model.graph.node if node.op_type != "Cast" and any(n.endswith(".fp16") for n in node.input)
     )
-    _update_metadata(model, precision="fp16", fp16={"region": BACKBONE_SCOPE, "nodes": fp16_nodes})
+    _set_precision(model, source, "fp16", fp16={"region": BACKBONE_SCOPE, "nodes": fp16_nodes})
     save_onnx(model, Path(output))
     return Path(output)
 
@@ -159,13 +159,10 @@ def write_fp16_onnx(source: Path, output: Path) -> Path:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What an INT8 transform was calibrated on, and whether the ranges came from the cache."""
+    """How many images an INT8 transform was calibrated on, and whether the ranges came from the cache."""
 
     images: int
-    method: str
-    cache: Path | None
     from_cache: bool
-    quantized_convs: int
 
 
 def calibration_images(folder: Path, max_images: int = DEFAULT_CALIBRATION_IMAGES) -> list[Path]:
@@ -212,7 +209,7 @@ def _dequantize_for_convs_only(model: onnx.ModelProto) -> None:
     """Rewire non-Conv readers of a quantized activation (residual Adds) to its FP32 original.
 
     onnxruntime shares one Q/DQ pair among all readers of a tensor, so the skip connection would carry the
-    INT8-rounded value; the issue asks for Q/DQ on the backbone convolutions only.
+    INT8-rounded value, while Q/DQ belongs on the backbone convolutions' inputs only.
     """
     producers = {out: node for node in model.graph.node for out in node.output}
     for node in model.graph.node:
@@ -278,7 +275,7 @@ def write_int8_onnx(
     try:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     except ImportError as exc:
-        raise MissingDependencyError("onnxruntime", "onnxruntime") from exc
+        raise MissingDependencyError("onnxruntime") from exc
     source, output = Path(source), Path(output)
     model = onnx.load(str(source), load_external_data=False)
     convs = [model.graph.node[i].name for i in backbone_nodes(model) if model.graph.node[i].op_type == "Conv"]
@@ -289,10 +286,10 @@ def write_int8_onnx(
         if ranges is not None:
             ort_cache.write_text(json.dumps(ranges))
         # onnxruntime.quantization advises pre-processing through the root logger; our graphs are already optimised.
-        with atomic_path(output) as tmp, _root_log_level(logging.ERROR):
+        with staged_onnx(output) as staged, _root_log_level(logging.ERROR):
             quantize_static(
                 str(source),
-                str(tmp),
+                str(staged),
                 calibration_data_reader=None if ranges is not None else _ImageReader(images),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["Conv"],
@@ -315,17 +312,16 @@ def write_int8_onnx(
                     "QDQKeepRemovableActivations": True,
                 },
             )
-            quantized = onnx.load(str(tmp))
+            quantized = onnx.load(str(staged))
             _dequantize_for_convs_only(quantized)
-            _update_metadata(
+            _set_precision(
                 quantized,
-                precision="int8",
+                source,
+                "int8",
                 int8={"region": BACKBONE_SCOPE, "convs": len(convs), "calibration": key, "library": "onnxruntime"},
             )
-            onnx.save_model(quantized, str(tmp))
+            write_onnx(quantized, staged)
         if ranges is None and cache is not None:
             content = {"format": CACHE_FORMAT, "key": key, "ranges": json.loads(ort_cache.read_text())}
             write_text_atomic(cache, json.dumps(content))
-    return Calibration(
-        images=len(images), method="minmax", cache=cache, from_cache=ranges is not None, quantized_convs=len(convs)
-    )
+    return Calibration(images=len(images), from_cache=ranges is not None)

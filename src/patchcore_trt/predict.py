@@ -25,10 +25,6 @@ class ImageResult:
     size: tuple[int, int] | None = None
     error: str | None = None
 
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
     def record(self) -> dict[str, object]:
         """A flat row for tables, JSON and CSV."""
         if self.prediction is None:
@@ -86,7 +82,7 @@ def predict_files(
         if images:
             prediction = backend.predict(np.stack(images))
             done += [
-                (ImageResult(path=path, prediction=prediction.item(index), size=images[index].shape[1:]), images[index])
+                (ImageResult(path=path, prediction=prediction[index], size=images[index].shape[1:]), images[index])
                 for index, path in enumerate(batch_paths)
             ]
         for result, image in done:

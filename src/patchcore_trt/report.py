@@ -1,4 +1,4 @@
-"""Parity figures between two Predictions, result files (JSON/CSV), heatmap PNGs and rich tables."""
+"""What users read: rich and Markdown tables, result files (JSON/CSV) and heatmap PNGs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,57 +15,6 @@ from PIL import Image
 from rich.table import Table
 
 from patchcore_trt.files import atomic_path, write_text_atomic
-from patchcore_trt.runtime.base import Prediction
-
-# anomalib labels a score strictly above 0.5 (normalised). A score this close to 0.5 is a tie that
-# float rounding may break either way, so label agreement is judged only outside this margin.
-LABEL_TIE_MARGIN = 1e-5
-NORMALIZED_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class Parity:
-    """How far one backend's outputs are from a reference's, on the same images."""
-
-    images: int
-    max_score_error: float
-    max_map_error: float
-    labels_equal: int
-    labels_compared: int
-    mask_agreement: float
-
-    @property
-    def labels_identical(self) -> bool:
-        return self.labels_equal == self.labels_compared
-
-    def within(self, score_tol: float, map_tol: float) -> bool:
-        return self.max_score_error <= score_tol and self.max_map_error <= map_tol and self.labels_identical
-
-
-def parity(candidate: Prediction, reference: Prediction) -> Parity:
-    """Compare ``candidate`` against ``reference`` (maps must have the same shape)."""
-    if candidate.anomaly_map.shape != reference.anomaly_map.shape:
-        raise ValueError(f"map shapes differ: {candidate.anomaly_map.shape} vs {reference.anomaly_map.shape}")
-    decided = np.abs(reference.pred_score - NORMALIZED_THRESHOLD) > LABEL_TIE_MARGIN
-    return Parity(
-        images=len(reference),
-        max_score_error=float(np.abs(candidate.pred_score - reference.pred_score).max()),
-        max_map_error=float(np.abs(candidate.anomaly_map - reference.anomaly_map).max()),
-        labels_equal=int((candidate.pred_label == reference.pred_label)[decided].sum()),
-        labels_compared=int(decided.sum()),
-        mask_agreement=float((candidate.pred_mask == reference.pred_mask).mean()),
-    )
-
-
-def parity_row(name: str, figures: Parity) -> dict[str, Any]:
-    return {
-        "backend": name,
-        "images": figures.images,
-        "max|d score|": f"{figures.max_score_error:.1e}",
-        "max|d map|": f"{figures.max_map_error:.1e}",
-        "labels": f"{figures.labels_equal}/{figures.labels_compared}",
-        "mask px": f"{100 * figures.mask_agreement:.2f}%",
-    }
 
 
 def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Table:

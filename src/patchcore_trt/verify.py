@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from patchcore_trt.report import Parity, parity, parity_row
-from patchcore_trt.runtime import open_backend
+from patchcore_trt.artifact import read_onnx_metadata
+from patchcore_trt.compare import PARITY_BAR, Parity, compare
+from patchcore_trt.runtime import backend_info, open_backend
 from patchcore_trt.runtime.base import Backend, Prediction
 
-# The issue's parity bar against anomalib's AnomalibModule.forward.
-SCORE_TOLERANCE = 1e-5
-MAP_TOLERANCE = 1e-4
 REFERENCE_ROW = "anomalib forward"
 LIGHTNING_ROW = "anomalib predict*"
+CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
 
 
 @dataclass(frozen=True)
@@ -33,28 +32,23 @@ class BackendParity:
 
     @property
     def passed(self) -> bool:
-        return self.figures.within(SCORE_TOLERANCE, MAP_TOLERANCE)
+        return self.figures.within(PARITY_BAR)
 
 
 def anomalib_predictions(checkpoint: Path, images: Sequence[np.ndarray]) -> tuple[Prediction, Prediction, float]:
     """anomalib's forward (the parity reference), its Lightning predict path, and forward's median ms per image."""
     from patchcore_trt.reference import AnomalibReference
 
-    reference = AnomalibReference(checkpoint)
+    reference = AnomalibReference.from_checkpoint(checkpoint)
     reference.forward(torch.from_numpy(images[0][None]))  # warm-up, as for every backend
     forward, lightning, times = [], [], []
     for image in images:
         batch = torch.from_numpy(image[None])
         start = time.perf_counter()
-        forward.append(_to_prediction(reference.forward(batch)))
+        forward.append(Prediction.from_outputs(reference.forward(batch)))
         times.append(1000 * (time.perf_counter() - start))
-        lightning.append(_to_prediction(reference.lightning_predict(batch)))
+        lightning.append(Prediction.from_outputs(reference.lightning_predict(batch)))
     return Prediction.concat(forward), Prediction.concat(lightning), statistics.median(times)
-
-
-def _to_prediction(outputs: tuple[torch.Tensor, ...]) -> Prediction:
-    score, label, anomaly_map, mask = (tensor.detach().numpy() for tensor in outputs)
-    return Prediction(score.reshape(-1), label.reshape(-1), anomaly_map, mask)
 
 
 def run_each(backend: Backend, images: Sequence[np.ndarray]) -> tuple[Prediction, float]:
@@ -71,7 +65,7 @@ def backend_parity(
     checkpoint: Path,
     onnx_path: Path,
     images: np.ndarray,
-    backends: tuple[str, ...] = ("torch", "onnxruntime", "openvino"),
+    backends: Sequence[str] = CPU_BACKENDS,
 ) -> tuple[list[BackendParity], Prediction]:
     """Run ``backends`` on ``images`` and compare each with anomalib's forward.
 
@@ -79,16 +73,17 @@ def backend_parity(
     predict path (antialiased resize) measured against it, which shows how far anomalib's own paths are apart.
     """
     reference, lightning, reference_ms = anomalib_predictions(checkpoint, images)
+    threshold = read_onnx_metadata(onnx_path).image_threshold
     rows = [
-        BackendParity(REFERENCE_ROW, parity(reference, reference), reference_ms, checked=False),
-        BackendParity(LIGHTNING_ROW, parity(lightning, reference), checked=False),
+        BackendParity(REFERENCE_ROW, compare(reference, reference, threshold=threshold), reference_ms, checked=False),
+        BackendParity(LIGHTNING_ROW, compare(lightning, reference, threshold=threshold), checked=False),
     ]
     for name in backends:
-        artifact = checkpoint if name == "torch" else onnx_path
+        artifact = checkpoint if backend_info(name).suffixes == (".ckpt",) else onnx_path
         with open_backend(artifact, name) as backend:
             backend.predict(images[0][None])  # warm-up: first-call allocation and kernel selection
             prediction, ms = run_each(backend, images)
-        rows.append(BackendParity(name, parity(prediction, reference), ms))
+        rows.append(BackendParity(name, compare(prediction, reference, threshold=threshold), ms))
     return rows, reference
 
 
@@ -96,7 +91,7 @@ def table_rows(rows: Sequence[BackendParity]) -> list[dict[str, object]]:
     """Rows for the parity-and-speed table that ``demo`` and ``verify`` print."""
     shown = []
     for row in rows:
-        line = parity_row(row.name, row.figures)
+        line = row.figures.row(row.name)
         line["CPU ms/img"] = f"{row.ms_per_image:.0f}" if row.ms_per_image is not None else "-"
         line["bar"] = ("PASS" if row.passed else "FAIL") if row.checked else "-"
         shown.append(line)
@@ -104,6 +99,6 @@ def table_rows(rows: Sequence[BackendParity]) -> list[dict[str, object]]:
 
 
 FOOTNOTE = (
-    f"bar: |d score| <= {SCORE_TOLERANCE:g}, |d map| <= {MAP_TOLERANCE:g}, identical labels (ties at the threshold "
-    "excluded). * anomalib's Lightning predict path, which resizes with antialiasing; its forward and export do not."
+    f"bar: {PARITY_BAR.describe()} (ties at the threshold excluded). * anomalib's Lightning predict path, which "
+    "resizes with antialiasing; its forward and export do not."
 )

@@ -8,7 +8,7 @@ workspaces of the warm-up are not counted) and the process's host RSS. "host" ro
 memory and return the map to host memory; "device" rows start and end on the GPU.
 
 Every row is also checked against the FP32 deploy model (model.PatchCoreDeploy, TF32 off) on the same
-images: max |delta score|, max |delta map| (normalised), label and mask agreement (report.parity).
+images: max |delta score|, max |delta map| (normalised), label and mask agreement (compare.py).
 """
 
 from __future__ import annotations
@@ -17,48 +17,27 @@ import functools
 import gc
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from patchcore_trt.bench.subjects import Case, Subject, artifact_maker, as_float_nchw, host_prediction, make_subject
-from patchcore_trt.bench.synthetic_model import texture_images
+from patchcore_trt.bench.settings import DEFAULT_PRECISION, BenchSettings
+from patchcore_trt.bench.subjects import Case, Subject, artifact_maker, as_float_nchw, make_subject
+from patchcore_trt.compare import compare
+from patchcore_trt.demo.synthetic_model import texture_images
 from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy
-from patchcore_trt.report import parity
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.spec import PatchCoreSpec
 
 MIB = 1 << 20
-DEFAULT_PRECISION = {"cuda": "fp16"}  # every other backend: fp32
 INPUT_SEED = 4242  # distinct from every seed synthetic_spec uses: the inputs are fresh
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """What to run. ``banks`` pairs with ``sizes`` for synthetic models (one value: all sizes); no
-    ``precisions`` means each backend's default (DEFAULT_PRECISION)."""
-
-    backends: tuple[str, ...] = ("cuda",)
-    precisions: tuple[str, ...] = ()
-    searches: tuple[str, ...] = ("exact",)
-    sizes: tuple[tuple[int, int], ...] = ((256, 256),)
-    batches: tuple[int, ...] = (1,)
-    banks: tuple[int, ...] = (16384,)
-    copies: tuple[str, ...] = ("host", "device")
-    warmup: int = 10
-    iters: int = 100
-    max_seconds: float = 10.0
-    images: int = 16
-    baseline: bool = True
-    graphs: bool = True
-    backbone: str = "wide_resnet50_2"
 
 
 def input_pool(size: tuple[int, int], count: int) -> np.ndarray:
@@ -76,7 +55,7 @@ def reference_predictions(spec: PatchCoreSpec, images: np.ndarray, chunk: int = 
     floats = as_float_nchw(images)
     with float32_matmul():
         parts = [
-            host_prediction(model(torch.from_numpy(floats[i : i + chunk]).to(device)))
+            Prediction.from_outputs(model(torch.from_numpy(floats[i : i + chunk]).to(device)))
             for i in range(0, len(floats), chunk)
         ]
     del model
@@ -134,7 +113,12 @@ def time_subject(subject: Subject, rotation: int, settings: BenchSettings) -> li
 
 
 def measure(
-    make_subject: Callable[[], Subject], images: np.ndarray, batch: int, reference: Prediction, settings: BenchSettings
+    make_subject: Callable[[], Subject],
+    images: np.ndarray,
+    batch: int,
+    reference: Prediction,
+    threshold: float,
+    settings: BenchSettings,
 ) -> dict[str, Any]:
     """Build, check against ``reference`` and time one row; returns the row's figures."""
     cuda = torch.cuda.is_available()
@@ -144,7 +128,8 @@ def measure(
     subject = make_subject()
     try:
         rotation = len(images) // batch
-        figures = parity(Prediction.concat([subject.outputs(i) for i in range(rotation)]), reference)
+        outputs = Prediction.concat([subject.outputs(i) for i in range(rotation)])
+        figures = compare(outputs, reference, threshold=threshold)
         if cuda:  # steady state: weights, bank, graphs and activations, not one-off cuDNN autotuning workspaces
             torch.cuda.reset_peak_memory_stats()
         times = time_subject(subject, rotation, settings)
@@ -176,8 +161,8 @@ def batches_of(images: np.ndarray, batch: int) -> list[np.ndarray]:
 
 def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[str]]:
     """The rows for one batch size, and a notice for each combination a backend cannot run."""
-    from patchcore_trt.bench.anomalib_baseline import anomalib_available
-    from patchcore_trt.gpu.fast_model import PRECISIONS
+    from patchcore_trt.gpu.fast_model import BACKBONE_DTYPES
+    from patchcore_trt.reference import anomalib_available
     from patchcore_trt.runtime import backend_names
 
     backends = list(settings.backends)
@@ -194,7 +179,7 @@ def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[
     if "cuda" in backends and not torch.cuda.is_available():
         backends.remove("cuda")
         notices.append("cuda: not benchmarked (torch sees no CUDA GPU here)")
-    runs_precision = {"cuda": tuple(PRECISIONS), "anomalib": ("fp32", "fp16")}
+    runs_precision = {"cuda": tuple(BACKBONE_DTYPES), "anomalib": ("fp32", "fp16")}
     cases = []
     for backend in backends:
         for precision in settings.precisions or (DEFAULT_PRECISION.get(backend, "fp32"),):
@@ -223,16 +208,31 @@ def workloads(settings: BenchSettings) -> list[tuple[tuple[int, int], int]]:
 
 def run_matrix(
     settings: BenchSettings,
-    out_dir: Path,
     *,
     checkpoint: Path | None = None,
     trust_pickled_code: bool = False,
     on_row: Callable[[dict[str, Any]], None] = lambda row: None,
     on_notice: Callable[[str], None] = lambda text: None,
 ) -> list[dict[str, Any]]:
-    """Run every row of the matrix; ``on_row`` sees each finished row (to write results as they come)."""
-    from patchcore_trt.bench.synthetic_model import synthetic_spec
+    """Run every row of the matrix; ``on_row`` sees each finished row (to write results as they come).
+
+    What the backends run (a checkpoint of a synthetic model, ONNX exports, engines) is made in a temporary
+    folder and removed at the end: the results are the only files a benchmark leaves.
+    """
+    with tempfile.TemporaryDirectory(prefix="patchcore-trt-bench-") as work_dir:
+        return _run_matrix(settings, Path(work_dir), checkpoint, trust_pickled_code, on_row, on_notice)
+
+
+def _run_matrix(
+    settings: BenchSettings,
+    work_dir: Path,
+    checkpoint: Path | None,
+    trust_pickled_code: bool,
+    on_row: Callable[[dict[str, Any]], None],
+    on_notice: Callable[[str], None],
+) -> list[dict[str, Any]]:
     from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.demo.synthetic_model import synthetic_spec
 
     rows: list[dict[str, Any]] = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -248,14 +248,14 @@ def run_matrix(
         spec = fitted or synthetic_spec(bank, size, backbone=settings.backbone, device=device)
         images = input_pool(size, max(settings.images, 2 * max(settings.batches)))
         reference = reference_predictions(spec, images)
-        artifact = artifact_maker(spec, checkpoint, out_dir)
+        artifact = artifact_maker(spec, checkpoint, work_dir)
         for batch in settings.batches:
             cases, notices = matrix_cases(settings, batch)
             for text in notices:
                 notice(text)
             chunks = batches_of(images, batch)
             used = len(chunks) * batch
-            expected = Prediction(*(getattr(reference, f)[:used] for f in Prediction.__dataclass_fields__))
+            expected = reference[:used]
             for case in cases:
                 try:
                     figures = measure(
@@ -263,6 +263,7 @@ def run_matrix(
                         images[:used],
                         batch,
                         expected,
+                        spec.postprocess.normalized_image_threshold,
                         settings,
                     )
                 except UserError as exc:

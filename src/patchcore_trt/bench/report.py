@@ -1,4 +1,4 @@
-"""Benchmark results as the article shows them: a table (console and Markdown), CSV/JSON, and a PNG chart.
+"""Benchmark results: a table (console and Markdown), CSV/JSON, and a PNG chart.
 
 Every file records the machine and library versions it was measured with, and is written atomically after
 each row, so a run stopped half-way still leaves every finished row on disk.
@@ -18,11 +18,9 @@ from typing import Any
 
 import torch
 
-from patchcore_trt.bench.matrix import BenchSettings
+from patchcore_trt.bench.settings import BenchSettings
 from patchcore_trt.files import atomic_path, write_text_atomic
 from patchcore_trt.report import markdown_table, write_csv, write_json
-
-RESULT_NAMES = ("bench.json", "bench.csv", "bench.md", "bench.png")
 
 
 def _version(package: str) -> str | None:
@@ -80,7 +78,7 @@ def _error(value: float) -> str:
 
 
 def display_row(row: dict[str, Any]) -> dict[str, str]:
-    """One row of the article-style table."""
+    """One row of the printed table: the figures as short strings."""
     gpu = row["peak_gpu_mib"]
     return {
         "backend": row["backend"],
@@ -129,17 +127,12 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def write_chart(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
-    """bench.png: batch-1 latency and largest-batch throughput per input size, one bar per variant.
+    """bench.png: batch-1 latency and largest-batch throughput per input size, one bar per variant (None: no rows)."""
+    import matplotlib
 
-    Returns None (and writes nothing) when matplotlib is not installed or there are no rows.
-    """
-    try:
-        import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot as plt
-    except ImportError:
-        return None
     sizes = sorted({(r["height"], r["width"], r["bank"]) for r in rows})
     if not sizes:
         return None

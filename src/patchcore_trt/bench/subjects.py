@@ -16,8 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchcore_trt.errors import UserError
-from patchcore_trt.model import DeployOutput
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.spec import PatchCoreSpec
 
@@ -43,45 +41,38 @@ class Subject:
     close: Callable[[], None] = field(default=lambda: None)
 
 
-def host_prediction(out: DeployOutput) -> Prediction:
-    """Device outputs -> a numpy Prediction (scores and maps float32, labels and masks bool)."""
-    score, label, anomaly_map, mask = (tensor.detach().cpu() for tensor in out)
-    return Prediction(
-        score.float().numpy(), label.numpy().astype(bool), anomaly_map.float().numpy(), mask.numpy().astype(bool)
-    )
-
-
 def as_float_nchw(images: np.ndarray) -> np.ndarray:
     """uint8 NHWC -> float32 NCHW in [0, 1], the input convention of every backend's ``predict``."""
     return np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255)
 
 
 def _cuda_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray], graphs: bool) -> Subject:
-    from patchcore_trt.runtime.cuda_backend import CudaPatchCore
+    from patchcore_trt.gpu.executor import CudaPatchCore
 
-    runner = CudaPatchCore(spec, precision=case.precision, search=case.search, graphs=graphs)
+    executor = CudaPatchCore(spec, backbone_dtype=case.precision, search=case.search, graphs=graphs)
     if case.copies == "host":
         return Subject(
-            run=lambda i: runner.run_host(batches[i]),
-            outputs=lambda i: runner.run_host(batches[i]).prediction(spec.postprocess),
+            run=lambda i: executor.run_host(batches[i]),
+            outputs=lambda i: executor.run_host(batches[i]).prediction(spec.postprocess),
             uses_cuda=True,
-            close=runner.close,
+            close=executor.close,
         )
-    resident = [torch.from_numpy(batch).to(runner.device) for batch in batches]
+    resident = [torch.from_numpy(batch).to(executor.device) for batch in batches]
     return Subject(
-        run=lambda i: runner.run(resident[i]),
-        outputs=lambda i: host_prediction(runner.run(resident[i])),
+        run=lambda i: executor.run(resident[i]),
+        outputs=lambda i: Prediction.from_outputs(executor.run(resident[i])),
         uses_cuda=True,
-        close=runner.close,
+        close=executor.close,
     )
 
 
 def _anomalib_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray]) -> Subject:
-    from patchcore_trt.bench.anomalib_baseline import anomalib_module, anomalib_outputs
+    from patchcore_trt.reference import AnomalibReference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if case.precision == "fp16" else torch.float32
-    module = anomalib_module(spec).to(device=device, dtype=dtype)
+    reference = AnomalibReference.from_spec(spec)
+    reference.module.to(device=device, dtype=dtype)
 
     def upload(batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).to(dtype) / 255
@@ -89,26 +80,26 @@ def _anomalib_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray]
     if case.copies == "host":
 
         def run(i: int) -> tuple[np.ndarray, np.ndarray]:
-            out = anomalib_outputs(module, upload(batches[i]))
+            out = reference.forward(upload(batches[i]))
             return out.pred_score.cpu().numpy(), out.anomaly_map.cpu().numpy()
 
         return Subject(
-            run, lambda i: host_prediction(anomalib_outputs(module, upload(batches[i]))), device.type == "cuda"
+            run, lambda i: Prediction.from_outputs(reference.forward(upload(batches[i]))), device.type == "cuda"
         )
     resident = [upload(batch) for batch in batches]
     return Subject(
-        run=lambda i: anomalib_outputs(module, resident[i]),
-        outputs=lambda i: host_prediction(anomalib_outputs(module, resident[i])),
+        run=lambda i: reference.forward(resident[i]),
+        outputs=lambda i: Prediction.from_outputs(reference.forward(resident[i])),
         uses_cuda=device.type == "cuda",
     )
 
 
-def _generic_subject(backend: Any, batches: list[np.ndarray]) -> Subject:
+def _generic_subject(backend: Any, batches: list[np.ndarray], uses_cuda: bool) -> Subject:
     floats = [as_float_nchw(batch) for batch in batches]
     return Subject(
         run=lambda i: backend.predict(floats[i]),
         outputs=lambda i: backend.predict(floats[i]),
-        uses_cuda="cuda" in backend.capabilities.devices and torch.cuda.is_available(),
+        uses_cuda=uses_cuda,
         close=backend.close,
     )
 
@@ -121,38 +112,38 @@ def make_subject(
         return _cuda_subject(spec, case, batches, graphs)
     if case.backend == "anomalib":
         return _anomalib_subject(spec, case, batches)
-    from patchcore_trt.runtime import backend_class, open_backend
+    from patchcore_trt.runtime import backend_info, open_backend
 
-    devices = backend_class(case.backend).capabilities.devices
+    devices = backend_info(case.backend).devices
     device = "cuda" if "cuda" in devices and torch.cuda.is_available() else devices[0]
-    return _generic_subject(open_backend(artifact(case.backend), case.backend, device=device), batches)
+    backend = open_backend(artifact(case.backend), case.backend, device=device)
+    return _generic_subject(backend, batches, uses_cuda=device == "cuda")
 
 
-def artifact_maker(spec: PatchCoreSpec, checkpoint: Path | None, out_dir: Path) -> Callable[[str], Path]:
-    """backend name -> the file it runs, made on first use (a synthetic .ckpt, an ONNX export)."""
-    from patchcore_trt.runtime import backend_class
+def artifact_maker(spec: PatchCoreSpec, checkpoint: Path | None, work_dir: Path) -> Callable[[str], Path]:
+    """backend name -> the file it runs, made in ``work_dir`` on first use: a .ckpt of a synthetic model, an ONNX
+    export, or an FP32 engine built from that export."""
+    from patchcore_trt.runtime import backend_info
 
     made: dict[str, Path] = {}
-    stem = out_dir / f"{spec.source_name or 'model'}"
+    stem = work_dir / f"{spec.source_name or 'model'}"
 
     def artifact(backend: str) -> Path:
-        suffixes = backend_class(backend).capabilities.artifact_suffixes
-        suffix = next(s for s in (".ckpt", ".onnx", ".engine") if s in suffixes)
+        (suffix,) = backend_info(backend).suffixes
         if suffix in made:
             return made[suffix]
         if suffix == ".ckpt":
-            from patchcore_trt.bench.synthetic_model import write_checkpoint
+            from patchcore_trt.checkpoint import write_checkpoint
 
             made[suffix] = checkpoint or write_checkpoint(spec, stem.with_suffix(".ckpt"))
         elif suffix == ".onnx":
             from patchcore_trt.export import export_onnx
 
-            made[suffix] = export_onnx(spec, stem.with_suffix(".onnx"), verify=False)[0]
+            made[suffix] = export_onnx(spec, stem.with_suffix(".onnx"), check=False)[0]
         else:
-            beside = checkpoint.with_suffix(suffix) if checkpoint else None
-            if beside is None or not beside.is_file():
-                raise UserError(f"{backend} runs {suffix} files: build one beside the checkpoint first")
-            made[suffix] = beside
+            from patchcore_trt.build import build
+
+            made[suffix] = build(artifact("onnxruntime")).engine
         return made[suffix]
 
     return artifact

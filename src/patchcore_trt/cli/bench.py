@@ -1,4 +1,4 @@
-"""``patchcore-trt bench``: the benchmark matrix, printed as the article's comparison table."""
+"""``patchcore-trt bench``: the benchmark matrix, printed as a comparison table with its result files."""
 
 from __future__ import annotations
 
@@ -6,9 +6,16 @@ from pathlib import Path
 
 import typer
 
+from patchcore_trt.bench.settings import BenchSettings
 from patchcore_trt.cli import app
 from patchcore_trt.cli._common import err, out, parse_size, step
 from patchcore_trt.errors import UserError
+
+DEFAULTS = BenchSettings()
+
+
+def _joined(values: tuple[object, ...]) -> str:
+    return ",".join("x".join(map(str, value)) if isinstance(value, tuple) else str(value) for value in values)
 
 
 def _names(text: str, option: str, allowed: tuple[str, ...] | None = None) -> tuple[str, ...]:
@@ -35,22 +42,32 @@ def _numbers(text: str, option: str) -> tuple[int, ...]:
 def bench_command(
     model: Path | None = typer.Argument(None, help="An anomalib PatchCore .ckpt (or use --synthetic)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Random-weight WRN50 model, bank of --bank rows."),
-    backends: str = typer.Option("cuda", help="Comma list: cuda, torch, onnxruntime, openvino, tensorrt, anomalib."),
+    backends: str = typer.Option(
+        _joined(DEFAULTS.backends), help="Comma list: cuda, torch, onnxruntime, openvino, tensorrt, anomalib."
+    ),
     precision: str | None = typer.Option(
         None, help="Comma list of fp32, tf32, fp16, bf16. Default: each backend's own (cuda fp16, others fp32)."
     ),
-    search: str = typer.Option("exact", help="Comma list of cuda search modes: exact (FP32 re-rank), fast."),
-    sizes: str = typer.Option("256", help="Input sizes, e.g. 256,512 or 320x256 (height x width)."),
-    batch: str = typer.Option("1", help="Batch sizes, e.g. 1,16."),
-    bank: str = typer.Option("16384", help="--synthetic bank rows: one value, or one per size."),
-    copies: str = typer.Option("host,device", help="host: uint8 in, map out on the host; device: GPU-resident."),
-    warmup: int = typer.Option(10, min=0, help="Untimed batches per row."),
-    iters: int = typer.Option(100, min=1, help="Timed batches per row (fewer if --max-seconds runs out)."),
-    max_seconds: float = typer.Option(10.0, min=0.1, help="Time budget per row for warm-up and for timing."),
-    images: int = typer.Option(16, min=1, help="Distinct images per input size, rotated and checked."),
-    baseline: bool = typer.Option(True, help="Add anomalib's eager module as the baseline row when installed."),
-    graphs: bool = typer.Option(True, help="cuda: replay CUDA graphs (--no-graphs: eager launches)."),
-    backbone: str = typer.Option("wide_resnet50_2", help="--synthetic backbone (a timm name)."),
+    search: str = typer.Option(
+        _joined(DEFAULTS.searches), help="Comma list of cuda search modes: exact (FP32 re-rank), fast."
+    ),
+    sizes: str = typer.Option(_joined(DEFAULTS.sizes), help="Input sizes, e.g. 256,512 or 320x256 (height x width)."),
+    batch: str = typer.Option(_joined(DEFAULTS.batches), help="Batch sizes, e.g. 1,16."),
+    bank: str = typer.Option(_joined(DEFAULTS.banks), help="--synthetic bank rows: one value, or one per size."),
+    copies: str = typer.Option(
+        _joined(DEFAULTS.copies), help="host: uint8 in, map out on the host; device: GPU-resident."
+    ),
+    warmup: int = typer.Option(DEFAULTS.warmup, min=0, help="Untimed batches per row."),
+    iters: int = typer.Option(DEFAULTS.iters, min=1, help="Timed batches per row (fewer if --max-seconds runs out)."),
+    max_seconds: float = typer.Option(
+        DEFAULTS.max_seconds, min=0.1, help="Time budget per row for warm-up and for timing."
+    ),
+    images: int = typer.Option(DEFAULTS.images, min=1, help="Distinct images per input size, rotated and checked."),
+    baseline: bool = typer.Option(
+        DEFAULTS.baseline, help="Add anomalib's eager module as the baseline row when installed."
+    ),
+    graphs: bool = typer.Option(DEFAULTS.graphs, help="cuda: replay CUDA graphs (--no-graphs: eager launches)."),
+    backbone: str = typer.Option(DEFAULTS.backbone, help="--synthetic backbone (a timm name)."),
     output: Path = typer.Option(..., "-o", "--output", help="Folder for bench.json, .csv, .md and .png."),
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
@@ -59,7 +76,7 @@ def bench_command(
     """Time backends side by side and check each against the FP32 deploy model."""
     if (model is None) == (not synthetic):
         raise UserError("bench needs a MODEL checkpoint or --synthetic (not both)")
-    if model is not None and (bank != "16384" or backbone != "wide_resnet50_2"):
+    if model is not None and (bank != _joined(DEFAULTS.banks) or backbone != DEFAULTS.backbone):
         raise UserError("--bank and --backbone shape the synthetic model; a checkpoint brings its own")
     # Every option is checked before torch is imported: a typo costs a fraction of a second.
     options = {
@@ -71,7 +88,7 @@ def bench_command(
         "banks": _numbers(bank, "--bank"),
         "copies": _names(copies, "--copies", ("host", "device")),
     }
-    from patchcore_trt.bench.matrix import BenchSettings, run_matrix
+    from patchcore_trt.bench.matrix import run_matrix
     from patchcore_trt.bench.report import display_row, environment, write_chart, write_results
     from patchcore_trt.report import markdown_table, rich_table
 
@@ -107,7 +124,6 @@ def bench_command(
     with step(f"benchmark on {env.get('gpu', env['cpu'])}"):
         run_matrix(
             settings,
-            output,
             checkpoint=model,
             trust_pickled_code=trust_pickled_code,
             on_row=on_row,
@@ -123,4 +139,4 @@ def bench_command(
     else:  # sixteen columns do not fit rich's 80-column default of pipes and logs
         out.print(markdown_table(shown), highlight=False, soft_wrap=True)
     written = ", ".join(str(output / name) for name in ("bench.md", "bench.csv", "bench.json"))
-    err.print(f"wrote {written}" + (f", {chart}" if chart else " (no chart: pip install 'patchcore-trt[report]')"))
+    err.print(f"wrote {written}, {chart}", highlight=False)

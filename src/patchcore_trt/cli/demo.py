@@ -17,9 +17,9 @@ def demo_command(
     image_size: int = typer.Option(256, min=64, help="Model resolution (square)."),
 ) -> None:
     """Generate an inspection data set, train anomalib PatchCore, export, predict and compare backends."""
-    from patchcore_trt.demo import run_demo
+    from patchcore_trt.demo.pipeline import run_demo
+    from patchcore_trt.demo.training import TrainSettings
     from patchcore_trt.report import rich_table
-    from patchcore_trt.training import TrainSettings
     from patchcore_trt.verify import FOOTNOTE, table_rows
 
     settings = TrainSettings(backbone=backbone, image_size=(image_size, image_size))

@@ -23,21 +23,27 @@ def export_command(
     image_size: str | None = typer.Option(
         None, help="Model resolution N or HxW, only for checkpoints that do not record their transform."
     ),
-    verify: bool = typer.Option(True, help="Check the graph (checker, shapes, ONNX Runtime vs the deploy model)."),
+    check: bool = typer.Option(
+        True, help="Check the graph (checker, ONNX Runtime vs the deploy model) before naming it."
+    ),
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
     ),
 ) -> None:
     """Export an anomalib PatchCore checkpoint to ONNX with dynamic batch, height and width."""
+    if checkpoint.suffix.lower() != ".ckpt":
+        raise UserError(f"{checkpoint}: expected an anomalib .ckpt checkpoint")
+    check_output_dir(output_dir)
+    if not checkpoint.is_file():
+        raise UserError(f"{checkpoint}: {'is a folder' if checkpoint.is_dir() else 'no such file'}")
+    size = parse_size(image_size)
+    # torch loads only once the cheap checks have passed: a typo is answered at once.
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
     from patchcore_trt.report import rich_table
 
-    if checkpoint.suffix.lower() != ".ckpt":
-        raise UserError(f"{checkpoint}: expected an anomalib .ckpt checkpoint")
-    check_output_dir(output_dir)
     with step(f"reading {checkpoint}"):
-        spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, image_size=parse_size(image_size))
+        spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, image_size=size)
     err.print(
         f"  {spec.backbone} {list(spec.layers)}, bank {spec.bank_size} x {spec.embedding_dim}, "
         f"k={spec.num_neighbors}, model size {spec.preprocess.model_size}",
@@ -45,16 +51,16 @@ def export_command(
     )
     target = output_dir / f"{name}.onnx"
     with step(f"exporting {target}"):
-        path, checks = export_onnx(spec, target, map_at_input_size=map_at_input_size, opset=opset, verify=verify)
+        path, checks = export_onnx(spec, target, map_at_input_size=map_at_input_size, opset=opset, check=check)
     err.print(f"  wrote {path} ({human_size(path)})", highlight=False)
     if checks:
         rows = [
             {
                 "batch": c.batch,
                 "input": f"{c.height}x{c.width}",
-                "max |d score|": f"{c.max_score_error:.1e}",
-                "max |d map|": f"{c.max_map_error:.1e}",
-                "labels equal": c.labels_equal,
+                "max |d score|": f"{c.parity.max_score_error:.1e}",
+                "max |d map|": f"{c.parity.max_map_error:.1e}",
+                "labels equal": c.parity.labels_identical,
             }
             for c in checks
         ]

@@ -16,7 +16,7 @@ def predict_command(
     model: Path = typer.Argument(..., help="A .ckpt (torch), .onnx (onnxruntime/openvino) or .engine (tensorrt)."),
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
-    device: str | None = typer.Option(None, help="cpu or cuda; default: the backend's own (cuda for engines)."),
+    device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, help="Images of equal size run together, up to this many."),
     json_path: Path | None = typer.Option(None, "--json", help="Write all results as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write all results as CSV."),
@@ -24,7 +24,9 @@ def predict_command(
     map_at_input_size: bool = typer.Option(
         False, "--map-at-input-size", help="(.ckpt) Return maps at the input resolution."
     ),
-    precision: str | None = typer.Option(None, help="(--backend cuda) Backbone precision: fp16 (default), fp32, ..."),
+    backbone_dtype: str | None = typer.Option(
+        None, help="(--backend cuda) Backbone arithmetic: fp16 (default), fp32, tf32, bf16."
+    ),
     search: str | None = typer.Option(None, help="(--backend cuda) Nearest-neighbour search: exact or fast."),
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
@@ -41,16 +43,14 @@ def predict_command(
     for output in (json_path, csv_path):
         check_output_file(output)
     check_output_dir(visuals)
-    options: dict[str, object] = {}
-    is_checkpoint = model.suffix.lower() == ".ckpt"
-    if is_checkpoint:
-        options.update(trust_pickled_code=trust_pickled_code, map_at_input_size=map_at_input_size)
-    elif map_at_input_size or trust_pickled_code:
-        raise UserError("--map-at-input-size and --trust-pickled-code apply to .ckpt models (export decides for ONNX)")
-    gpu_options = {key: value for key, value in (("precision", precision), ("search", search)) if value is not None}
-    if gpu_options and backend != "cuda":
-        raise UserError("--precision and --search apply to --backend cuda; ONNX and engine files carry their own")
-    runner = open_backend(model, backend, device=device, **options, **gpu_options)
+    # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
+    given = {
+        "map_at_input_size": map_at_input_size or None,
+        "trust_pickled_code": trust_pickled_code or None,
+        "backbone_dtype": backbone_dtype,
+        "search": search,
+    }
+    loaded = open_backend(model, backend, device=device, **{k: v for k, v in given.items() if v is not None})
 
     paths, unmatched = collect_images(inputs)
     for item in unmatched:
@@ -68,16 +68,16 @@ def predict_command(
             save_visuals(image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
 
     with progress() as bar:
-        task = bar.add_task(f"predicting ({runner.name})", total=len(paths))
-        results = predict_files(runner, paths, batch_size=batch_size, on_result=finished)
+        task = bar.add_task(f"predicting ({loaded.name})", total=len(paths))
+        results = predict_files(loaded, paths, batch_size=batch_size, on_result=finished)
     records = [result.record() for result in results]
     records += [ImageResult(path=Path(item), error="no image files found").record() for item in unmatched]
     shown = [{k: r[k] for k in ("file", "status", "score", "label", "error") if k in r} for r in records]
-    out.print(rich_table(shown, title=f"{model.name} ({runner.name})"))
+    out.print(rich_table(shown, title=f"{model.name} ({loaded.name})"))
     if visuals is not None:
         err.print(f"  heatmaps, overlays and masks in {visuals}", highlight=False)
     if json_path is not None:
-        write_json(json_path, {"model": str(model), "backend": runner.name, "results": records})
+        write_json(json_path, {"model": str(model), "backend": loaded.name, "results": records})
     if csv_path is not None:
         write_csv(csv_path, records)
     failed = sum(1 for record in records if record["status"] != "ok")

@@ -1,7 +1,7 @@
 """FastPatchCore: the deploy model's function, re-planned for a GPU. model.PatchCoreDeploy is its reference.
 
 What changes, and why it keeps the outputs:
-- the backbone runs in FP16, BF16, TF32 or FP32 (``precision``), channels-last, each BatchNorm folded into
+- the backbone runs in FP16, BF16, TF32 or FP32 (``backbone_dtype``), channels-last, each BatchNorm folded into
   the convolution before it and, for timm ResNets on the tensor cores, bias, ReLU and residual add inside
   the convolution (fused_resnet.py); pooling, upsampling and everything after the backbone stay in FP32;
 - the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank (``exact``)
@@ -32,7 +32,7 @@ from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, neare
 from patchcore_trt.model import DeployOutput, PatchCoreDeploy, squared_distances
 from patchcore_trt.spec import PatchCoreSpec
 
-PRECISIONS = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BACKBONE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @torch.no_grad()
@@ -98,7 +98,7 @@ class FastPatchCore(PatchCoreDeploy):
 
     Args:
         spec: The fitted model.
-        precision: Backbone arithmetic: fp32 (IEEE), tf32, fp16 or bf16.
+        backbone_dtype: Backbone arithmetic: fp32 (IEEE), tf32, fp16 or bf16.
         search: ``exact`` (FP16 candidates + FP32 re-rank) or ``fast`` (FP16 distances).
         device: Where the model runs; the bank index is built there.
         map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.
@@ -108,24 +108,24 @@ class FastPatchCore(PatchCoreDeploy):
         self,
         spec: PatchCoreSpec,
         *,
-        precision: str = "fp16",
+        backbone_dtype: str = "fp16",
         search: str = "exact",
         device: torch.device | str = "cpu",
         map_at_input_size: bool = False,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if backbone_dtype not in BACKBONE_DTYPES:
+            raise ValueError(f"backbone_dtype must be one of {sorted(BACKBONE_DTYPES)}, got {backbone_dtype!r}")
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         super().__init__(spec, map_at_input_size=map_at_input_size)
-        self.precision = precision
+        self.backbone_dtype = backbone_dtype
         self.search_mode = search
-        self.dtype = PRECISIONS[precision]
+        self.dtype = BACKBONE_DTYPES[backbone_dtype]
         self.preprocess.to(device)
         backbone = fold_batchnorm(self.backbone)
         # Fused convolutions pay on the tensor cores; cuDNN's FP32 fused engines are NCHW-only and were slower
         # at batch 16 on an H100 (benchmarks/backbone_error.py), and wrong at batch 1 in NCHW.
-        if precision != "fp32":
+        if backbone_dtype != "fp32":
             backbone = fuse_resnet(backbone)
         self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
         del self.search  # the deploy model's chunked FP32 search; the index below replaces it
@@ -134,7 +134,7 @@ class FastPatchCore(PatchCoreDeploy):
 
     def embed(self, normalized_images: torch.Tensor) -> torch.Tensor:
         """[N, 3, h, w] float32 -> [N, D, gh, gw] float32 (channels-last): PatchCoreDeploy.embed, backbone in
-        ``precision``, everything after it in FP32."""
+        ``backbone_dtype``, everything after it in FP32."""
         features = self.backbone(normalized_images.to(self.dtype, memory_format=torch.channels_last))
         pooled = [self.pool(feature.float()) for feature in features]
         grid = pooled[0].shape[-2:]
@@ -188,7 +188,7 @@ class FastPatchCore(PatchCoreDeploy):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> DeployOutput:
-        with float32_matmul(conv_tf32=self.precision == "tf32"):
+        with float32_matmul(conv_tf32=self.backbone_dtype == "tf32"):
             return super().forward(images)
 
     def forward_uint8(self, images: torch.Tensor) -> DeployOutput:

@@ -1,19 +1,24 @@
 """The one backend contract: every runtime takes the same images and returns the same Prediction.
 
 Public methods live here and check inputs and outputs; a backend implements only ``_infer``. A contract
-test runs every installed backend through the same checks, so backends cannot drift apart.
+test runs every registered backend through the same checks, so backends cannot drift apart.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
+from patchcore_trt.artifact import MIN_SIDE
 from patchcore_trt.errors import UserError
+
+# Float images a hair outside [0, 1] come from resampling; anything further is a scale mistake (0..255).
+_RANGE_SLACK = 1e-3
 
 
 @dataclass(frozen=True)
@@ -35,47 +40,109 @@ class Prediction:
     def __len__(self) -> int:
         return int(self.pred_score.shape[0])
 
-    def item(self, index: int) -> Prediction:
-        """The prediction of one image, as a batch of one."""
-        part = slice(index, index + 1)
+    def __getitem__(self, index: int | slice) -> Prediction:
+        """The predictions of some images, still a batch (``prediction[i]`` is a batch of one)."""
+        part = slice(index, index + 1) if isinstance(index, int) else index
         return Prediction(self.pred_score[part], self.pred_label[part], self.anomaly_map[part], self.pred_mask[part])
 
+    @classmethod
+    def from_outputs(cls, outputs: Sequence[Any]) -> Prediction:
+        """From (score, label, map, mask) in the graph's output order: numpy arrays or torch tensors on any device."""
+        score, label, anomaly_map, mask = (_to_numpy(value) for value in outputs)
+        anomaly_map = anomaly_map.astype(np.float32, copy=False)
+        batch = len(anomaly_map)
+        return cls(
+            pred_score=score.astype(np.float32, copy=False).reshape(batch),
+            pred_label=label.astype(bool, copy=False).reshape(batch),
+            anomaly_map=anomaly_map.reshape(batch, 1, *anomaly_map.shape[-2:]),
+            pred_mask=mask.astype(bool, copy=False).reshape(batch, 1, *anomaly_map.shape[-2:]),
+        )
+
     @staticmethod
-    def concat(parts: list[Prediction]) -> Prediction:
+    def concat(parts: Sequence[Prediction]) -> Prediction:
         return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in Prediction.__dataclass_fields__))
 
+    def non_finite(self) -> list[int]:
+        """Indices of images whose score or map holds NaN or infinity."""
+        maps_ok = np.isfinite(self.anomaly_map.reshape(len(self), -1)).all(axis=1)
+        return np.flatnonzero(~(np.isfinite(self.pred_score) & maps_ok)).tolist()
 
-@dataclass(frozen=True)
-class Capabilities:
-    """What a backend supports, so the CLI can reject an option up front instead of rewriting it."""
 
-    artifact_suffixes: tuple[str, ...]
-    precisions: tuple[str, ...] = ("fp32",)
-    devices: tuple[str, ...] = ("cpu",)
-    dynamic_batch: bool = True
-    dynamic_size: bool = True
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor: no torch import needed to recognise one
+        value = value.detach().cpu()
+        if str(value.dtype) in ("torch.float16", "torch.bfloat16"):
+            value = value.float()
+        return value.numpy()
+    return np.asarray(value)
+
+
+class NonFiniteOutputError(UserError):
+    """Some images of a batch scored NaN or infinity; ``prediction`` still holds the whole batch."""
+
+    def __init__(self, backend: str, prediction: Prediction, bad: list[int]) -> None:
+        super().__init__(
+            f"{backend}: the model returned NaN or infinite outputs for image(s) {bad} of the batch "
+            "(an input of extreme values, or a model whose numbers overflow)"
+        )
+        self.prediction = prediction
+        self.bad = bad
+
+
+def check_images(images: Any, backend: str) -> np.ndarray:
+    """``images`` as a contiguous float32 [N, 3, H, W] batch in [0, 1], or a UserError saying what is wrong."""
+    if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1] != 3:
+        shape = getattr(images, "shape", None)
+        raise UserError(f"{backend}: expected images as a [N, 3, H, W] array, got shape {shape}")
+    if images.shape[0] == 0:
+        raise UserError(f"{backend}: the batch is empty")
+    if min(images.shape[2:]) < MIN_SIDE:
+        raise UserError(
+            f"{backend}: images of {images.shape[2]}x{images.shape[3]} pixels are too small; "
+            f"both sides must be at least {MIN_SIDE}"
+        )
+    if images.dtype.kind != "f":
+        hint = " (divide uint8 images by 255)" if images.dtype == np.uint8 else ""
+        raise UserError(f"{backend}: expected float images in [0, 1], got dtype {images.dtype}{hint}")
+    floats = np.ascontiguousarray(images, dtype=np.float32)
+    low, high = float(floats.min()), float(floats.max())  # NaN propagates through min and max: one pass each
+    if not (np.isfinite(low) and np.isfinite(high)):
+        bad = np.flatnonzero(~np.isfinite(floats.reshape(len(floats), -1)).all(axis=1)).tolist()
+        raise UserError(f"{backend}: image(s) {bad} of the batch hold NaN or infinite values")
+    if low < -_RANGE_SLACK or high > 1 + _RANGE_SLACK:
+        raise UserError(f"{backend}: pixel values span {low:g}..{high:g}; scale images to [0, 1] (RGB float32)")
+    return floats
 
 
 class Backend(ABC):
-    """A loaded model that turns float32 RGB images in [0, 1], [N, 3, H, W], into a Prediction."""
+    """A loaded model that turns float32 RGB images in [0, 1], [N, 3, H, W], into a Prediction.
+
+    Attributes:
+        image_threshold: The normalised score above which the model calls an image anomalous (its labels'
+            threshold, which comparisons need for their tie rule).
+    """
 
     name: ClassVar[str]
-    capabilities: ClassVar[Capabilities]
+    image_threshold: float
 
     def __init__(self, artifact: Path) -> None:
         self.artifact = Path(artifact)
 
     def predict(self, images: np.ndarray) -> Prediction:
-        """Run the model on a batch. Raises UserError for input the model cannot take."""
-        if not isinstance(images, np.ndarray) or images.ndim != 4 or images.shape[1] != 3:
-            shape = getattr(images, "shape", None)
-            raise UserError(f"{self.name}: expected images as a [N, 3, H, W] array, got shape {shape}")
-        if images.shape[0] == 0:
-            raise UserError(f"{self.name}: the batch is empty")
-        prediction = self._infer(np.ascontiguousarray(images, dtype=np.float32))
-        n = images.shape[0]
+        """Run the model on a batch.
+
+        Raises:
+            UserError: for input the model cannot take.
+            NonFiniteOutputError: when some images scored NaN or infinity (the others are in its ``prediction``).
+        """
+        batch = check_images(images, self.name)
+        prediction = self._infer(batch)
+        n = batch.shape[0]
         if prediction.pred_score.shape != (n,) or prediction.anomaly_map.ndim != 4 or len(prediction.anomaly_map) != n:
             raise RuntimeError(f"{self.name} returned malformed outputs for a batch of {n}")
+        bad = prediction.non_finite()
+        if bad:
+            raise NonFiniteOutputError(self.name, prediction, bad)
         return prediction
 
     @abstractmethod
@@ -90,13 +157,3 @@ class Backend(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def prediction_from_outputs(outputs: dict[str, np.ndarray]) -> Prediction:
-    """Build a Prediction from named graph outputs (ONNX Runtime, OpenVINO and TensorRT all return these)."""
-    return Prediction(
-        pred_score=np.asarray(outputs["pred_score"], dtype=np.float32).reshape(-1),
-        pred_label=np.asarray(outputs["pred_label"]).astype(bool).reshape(-1),
-        anomaly_map=np.asarray(outputs["anomaly_map"], dtype=np.float32),
-        pred_mask=np.asarray(outputs["pred_mask"]).astype(bool),
-    )

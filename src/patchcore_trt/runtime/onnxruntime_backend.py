@@ -1,4 +1,4 @@
-"""ONNX Runtime backend for exported ``.onnx`` files (CPU by default; CUDA when onnxruntime-gpu is present)."""
+"""ONNX Runtime backend for exported ``.onnx`` files (FP32, FP16 or INT8 variants), on the CPU or a GPU."""
 
 from __future__ import annotations
 
@@ -7,34 +7,21 @@ from typing import ClassVar
 
 import numpy as np
 
-from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import INPUT_NAME, read_onnx_metadata
-from patchcore_trt.model import OUTPUT_NAMES
-from patchcore_trt.runtime.base import Backend, Capabilities, Prediction, prediction_from_outputs
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ort_session, read_onnx_metadata
+from patchcore_trt.runtime.base import Backend, Prediction
 
 
 class OnnxRuntimeBackend(Backend):
-    name: ClassVar[str] = "onnxruntime"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        artifact_suffixes=(".onnx",), precisions=("fp32", "fp16", "int8"), devices=("cpu", "cuda")
-    )
+    """``qdq_fusion=False`` runs each QuantizeLinear/DequantizeLinear pair as written instead of ONNX Runtime's own
+    x86 INT8 kernels, whose saturation differs from TensorRT's (the accuracy gate uses this)."""
 
-    def __init__(self, artifact: Path, *, device: str = "cpu", threads: int = 0) -> None:
+    name: ClassVar[str] = "onnxruntime"
+
+    def __init__(self, artifact: Path, *, device: str = "cpu", threads: int = 0, qdq_fusion: bool = True) -> None:
         super().__init__(artifact)
-        try:
-            import onnxruntime as ort
-        except ImportError as exc:
-            raise MissingDependencyError("onnxruntime", "onnxruntime") from exc
-        if PROVIDERS[device] not in ort.get_available_providers():
-            raise UserError(f"onnxruntime: {PROVIDERS[device]} is not available in this onnxruntime build")
-        self.metadata = read_onnx_metadata(artifact)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(artifact), options, providers=[PROVIDERS[device]])
+        self.image_threshold = read_onnx_metadata(artifact).image_threshold
+        config = {} if qdq_fusion else {"session.disable_quant_qdq": "1"}
+        self.session = ort_session(artifact, device=device, threads=threads, config=config)
 
     def _infer(self, images: np.ndarray) -> Prediction:
-        outputs = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
-        return prediction_from_outputs(dict(zip(OUTPUT_NAMES, outputs, strict=True)))
+        return Prediction.from_outputs(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))

@@ -7,15 +7,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.export import INPUT_NAME, read_onnx_metadata
-from patchcore_trt.model import OUTPUT_NAMES
-from patchcore_trt.runtime.base import Backend, Capabilities, Prediction, prediction_from_outputs
+from patchcore_trt.runtime.base import Backend, Prediction
 
 
 class OpenVinoBackend(Backend):
     name: ClassVar[str] = "openvino"
-    capabilities: ClassVar[Capabilities] = Capabilities(artifact_suffixes=(".onnx",), devices=("cpu",))
 
     def __init__(self, artifact: Path, *, device: str = "cpu") -> None:
         super().__init__(artifact)
@@ -23,7 +21,7 @@ class OpenVinoBackend(Backend):
             import openvino as ov
         except ImportError as exc:
             raise MissingDependencyError("openvino", "openvino") from exc
-        self.metadata = read_onnx_metadata(artifact)
+        self.image_threshold = read_onnx_metadata(artifact).image_threshold
         core = ov.Core()
         try:
             # f32 inference precision: OpenVINO's CPU plugin otherwise may pick bf16 where the CPU has it.
@@ -36,5 +34,4 @@ class OpenVinoBackend(Backend):
 
     def _infer(self, images: np.ndarray) -> Prediction:
         results = self.request.infer({INPUT_NAME: images})
-        outputs = {name: results[self.compiled.output(name)] for name in OUTPUT_NAMES}
-        return prediction_from_outputs(outputs)
+        return Prediction.from_outputs([results[self.compiled.output(name)] for name in OUTPUT_NAMES])

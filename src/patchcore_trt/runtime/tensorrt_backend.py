@@ -18,10 +18,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from patchcore_trt.engine import TensorRT, load_tensorrt, read_sidecar
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, read_sidecar, sidecar_model_metadata
+from patchcore_trt.engine import TensorRT, load_tensorrt
 from patchcore_trt.errors import UserError
-from patchcore_trt.export import INPUT_NAME
-from patchcore_trt.runtime.base import Backend, Capabilities, Prediction, prediction_from_outputs
+from patchcore_trt.runtime.base import Backend, Prediction
 
 # TensorRT's EngineInvalidityDiagnostics bits (IRuntime::getEngineValidity), worded for a user.
 _INVALIDITY_REASONS = {
@@ -81,39 +81,30 @@ def check_engine(
         raise UserError(f"{engine}: this engine cannot run here ({'; '.join(reasons)}); {rebuild_hint(metadata)}")
 
 
-def _cuda_index(device: str) -> int:
-    kind, _, index = device.partition(":")
-    if kind != "cuda" or (index and not index.isdigit()):
-        raise UserError(f"tensorrt: engines run on an NVIDIA GPU; pass --device cuda (or cuda:N), not {device!r}")
-    return int(index or 0)
-
-
 class TensorRtBackend(Backend):
     name: ClassVar[str] = "tensorrt"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        artifact_suffixes=(".engine",), precisions=("fp32", "fp16", "int8"), devices=("cuda",)
-    )
 
     def __init__(self, artifact: Path, *, device: str = "cuda", cuda_graph: bool = False) -> None:
         super().__init__(artifact)
         import torch
 
-        index = _cuda_index(device)
+        index = int(device.partition(":")[2] or 0)  # the registry admits cuda and cuda:N only
         if not torch.cuda.is_available():
             raise UserError(f"{artifact}: TensorRT engines need an NVIDIA GPU, and torch sees no CUDA device")
         if index >= torch.cuda.device_count():
             raise UserError(f"tensorrt: no CUDA device {index} (this machine has {torch.cuda.device_count()})")
         self.device = torch.device("cuda", index)
         self.trt = load_tensorrt()
-        self.metadata = read_sidecar(artifact)
+        sidecar = read_sidecar(artifact)
+        self.image_threshold = sidecar_model_metadata(artifact, sidecar).image_threshold
         plan = Path(artifact).read_bytes()
-        check_engine(Path(artifact), plan, self.metadata, self.trt, torch.cuda.get_device_capability(self.device))
+        check_engine(Path(artifact), plan, sidecar, self.trt, torch.cuda.get_device_capability(self.device))
         trt = self.trt.module
         torch.cuda.set_device(self.device)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise UserError(f"{artifact}: {self.trt.library} could not load this engine; {rebuild_hint(self.metadata)}")
+            raise UserError(f"{artifact}: {self.trt.library} could not load this engine; {rebuild_hint(sidecar)}")
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -200,7 +191,7 @@ class TensorRtBackend(Backend):
                 buffers[name + ".host"].copy_(buffers[name], non_blocking=True)
         self.stream.synchronize()
         # Copies: the pinned buffers are reused by the next batch.
-        return prediction_from_outputs({name: buffers[name + ".host"].numpy().copy() for name in self.outputs})
+        return Prediction.from_outputs([buffers[name + ".host"].numpy().copy() for name in OUTPUT_NAMES])
 
     def close(self) -> None:
         self._graph, self._buffers, self._shape = None, {}, None

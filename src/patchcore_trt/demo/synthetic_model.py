@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from patchcore_trt.bench.anomalib_baseline import post_processor_buffers
-from patchcore_trt.checkpoint import BACKBONE_PREFIX, BLUR_KERNEL_KEY, MEMORY_BANK_KEY, POST_PREFIX
 from patchcore_trt.errors import UserError
-from patchcore_trt.files import atomic_path
 from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy, Preprocessor, create_backbone
 from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
@@ -107,7 +103,7 @@ def _postprocess(deploy: PatchCoreDeploy, size: tuple[int, int], seed: int, devi
     outputs = [deploy.raw_scores(_as_input(images[i : i + 8], device)) for i in range(0, len(images), 8)]
     scores = torch.cat([score for score, _ in outputs])
     maps = torch.cat([anomaly_map for _, anomaly_map in outputs])
-    # Values a float32 checkpoint holds exactly, so write_checkpoint -> read_checkpoint returns this very spec.
+    # Values a float32 checkpoint holds exactly: write_checkpoint -> read_checkpoint returns this very spec.
     image_min, image_max, pixel_min, pixel_max = (
         float(v) for v in (scores.min(), scores.max(), maps.min(), maps.max())
     )
@@ -163,48 +159,3 @@ def synthetic_spec(
         return replace(
             spec, postprocess=_postprocess(PatchCoreDeploy(spec).to(device).eval(), image_size, seed, device)
         )
-
-
-def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
-    """Save ``spec`` as an anomalib 2.x-layout Lightning checkpoint that checkpoint.read_checkpoint reads back."""
-    taps = spec.blur_kernel.float()
-    post = spec.postprocess
-    state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}
-    state[MEMORY_BANK_KEY] = spec.memory_bank
-    state[BLUR_KERNEL_KEY] = torch.outer(taps, taps)[None, None]
-    for name, value in post_processor_buffers(post).items():
-        state[POST_PREFIX + name] = torch.tensor(value, dtype=torch.float32)
-    pre = spec.preprocess
-    transforms = [
-        {
-            "class_path": "torchvision.transforms.v2.Resize",
-            "init_args": {"size": list(pre.resize), "interpolation": pre.interpolation, "antialias": pre.antialias},
-        },
-        {
-            "class_path": "torchvision.transforms.v2.Normalize",
-            "init_args": {"mean": list(pre.mean), "std": list(pre.std)},
-        },
-    ]
-    raw = {
-        "state_dict": state,
-        "hyper_parameters": {
-            "backbone": spec.backbone,
-            "layers": list(spec.layers),
-            "pre_trained": False,
-            "num_neighbors": spec.num_neighbors,
-        },
-        "anomalib_pre_processor_config": {
-            "transform": {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
-        },
-        "anomalib_post_processor_config": {
-            "enable_normalization": True,
-            "enable_thresholding": True,
-            "enable_threshold_matching": True,
-            "image_sensitivity": post.image_sensitivity,
-            "pixel_sensitivity": post.pixel_sensitivity,
-        },
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(raw, tmp)
-    return path

@@ -1,0 +1,28 @@
+"""What a benchmark runs: one settings type and its defaults, shared by the library and the CLI (torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PRECISION = {"cuda": "fp16"}  # every other backend: fp32
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to run. ``banks`` pairs with ``sizes`` for synthetic models (one value: all sizes); no
+    ``precisions`` means each backend's default (DEFAULT_PRECISION)."""
+
+    backends: tuple[str, ...] = ("cuda",)
+    precisions: tuple[str, ...] = ()
+    searches: tuple[str, ...] = ("exact",)
+    sizes: tuple[tuple[int, int], ...] = ((256, 256),)
+    batches: tuple[int, ...] = (1,)
+    banks: tuple[int, ...] = (16384,)
+    copies: tuple[str, ...] = ("host", "device")
+    warmup: int = 10
+    iters: int = 100
+    max_seconds: float = 10.0
+    images: int = 16
+    baseline: bool = True
+    graphs: bool = True
+    backbone: str = "wide_resnet50_2"

@@ -1,0 +1,127 @@
+"""The gated build as a library call: FP32 ONNX -> (FP16 or INT8 graph -> accuracy gate) -> TensorRT engine.
+
+Everything that can fail fast is checked before the first long step (the graph's metadata, the profile against
+the graph, TensorRT, the calibration and evaluation folders), so a mistake never leaves a half-made variant.
+Variants are written beside the export (artifact.variant_path): ``MODEL.fp16.onnx``, ``MODEL.int8.onnx`` with
+``MODEL.int8.calib.json``, and ``MODEL.<precision>.engine`` with its sidecar.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from patchcore_trt.accuracy import BUDGETS, GateFigures, evaluate, labelled_folder, over_budget
+from patchcore_trt.artifact import PRECISIONS, read_onnx_metadata, variant_path
+from patchcore_trt.engine import Profile, check_build, default_profile, run_build
+from patchcore_trt.errors import UserError
+from patchcore_trt.precision import DEFAULT_CALIBRATION_IMAGES, calibration_images, write_fp16_onnx, write_int8_onnx
+
+
+@contextlib.contextmanager
+def _quiet(title: str) -> Iterator[None]:
+    del title
+    yield
+
+
+class GateRefusedError(UserError):
+    """The reduced-precision graph is over its accuracy budget; ``figures`` holds what was measured."""
+
+    def __init__(self, figures: GateFigures, broken: list[str]) -> None:
+        super().__init__(
+            f"the {figures.precision} graph is over its accuracy budget ({'; '.join(broken)}); --force builds it anyway"
+        )
+        self.figures = figures
+        self.broken = broken
+
+
+@dataclass(frozen=True)
+class BuildOutcome:
+    """What a build made: the engine and sidecar, the graph they came from, and the gate's verdict."""
+
+    engine: Path
+    sidecar: Path
+    graph: Path
+    library: str
+    version: str
+    gate: GateFigures | None = None
+    over_budget: tuple[str, ...] = ()
+    calibration_from_cache: bool = False
+
+
+def build(
+    onnx_path: Path | str,
+    precision: str = "fp32",
+    *,
+    profile: Profile | None = None,
+    workspace_gib: float | None = None,
+    timing_cache: Path | None = None,
+    calibration: Path | None = None,
+    max_calibration_images: int = DEFAULT_CALIBRATION_IMAGES,
+    calibration_cache: Path | None = None,
+    eval_data: Path | None = None,
+    force: bool = False,
+    step: Callable[[str], AbstractContextManager[None]] = _quiet,
+) -> BuildOutcome:
+    """Build ``MODEL.<precision>.engine`` from the FP32 export ``onnx_path``.
+
+    Args:
+        precision: fp32, fp16 (backbone in FP16) or int8 (backbone convolutions Q/DQ).
+        profile: Input shapes; default: half to twice the model resolution, batch 1 to 32.
+        calibration: int8: a folder of normal images; at most ``max_calibration_images`` are used.
+        calibration_cache: int8: the range cache (default MODEL.int8.calib.json).
+        eval_data: fp16/int8: the folder the accuracy gate compares on (MVTec layout, or plain images).
+        force: Build even if the gate finds the graph over its budget.
+        step: ``step(title)`` wraps each long step (the CLI logs start, end and time).
+
+    Raises:
+        GateRefusedError: the graph is over its accuracy budget and ``force`` is off.
+        UserError: anything else the user can fix, before any file is written where it can be.
+    """
+    onnx_path = Path(onnx_path)
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    metadata = read_onnx_metadata(onnx_path)
+    if metadata.precision != "fp32":
+        raise UserError(f"{onnx_path}: this is a {metadata.precision} graph; build from the FP32 export")
+    plan = check_build(
+        onnx_path,
+        profile or default_profile(metadata.model_size),
+        workspace_gib=workspace_gib,
+        timing_cache=timing_cache,
+    )
+    engine = variant_path(onnx_path, precision, "engine")
+    graph, figures, broken, from_cache, extra = onnx_path, None, [], False, None
+    if precision != "fp32":
+        if precision == "int8" and calibration is None:
+            raise UserError("--precision int8 needs --calibration FOLDER (normal images, up to --calibration-images)")
+        if eval_data is None:
+            raise UserError(
+                f"--precision {precision} needs --eval-data FOLDER for its accuracy gate "
+                "(good/ and defect subfolders, as MVTec AD or the demo's generated data set)"
+            )
+        data = labelled_folder(eval_data)
+        picked = calibration_images(calibration, max_calibration_images) if calibration is not None else []
+        graph = variant_path(onnx_path, precision, "onnx")
+        if precision == "fp16":
+            with step(f"writing {graph.name} (backbone FP16, search FP32)"):
+                write_fp16_onnx(onnx_path, graph)
+        else:
+            cache = calibration_cache or variant_path(onnx_path, precision, "calibration")
+            with step(f"writing {graph.name} (backbone convs INT8 Q/DQ, {len(picked)} calibration images)"):
+                from_cache = write_int8_onnx(onnx_path, graph, picked, cache=cache).from_cache
+        with step(f"accuracy gate: {graph.name} vs {onnx_path.name} in ONNX Runtime (CPU) on {eval_data}"):
+            figures = evaluate(onnx_path, graph, data, precision)
+        broken = over_budget(figures, BUDGETS[precision])
+        if broken and not force:
+            raise GateRefusedError(figures, broken)
+        gate = {**asdict(figures), "image_auroc_drop_points": figures.image_auroc_drop_points}
+        extra = {"accuracy_gate": {"figures": gate, "over_budget": broken}}
+    with step(f"building {engine.name} with {plan.trt.library} {plan.trt.version}, profile {plan.profile}"):
+        result = run_build(plan, graph, engine, read_onnx_metadata(graph), extra)
+    return BuildOutcome(
+        result.engine, result.sidecar, graph, plan.trt.library, plan.trt.version, figures, tuple(broken), from_cache
+    )

@@ -1,0 +1,90 @@
+"""One comparator: how far a candidate's outputs are from a reference's, and the bars they are held to.
+
+Every comparison in patchcore-trt goes through ``compare``: the export's self-check, ``verify`` against anomalib,
+the accuracy gate of reduced-precision graphs, and every benchmark row.
+
+The tie rule: a label is only compared where the reference score is farther from the model's own threshold
+than the score drift the bar allows. Within that band a drift the bar accepts can flip the label, and the two
+requirements would contradict each other. anomalib's adaptive threshold is one validation image's own score, so
+one image usually sits exactly on it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from patchcore_trt.runtime.base import Prediction
+
+
+@dataclass(frozen=True)
+class Bar:
+    """Largest allowed max |d score| and max |d map| (normalised outputs), with identical labels off the tie band."""
+
+    score: float
+    map: float
+
+    def describe(self) -> str:
+        return f"|d score| <= {self.score:g}, |d map| <= {self.map:g}, identical labels"
+
+
+# anomalib's FP32 forward against any faithful FP32 implementation of it.
+PARITY_BAR = Bar(score=1e-5, map=1e-4)
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How far one set of outputs is from a reference's, on the same images."""
+
+    images: int
+    max_score_error: float
+    max_map_error: float
+    labels_equal: int
+    labels_compared: int
+    mask_agreement: float
+
+    @property
+    def labels_identical(self) -> bool:
+        return self.labels_equal == self.labels_compared
+
+    def within(self, bar: Bar) -> bool:
+        return self.max_score_error <= bar.score and self.max_map_error <= bar.map and self.labels_identical
+
+    def row(self, name: str) -> dict[str, object]:
+        """A table row: the figures as short strings."""
+        return {
+            "backend": name,
+            "images": self.images,
+            "max|d score|": f"{self.max_score_error:.1e}",
+            "max|d map|": f"{self.max_map_error:.1e}",
+            "labels": f"{self.labels_equal}/{self.labels_compared}",
+            "mask px": f"{100 * self.mask_agreement:.2f}%",
+        }
+
+
+def off_threshold(scores: np.ndarray, threshold: float, band: float) -> np.ndarray:
+    """Which reference scores are far enough from ``threshold`` for their label to be compared."""
+    return np.abs(np.asarray(scores, dtype=np.float64) - threshold) > band
+
+
+def compare(candidate: Prediction, reference: Prediction, *, threshold: float, bar: Bar = PARITY_BAR) -> Parity:
+    """Compare ``candidate`` with ``reference`` (maps of the same shape); ``threshold`` is the model's own
+    normalised image threshold, and labels are compared off the tie band ``bar.score`` around it."""
+    if candidate.anomaly_map.shape != reference.anomaly_map.shape:
+        raise ValueError(f"map shapes differ: {candidate.anomaly_map.shape} vs {reference.anomaly_map.shape}")
+    decided = off_threshold(reference.pred_score, threshold, bar.score)
+    return Parity(
+        images=len(reference),
+        max_score_error=_max_abs(candidate.pred_score, reference.pred_score),
+        max_map_error=_max_abs(candidate.anomaly_map, reference.anomaly_map),
+        labels_equal=int((candidate.pred_label == reference.pred_label)[decided].sum()),
+        labels_compared=int(decided.sum()),
+        mask_agreement=float((candidate.pred_mask == reference.pred_mask).mean()),
+    )
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b|, NaN when either side holds a NaN (numpy's max would hide it behind a larger finite value)."""
+    difference = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return float("nan") if np.isnan(difference).any() else float(difference.max(initial=0.0))
