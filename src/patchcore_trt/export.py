@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
+import onnxruntime  # noqa: F401 - the self-check needs it: fail before a long export, not after
 import torch
 
 import patchcore_trt

@@ -1,52 +1,78 @@
 """Finding and decoding input images safely: any size, grayscale, RGBA, palette and 16-bit, size-limited.
 
-Every image becomes float32 RGB in [0, 1], [3, H, W] - anomalib's input convention. 8-bit images decode exactly as
-anomalib's ``read_image`` does. 16-bit and float images are scaled to [0, 1] by their full range; anomalib's
-``read_image`` instead clips them through PIL's RGB conversion, so a model trained by anomalib's own loaders on
-16-bit data saw clipped inputs. A file that cannot be read raises ImageError with the reason, so callers can
-report it and go on with the other files.
+Every image becomes float32 RGB in [0, 1], [3, H, W] - anomalib's input convention. 8-bit images (and a GIF's
+first frame) decode exactly as anomalib's ``read_image`` does. 16-bit images are scaled by their full range
+(0..65535); float images are taken as [0, 1], [0, 255] or [0, 65535], whichever range holds their values.
+anomalib's ``read_image`` instead clips 16-bit and float images through PIL's RGB conversion, so a model trained
+by anomalib's own loaders on such data saw clipped inputs. A file that cannot be read raises ImageError with the
+reason, so callers can report it and go on with the other files.
 """
 
 from __future__ import annotations
 
 import glob
+import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from patchcore_trt.artifact import MIN_SIDE
 from patchcore_trt.errors import UserError
+from patchcore_trt.files import display_name
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF", "WEBP", "MPO"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "TIFF", "WEBP", "MPO", "GIF"}
 # Checked from the header before any pixel is decoded: a 100 kB PNG can claim 100,000 x 100,000 pixels.
 MAX_PIXELS = 64 * 1024 * 1024
-MIN_SIDE = 32
+FLOAT_RANGES = (1.0, 255.0, 65535.0)
 
 
 class ImageError(Exception):
     """One input image could not be used (the message says why)."""
 
 
+def natural_key(path: Path) -> list[object]:
+    """Sort key that orders numbers by value: ``img_2`` before ``img_10``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
+
+
+def _pattern_root(item: str) -> tuple[Path, str]:
+    """Split a glob pattern into the folder before its first wildcard and the pattern below it."""
+    parts = Path(item).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return Path(*parts[:fixed]) if fixed else Path("."), str(Path(*parts[fixed:]))
+
+
+def expand(item: str) -> tuple[Path, list[Path]]:
+    """One input (a file, a folder searched recursively, or a glob pattern) -> its root and image files.
+
+    Patterns are matched by pathlib, which does not follow symbolic links into folders (glob's ``**`` does, and a
+    link cycle makes it run forever).
+    """
+    path = Path(item)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+        return path, sorted(files, key=natural_key)
+    if path.is_file():
+        return path.parent, [path]
+    if glob.has_magic(item):
+        root, pattern = _pattern_root(item)
+        return root, sorted((p for p in root.glob(pattern) if p.is_file()), key=natural_key)
+    return path, []
+
+
 def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     """Expand files, folders (recursively) and glob patterns into image paths.
 
     Returns:
-        The image files in a stable order, and the inputs that matched nothing (for the caller to report).
+        The image files in a stable, natural order (duplicates once), and the inputs that matched nothing.
     """
     found: list[Path] = []
     unmatched: list[str] = []
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.is_file():
-            files = [path]
-        elif any(ch in item for ch in "*?["):
-            files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-        else:
-            files = []
+        files = expand(item)[1]
         if files:
             found.extend(files)
         else:
@@ -54,6 +80,16 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
     seen: set[Path] = set()
     unique = [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
     return unique, unmatched
+
+
+def short_names(paths: list[Path], inputs: list[str]) -> dict[Path, str]:
+    """How to show each path: relative to the folder or pattern root it was found under, else as given."""
+    roots = [expand(item)[0] for item in inputs if not Path(item).is_file()]
+    names = {}
+    for path in paths:
+        root = next((root for root in roots if path.is_relative_to(root) and root != Path(".")), None)
+        names[path] = display_name(path.relative_to(root) if root is not None else path)
+    return names
 
 
 def _to_float_rgb(image: Image.Image) -> np.ndarray:
@@ -65,8 +101,14 @@ def _to_float_rgb(image: Image.Image) -> np.ndarray:
         gray = np.asarray(image, dtype=np.float32)
         return np.repeat(np.clip(gray / 65535.0, 0, 1)[..., None], 3, axis=2)
     if image.mode == "F":
-        gray = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
-        return np.repeat(gray[..., None], 3, axis=2)
+        gray = np.asarray(image, dtype=np.float32)
+        low, high = float(gray.min()), float(gray.max())
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ImageError("the image holds NaN or infinite pixel values")
+        scale = next((limit for limit in FLOAT_RANGES if high <= limit), None)
+        if low < 0 or scale is None:
+            raise ImageError(f"float pixel values span {low:g}..{high:g}; expected [0, 1], [0, 255] or [0, 65535]")
+        return np.repeat((gray / np.float32(scale))[..., None], 3, axis=2)
     # Palette, grayscale, CMYK and alpha all go through PIL's RGB conversion, as anomalib's read_image does.
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 

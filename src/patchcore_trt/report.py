@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import math
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -13,16 +17,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from rich.table import Table
+from rich.text import Text
 
-from patchcore_trt.files import atomic_path, write_text_atomic
+from patchcore_trt.files import atomic_path, display_name, is_special, write_text_atomic
 
 
 def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left")
+    """A rich table whose cells are plain text: file names like ``[bold].png`` are shown, never taken as markup."""
+    table = Table(title=None if title is None else Text(title), title_justify="left")
     for column in rows[0] if rows else []:
-        table.add_column(str(column), justify="left" if column in ("backend", "file", "status") else "right")
+        justify = "left" if column in ("backend", "file", "status") else "right"
+        table.add_column(Text(str(column)), justify=justify, overflow="fold")
     for row in rows:
-        table.add_row(*(str(value) for value in row.values()))
+        table.add_row(*(Text(str(value)) for value in row.values()))
     return table
 
 
@@ -39,18 +46,33 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
+def json_ready(value: Any) -> Any:
+    """``value`` with only what strict JSON holds: NaN and infinities become null, paths and bytes-y names text."""
+    if isinstance(value, dict):
+        return {str(key): json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
     if hasattr(value, "__dataclass_fields__"):
-        return asdict(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+        return json_ready(asdict(value))
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return display_name(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return value
+
+
+def to_json(payload: Any, indent: int | None = 2) -> str:
+    return json.dumps(json_ready(payload), indent=indent, allow_nan=False)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    write_text_atomic(path, to_json(payload) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -60,8 +82,89 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         fieldnames = list(dict.fromkeys(key for row in rows for key in row))
         writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([_csv_row(row) for row in rows])
     write_text_atomic(path, buffer.getvalue())
+
+
+def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: "" if value is None else value for key, value in json_ready(row).items()}
+
+
+class StreamedFile:
+    """A text file written piece by piece to a temporary file beside ``path`` and renamed onto it by ``commit``.
+
+    A special target (``/dev/stdout``, a FIFO) is written to directly, never renamed over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._staged: Path | None = None
+        if is_special(self.path):
+            self.handle = self.path.open("w", encoding="utf-8", newline="")
+            return
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        self._staged = Path(name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def write(self, text: str) -> None:
+        try:
+            self.handle.write(text)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+
+    def commit(self) -> None:
+        try:
+            self.handle.close()
+            if self._staged is not None:
+                os.replace(self._staged, self.path)
+        except OSError as exc:
+            self.discard()
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        if self._staged is not None:
+            self._staged.unlink(missing_ok=True)
+
+
+class JsonResults:
+    """``{header..., "results": [...], footer...}`` written one record at a time (memory stays flat)."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.file = StreamedFile(path)
+        self.count = 0
+        self.file.write(to_json(header)[:-2] + ',\n  "results": [')
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.file.write(("," if self.count else "") + "\n    " + to_json(record, indent=None))
+        self.count += 1
+
+    def close(self, footer: dict[str, Any]) -> None:
+        self.file.write("\n  ],\n" + to_json(footer)[2:] + "\n")
+        self.file.commit()
+
+
+class CsvResults:
+    """A CSV of fixed columns written one row at a time."""
+
+    def __init__(self, path: Path, columns: Sequence[str]) -> None:
+        self.file = StreamedFile(path)
+        self.writer = csv.DictWriter(self.file, fieldnames=list(columns), restval="", extrasaction="ignore")
+        self.writer.writeheader()
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.writer.writerow(_csv_row(record))
+
+    def close(self, footer: dict[str, Any]) -> None:
+        del footer  # a CSV holds rows only
+        self.file.commit()
 
 
 def _png(array: np.ndarray, path: Path) -> None:

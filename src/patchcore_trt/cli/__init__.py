@@ -1,6 +1,8 @@
 """The ``patchcore-trt`` command line: a thin layer over the Python API, one module per subcommand.
 
-User mistakes (``UserError``) print as one red line and exit 1; ``--debug`` shows the traceback instead.
+Every mistake ends in one line starting with ``error:``: exit code 1 for a ``UserError`` or an OS error, 2 for
+a command line the parser cannot read; ``--debug`` shows the traceback instead. Ctrl-C prints one line and
+exits 130, after the command has kept what it finished.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
 from patchcore_trt.errors import UserError
 
@@ -20,8 +24,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=True)
+# No markup anywhere: file names and messages may contain "[...]", which rich would take as markup.
+console = Console(stderr=True, markup=False)
 _state = {"debug": False}
+INTERRUPTED = 130
 
 
 @app.callback()
@@ -34,27 +40,32 @@ def _register_commands() -> None:
     from patchcore_trt.cli import bench, build, demo, export, predict, verify  # noqa: F401
 
 
+def _error(message: str, exit_code: int) -> None:
+    console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    sys.exit(exit_code)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _register_commands()
     try:
-        # Outside standalone mode click returns a command's exit code instead of exiting.
+        # Outside standalone mode typer returns a command's exit code (130 after Ctrl-C) instead of exiting.
         exit_code = app(standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except OSError as exc:  # an output path that is a folder, a full disk, a permission: the user's to fix
+        _error(str(exc), 1)
+    except OSError as exc:  # a full disk, a permission, a path that is a folder: the user's to fix
         if _state["debug"]:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        console.print(f"[bold red]error:[/] {where}{exc.strerror or exc}", highlight=False, soft_wrap=True)
-        sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        sys.exit(130)
-    except typer.TyperException as exc:  # usage errors, in click's own words (typer ships its own click)
+        _error(f"{where}{exc.strerror or exc}", 1)
+    except NoArgsIsHelpError as exc:
         exc.show()
         sys.exit(exc.exit_code)
+    except UsageError as exc:  # the parser's own wording, on one line, with the way to more help
+        command = f" {exc.ctx.info_name}" if exc.ctx is not None and exc.ctx.parent is not None else ""
+        _error(f"{exc.format_message()} (see: patchcore-trt{command} --help)", exc.exit_code)
+    if exit_code == INTERRUPTED:
+        console.print("interrupted: stopped by Ctrl-C; finished results were kept")
     sys.exit(exit_code if isinstance(exit_code, int) else 0)

@@ -1,19 +1,38 @@
-"""Pieces every command shares: the console, step logging, progress bars and option parsing."""
+"""Pieces every command shares: the consoles, step logging, progress bars, option parsing and output checks.
+
+The consoles take no markup: user text (file names, messages) may contain ``[...]``, which rich would read as
+markup, fail on or silently drop. Colour comes from ``Text`` styles only.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
+from patchcore_trt.artifact import MAX_SIDE, MIN_SIDE
 from patchcore_trt.errors import UserError
+from patchcore_trt.files import is_special
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: long lines (paths) are left to the terminal to wrap, never cut or broken into the middle of a name.
+out = Console(markup=False)
+err = Console(stderr=True, markup=False)
+
+
+def print_table(rows: list[dict[str, object]], title: str) -> None:
+    """A rich table on a terminal; a Markdown table otherwise (a log or a pipe has no width to fit)."""
+    from patchcore_trt.report import markdown_table, rich_table
+
+    if out.is_terminal:
+        out.print(rich_table(rows, title=title))
+    else:
+        out.print(f"{title}\n\n{markdown_table(rows)}")
 
 
 def human_size(path: Path) -> str:
@@ -25,18 +44,22 @@ def human_size(path: Path) -> str:
     return f"{size:.1f} GB"
 
 
+def warn(text: str) -> None:
+    err.print(Text.assemble(("warning:", "yellow"), " ", text), soft_wrap=True)
+
+
 @contextlib.contextmanager
 def step(title: str) -> Iterator[None]:
     """Log one start line and one done line with the elapsed time."""
-    err.print(f"[cyan]>[/] {title} ...", highlight=False)
+    err.print(Text.assemble((">", "cyan"), f" {title} ..."), soft_wrap=True)
     start = time.perf_counter()
     yield
-    err.print(f"[green]✓[/] {title} ({time.perf_counter() - start:.1f} s)", highlight=False)
+    err.print(Text.assemble(("✓", "green"), f" {title} ({time.perf_counter() - start:.1f} s)"), soft_wrap=True)
 
 
 def progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -56,25 +79,64 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
         raise UserError(f"image size {text!r} is not N or HxW (e.g. 256 or 320x256)") from None
     if len(values) == 1:
         values = values * 2
-    if len(values) != 2 or min(values) < 32:
-        raise UserError(f"image size {text!r} must be N or HxW with both sides at least 32")
+    if len(values) != 2 or min(values) < MIN_SIDE or max(values) > MAX_SIDE:
+        raise UserError(
+            f"image size {text!r} must be N or HxW with both sides at least {MIN_SIDE} and at most {MAX_SIDE}"
+        )
     return values[0], values[1]
 
 
-def check_output_file(path: Path | None) -> None:
-    """Fail before the work, not after it, when an output file cannot be written where the user asked."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; give a file name")
-    check_output_dir(path.parent)
-
-
-def check_output_dir(path: Path | None) -> None:
-    if path is None:
-        return
+def _writable_folder(path: Path) -> None:
+    """The nearest existing folder at or above ``path`` must be a folder we may create files in."""
     for folder in (path, *path.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise UserError(f"{folder}: is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise UserError(f"{folder}: this folder is not writable; choose another output location")
             return
+
+
+def check_output_dir(path: Path | None) -> None:
+    """Fail before the work, not after it, when an output folder cannot be made or written to."""
+    if path is not None:
+        _writable_folder(path)
+
+
+def check_output_file(path: Path | None, *, protected: Iterable[Path] = ()) -> None:
+    """Fail before the work when an output file cannot be written, or would overwrite a model or an input."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a file name")
+    if is_special(path):  # /dev/null, /dev/stdout, a FIFO: written to directly
+        return
+    _writable_folder(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{path}: the file is not writable; choose another output file")
+    target = path.resolve()
+    for other in protected:
+        if other.exists() and target == other.resolve():
+            raise UserError(f"{path}: is also an input ({other}); writing results there would destroy it")
+
+
+def check_distinct(*paths: Path | None) -> None:
+    """Refuse two outputs that are one file (the second would overwrite the first)."""
+    seen: dict[Path, Path] = {}
+    for path in paths:
+        if path is None or is_special(path):
+            continue
+        key = path.resolve()
+        if key in seen:
+            raise UserError(f"{path}: given for two outputs ({seen[key]} and {path}); give each its own file")
+        seen[key] = path
+
+
+def format_score(score: float, threshold: float, digits: int = 4) -> str:
+    """``score`` rounded to ``digits`` decimals, or more where rounding would put it on the other side of (or onto)
+    the threshold: 0.4999996 under a 0.5 threshold prints as 0.4999996, not 0.5000."""
+    for places in range(digits, 10):
+        text = f"{score:.{places}f}"
+        if (float(text) > threshold) == (score > threshold) and float(text) != threshold:
+            return text
+    return repr(score)

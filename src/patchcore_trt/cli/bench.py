@@ -8,7 +8,7 @@ import typer
 
 from patchcore_trt.bench.settings import BenchSettings
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, out, parse_size, step
+from patchcore_trt.cli._common import err, out, parse_size, step, warn
 from patchcore_trt.errors import UserError
 
 DEFAULTS = BenchSettings()
@@ -119,7 +119,7 @@ def bench_command(
 
     def on_notice(text: str) -> None:
         notices.append(text)
-        err.print(f"[yellow]note:[/] {text}", highlight=False)
+        warn(text)
 
     with step(f"benchmark on {env.get('gpu', env['cpu'])}"):
         run_matrix(
@@ -137,6 +137,6 @@ def bench_command(
     if out.is_terminal:
         out.print(rich_table(shown, title="patchcore-trt bench"))
     else:  # sixteen columns do not fit rich's 80-column default of pipes and logs
-        out.print(markdown_table(shown), highlight=False, soft_wrap=True)
+        out.print(markdown_table(shown))
     written = ", ".join(str(output / name) for name in ("bench.md", "bench.csv", "bench.json"))
-    err.print(f"wrote {written}, {chart}", highlight=False)
+    err.print(f"wrote {written}, {chart}")

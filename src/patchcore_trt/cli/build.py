@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, human_size, step
+from patchcore_trt.cli._common import err, human_size, step, warn
 
 
 @app.command("build")
@@ -48,16 +48,16 @@ def build_command(
             step=step,
         )
     except GateRefusedError as refused:
-        err.print(f"  {refused.figures.summary()}", highlight=False)
+        err.print(f"  {refused.figures.summary()}")
         raise
     if outcome.gate is not None:
-        err.print(f"  {outcome.gate.summary()}", highlight=False)
+        err.print(f"  {outcome.gate.summary()}")
     if outcome.calibration_from_cache:
         cache = calibration_cache or variant_path(model, precision, "calibration")
-        err.print(f"  ranges reused from {cache} (same model, same image contents)", highlight=False)
+        err.print(f"  ranges reused from {cache} (same model, same image contents)")
     if outcome.over_budget:
-        err.print(f"[yellow]warning:[/] over budget ({'; '.join(outcome.over_budget)}), built anyway (--force)")
-    err.print(f"  wrote {outcome.engine} ({human_size(outcome.engine)}) and {outcome.sidecar.name}", highlight=False)
+        warn(f"over budget ({'; '.join(outcome.over_budget)}), built anyway (--force)")
+    err.print(f"  wrote {outcome.engine} ({human_size(outcome.engine)}) and {outcome.sidecar.name}")
     err.print(
         f"next: patchcore-trt predict {outcome.engine} IMAGES --device cuda  (an NVIDIA GPU {outcome.library} supports)"
     )

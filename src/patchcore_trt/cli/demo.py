@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import out, step
+from patchcore_trt.cli._common import out, print_table, step
 
 
 @app.command("demo")
@@ -19,15 +19,14 @@ def demo_command(
     """Generate an inspection data set, train anomalib PatchCore, export, predict and compare backends."""
     from patchcore_trt.demo.pipeline import run_demo
     from patchcore_trt.demo.training import TrainSettings
-    from patchcore_trt.report import rich_table
     from patchcore_trt.verify import FOOTNOTE, table_rows
 
     settings = TrainSettings(backbone=backbone, image_size=(image_size, image_size))
     result = run_demo(work_dir, settings, step=step)
     title = f"parity vs anomalib's forward on {len(result.test_images)} test images"
-    out.print(rich_table(table_rows(result.rows), title=title))
-    out.print(FOOTNOTE, highlight=False)
-    out.print(f"report: {result.report}; heatmaps: {result.visuals_dir}", highlight=False)
+    print_table(table_rows(result.rows), title)
+    out.print(FOOTNOTE)
+    out.print(f"report: {result.report}; heatmaps: {result.visuals_dir}")
     out.print(
         f"next: patchcore-trt predict {result.onnx} {work_dir / 'data' / 'test'} --save-visuals out/", highlight=False
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, err, human_size, out, parse_size, step
+from patchcore_trt.cli._common import check_output_dir, err, human_size, out, parse_size, print_table, step
 from patchcore_trt.errors import UserError
 
 
@@ -31,6 +31,8 @@ def export_command(
     ),
 ) -> None:
     """Export an anomalib PatchCore checkpoint to ONNX with dynamic batch, height and width."""
+    if not name or name.startswith(".") or Path(name).name != name or "\\" in name:
+        raise UserError(f"--name {name!r}: give a plain file name without folders (it writes NAME.onnx in -o)")
     if checkpoint.suffix.lower() != ".ckpt":
         raise UserError(f"{checkpoint}: expected an anomalib .ckpt checkpoint")
     check_output_dir(output_dir)
@@ -40,19 +42,17 @@ def export_command(
     # torch loads only once the cheap checks have passed: a typo is answered at once.
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
-    from patchcore_trt.report import rich_table
 
     with step(f"reading {checkpoint}"):
         spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, image_size=size)
     err.print(
         f"  {spec.backbone} {list(spec.layers)}, bank {spec.bank_size} x {spec.embedding_dim}, "
         f"k={spec.num_neighbors}, model size {spec.preprocess.model_size}",
-        highlight=False,
     )
     target = output_dir / f"{name}.onnx"
     with step(f"exporting {target}"):
         path, checks = export_onnx(spec, target, map_at_input_size=map_at_input_size, opset=opset, check=check)
-    err.print(f"  wrote {path} ({human_size(path)})", highlight=False)
+    err.print(f"  wrote {path} ({human_size(path)})")
     if checks:
         rows = [
             {
@@ -64,5 +64,5 @@ def export_command(
             }
             for c in checks
         ]
-        out.print(rich_table(rows, title="self-check: ONNX Runtime vs deploy model"))
-    out.print(f"next: patchcore-trt predict {path} IMAGES... --backend onnxruntime", highlight=False)
+        print_table(rows, "self-check: ONNX Runtime vs deploy model")
+    out.print(f"next: patchcore-trt predict {path} IMAGES... --backend onnxruntime")

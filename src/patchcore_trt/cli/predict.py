@@ -1,14 +1,32 @@
-"""``patchcore-trt predict``: score images with a checkpoint, an ONNX file or an engine."""
+"""``patchcore-trt predict``: score images with a checkpoint, an ONNX file or an engine.
+
+Results go to the files as they come (JSON, CSV, heatmaps), so memory stays flat over any number of images and
+Ctrl-C keeps everything scored so far; the terminal gets a summary, the files every row.
+"""
 
 from __future__ import annotations
 
+import datetime
+import time
 from pathlib import Path
 
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, check_output_file, err, out, progress
+from patchcore_trt.cli._common import (
+    check_distinct,
+    check_output_dir,
+    check_output_file,
+    err,
+    format_score,
+    out,
+    progress,
+    warn,
+)
 from patchcore_trt.errors import UserError
+
+# Downscaling a camera image more than this before the backbone sees it can erase small defects.
+DOWNSCALE_WARNING = 4.0
 
 
 @app.command("predict")
@@ -17,10 +35,11 @@ def predict_command(
     inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
-    batch_size: int = typer.Option(8, min=1, help="Images of equal size run together, up to this many."),
-    json_path: Path | None = typer.Option(None, "--json", help="Write all results as JSON."),
-    csv_path: Path | None = typer.Option(None, "--csv", help="Write all results as CSV."),
+    batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write every result, with the run's header, as JSON."),
+    csv_path: Path | None = typer.Option(None, "--csv", help="Write every result as CSV."),
     visuals: Path | None = typer.Option(None, "--save-visuals", help="Write heatmap, overlay and mask PNGs here."),
+    top: int = typer.Option(10, min=0, help="Show this many most anomalous images (all rows are in the files)."),
     map_at_input_size: bool = typer.Option(
         False, "--map-at-input-size", help="(.ckpt) Return maps at the input resolution."
     ),
@@ -33,15 +52,13 @@ def predict_command(
     ),
 ) -> None:
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
-    import numpy as np
-
-    from patchcore_trt.images import collect_images
-    from patchcore_trt.predict import ImageResult, predict_files
-    from patchcore_trt.report import rich_table, save_visuals, write_csv, write_json
+    from patchcore_trt.images import collect_images, short_names
     from patchcore_trt.runtime import open_backend
 
+    paths, unmatched = collect_images(inputs)
     for output in (json_path, csv_path):
-        check_output_file(output)
+        check_output_file(output, protected=[model, *paths])
+    check_distinct(json_path, csv_path)
     check_output_dir(visuals)
     # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
     given = {
@@ -51,37 +68,143 @@ def predict_command(
         "search": search,
     }
     loaded = open_backend(model, backend, device=device, **{k: v for k, v in given.items() if v is not None})
-
-    paths, unmatched = collect_images(inputs)
     for item in unmatched:
-        err.print(f"[yellow]warning:[/] {item}: no image files found", highlight=False)
+        warn(f"{item}: no image files found")
     if not paths:
         raise UserError("no input images found in " + ", ".join(inputs))
+    with loaded:
+        _run(loaded, model, paths, short_names(paths, inputs), unmatched, batch_size, json_path, csv_path, visuals, top)
 
-    order = {path: index for index, path in enumerate(paths)}
 
-    def finished(result: ImageResult, image: np.ndarray | None) -> None:
-        bar.advance(task)
-        if visuals is not None and image is not None and result.prediction is not None:
-            # Folders often reuse file names (good/000.png, defect/000.png): keep the parent and the order.
-            stem = visuals / f"{order[result.path]:04d}_{result.path.parent.name}_{result.path.stem}"
-            save_visuals(image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
+def _header(loaded: object, model: Path, device: str) -> dict[str, object]:
+    import importlib.metadata
+    import platform
 
-    with progress() as bar:
-        task = bar.add_task(f"predicting ({loaded.name})", total=len(paths))
-        results = predict_files(loaded, paths, batch_size=batch_size, on_result=finished)
-    records = [result.record() for result in results]
-    records += [ImageResult(path=Path(item), error="no image files found").record() for item in unmatched]
-    shown = [{k: r[k] for k in ("file", "status", "score", "label", "error") if k in r} for r in records]
-    out.print(rich_table(shown, title=f"{model.name} ({loaded.name})"))
-    if visuals is not None:
-        err.print(f"  heatmaps, overlays and masks in {visuals}", highlight=False)
+    import patchcore_trt
+    from patchcore_trt.files import sha256_of
+
+    versions = {}
+    for package in ("numpy", "onnxruntime", "openvino", "torch", "tensorrt", "tensorrt_rtx"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "tool": {"name": "patchcore-trt", "version": patchcore_trt.__version__, "python": platform.python_version()},
+        "versions": versions,
+        "model": {
+            "file": model,
+            "sha256": sha256_of(model),
+            "backend": loaded.name,
+            "device": device,
+            "image_threshold": loaded.image_threshold,
+            "postprocess": loaded.postprocess,
+        },
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path, visuals, top) -> None:
+    from patchcore_trt.predict import RECORD_FIELDS, ImageResult, predict_files
+    from patchcore_trt.report import CsvResults, JsonResults, save_visuals
+
+    threshold = loaded.image_threshold
+    sinks = []
     if json_path is not None:
-        write_json(json_path, {"model": str(model), "backend": loaded.name, "results": records})
+        sinks.append(JsonResults(json_path, _header(loaded, model, loaded.device)))
     if csv_path is not None:
-        write_csv(csv_path, records)
-    failed = sum(1 for record in records if record["status"] != "ok")
-    anomalous = sum(1 for record in records if record.get("label") == "anomalous")
-    err.print(f"{len(records) - failed} scored ({anomalous} anomalous), {failed} failed", highlight=False)
-    if failed:
+        sinks.append(CsvResults(csv_path, RECORD_FIELDS))
+    counts = {"scored": 0, "anomalous": 0, "failed": 0, "downscaled": 0}
+    ranked: list[tuple[float, str]] = []
+    failures: list[tuple[str, str]] = []
+    visuals_error: str | None = None
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        with progress() as bar:
+            task = bar.add_task(f"predicting ({loaded.name})", total=len(paths))
+            for index, (result, image) in enumerate(predict_files(loaded, paths, names=names, batch_size=batch_size)):
+                record = result.record(threshold, loaded.postprocess)
+                for sink in sinks:
+                    sink.add(record)
+                bar.advance(task)
+                if result.prediction is None:
+                    counts["failed"] += 1
+                    failures.append((result.name, result.error or "failed"))
+                    continue
+                counts["scored"] += 1
+                counts["anomalous"] += record["label"] == "anomalous"
+                ranked = sorted([*ranked, (float(record["score"]), result.name)], reverse=True)[: max(top, 0)]
+                model_side = min(result.prediction.anomaly_map.shape[-2:])
+                counts["downscaled"] += min(result.size or (0, 0)) > DOWNSCALE_WARNING * model_side
+                if visuals is not None and visuals_error is None and image is not None:
+                    visuals_error = _save_visuals(save_visuals, visuals, index, result, image)
+        for item in unmatched:
+            record = ImageResult(Path(item), item, error="no image files found").record(threshold)
+            for sink in sinks:
+                sink.add(record)
+            counts["failed"] += 1
+            failures.append((item, "no image files found"))
+    except KeyboardInterrupt:
+        interrupted = True
+    seconds = time.perf_counter() - started
+    done = counts["scored"] + counts["failed"]
+    footer = {
+        "summary": {
+            **counts,
+            "images": len(paths) + len(unmatched),
+            "seconds": seconds,
+            "images_per_second": counts["scored"] / seconds if seconds > 0 else None,
+            "interrupted": interrupted,
+        }
+    }
+    for sink in sinks:
+        sink.close(footer)
+    _print_summary(loaded.name, model, counts, done, seconds, ranked, failures, threshold)
+    if visuals is not None:
+        err.print(f"  heatmaps, overlays and masks in {visuals}")
+    if visuals_error is not None:
+        warn(f"stopped writing visuals ({visuals_error}); every result is still in the other outputs")
+    if counts["downscaled"]:
+        warn(
+            f"{counts['downscaled']} image(s) are over {DOWNSCALE_WARNING:g}x the model's resolution and were "
+            "downscaled to it: small defects may vanish (crop or tile the images, or train at a larger size)"
+        )
+    for path, name in ((json_path, "JSON"), (csv_path, "CSV")):
+        if path is not None:
+            err.print(f"  {name}: {path}")
+    if interrupted:
+        raise KeyboardInterrupt
+    if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _save_visuals(save, folder: Path, index: int, result, image) -> str | None:
+    """Write one image's visuals; the first OS error stops them (a full disk must not stop the scoring)."""
+    # Folders often reuse file names (good/000.png, defect/000.png): keep the order and the parent's name.
+    stem = folder / f"{index:04d}_{result.path.parent.name}_{result.path.stem}"
+    try:
+        save(image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
+    except OSError as exc:
+        return f"{exc.filename or folder}: {exc.strerror or exc}"
+    return None
+
+
+def _print_summary(backend, model, counts, done, seconds, ranked, failures, threshold) -> None:
+    rate = f", {counts['scored'] / seconds:.1f} images/s" if seconds > 0 and counts["scored"] else ""
+    per_image = f" ({1000 * seconds / done:.1f} ms per image)" if done else ""
+    out.print(
+        f"{model.name} ({backend}): {counts['scored']} scored, {counts['anomalous']} anomalous, "
+        f"{counts['failed']} failed in {seconds:.1f} s{per_image}{rate}; threshold {threshold:g}"
+    )
+    if ranked:
+        out.print(f"most anomalous (score > {threshold:g} is anomalous):")
+        for score, name in ranked:
+            label = "anomalous" if score > threshold else "normal"
+            out.print(f"  {format_score(score, threshold)}  {label:<9}  {name}")
+    if failures:
+        out.print(f"failed ({len(failures)}):")
+        for name, why in failures[:20]:
+            out.print(f"  {name}: {why}")
+        if len(failures) > 20:
+            out.print(f"  ... and {len(failures) - 20} more (every failure is in the JSON/CSV)")

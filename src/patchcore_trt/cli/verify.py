@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_file, err, out, progress, step
+from patchcore_trt.cli._common import check_output_file, out, print_table, progress, step, warn
 from patchcore_trt.errors import UserError
 
 
@@ -25,7 +25,7 @@ def verify_command(
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
     from patchcore_trt.images import ImageError, collect_images, load_image
-    from patchcore_trt.report import rich_table, write_json
+    from patchcore_trt.report import write_json
     from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
 
     check_output_file(json_path)
@@ -36,7 +36,7 @@ def verify_command(
             images.append(load_image(path))
             used.append(path)
         except ImageError as exc:
-            err.print(f"[yellow]skipped[/] {path}: {exc}", highlight=False)
+            warn(f"skipped {path}: {exc}")
     if not images:
         raise UserError("no readable input images found in " + ", ".join(inputs))
     with tempfile.TemporaryDirectory() as scratch:
@@ -47,8 +47,8 @@ def verify_command(
         with progress() as bar:
             bar.add_task(f"running anomalib and {len(names)} backends on {len(images)} images", total=None)
             rows, _ = backend_parity(checkpoint, onnx_path, images, names)
-    out.print(rich_table(table_rows(rows), title=f"parity vs anomalib's forward ({len(images)} images)"))
-    out.print(FOOTNOTE, highlight=False)
+    print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)")
+    out.print(FOOTNOTE)
     if json_path is not None:
         write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
     if not all(row.passed for row in rows if row.checked):

@@ -118,15 +118,21 @@ class Backend(ABC):
     """A loaded model that turns float32 RGB images in [0, 1], [N, 3, H, W], into a Prediction.
 
     Attributes:
-        image_threshold: The normalised score above which the model calls an image anomalous (its labels'
-            threshold, which comparisons need for their tie rule).
+        postprocess: The model's post-processing statistics (anomalib's thresholds, min/max and sensitivities),
+            as every artifact records them: what turns normalised outputs back into anomalib's raw ones.
     """
 
     name: ClassVar[str]
-    image_threshold: float
+    postprocess: dict[str, float]
 
-    def __init__(self, artifact: Path) -> None:
+    def __init__(self, artifact: Path, device: str) -> None:
         self.artifact = Path(artifact)
+        self.device = device
+
+    @property
+    def image_threshold(self) -> float:
+        """The normalised score above which the model calls an image anomalous (comparisons' tie rule needs it)."""
+        return 1.0 - float(self.postprocess["image_sensitivity"])
 
     def predict(self, images: np.ndarray) -> Prediction:
         """Run the model on a batch.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,10 +30,10 @@ class CudaBackend(Backend):
         map_at_input_size: bool = False,
         graphs: bool = True,
     ) -> None:
-        super().__init__(artifact)
+        super().__init__(artifact, device)
         require_cuda()
         self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code)
-        self.image_threshold = self.spec.postprocess.normalized_image_threshold
+        self.postprocess = asdict(self.spec.postprocess)
         self.executor = CudaPatchCore(
             self.spec,
             backbone_dtype=backbone_dtype,

@@ -18,8 +18,8 @@ class OnnxRuntimeBackend(Backend):
     name: ClassVar[str] = "onnxruntime"
 
     def __init__(self, artifact: Path, *, device: str = "cpu", threads: int = 0, qdq_fusion: bool = True) -> None:
-        super().__init__(artifact)
-        self.image_threshold = read_onnx_metadata(artifact).image_threshold
+        super().__init__(artifact, device)
+        self.postprocess = read_onnx_metadata(artifact).postprocess
         config = {} if qdq_fusion else {"session.disable_quant_qdq": "1"}
         self.session = ort_session(artifact, device=device, threads=threads, config=config)
 

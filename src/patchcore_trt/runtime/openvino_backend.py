@@ -16,12 +16,12 @@ class OpenVinoBackend(Backend):
     name: ClassVar[str] = "openvino"
 
     def __init__(self, artifact: Path, *, device: str = "cpu") -> None:
-        super().__init__(artifact)
+        super().__init__(artifact, device)
         try:
             import openvino as ov
         except ImportError as exc:
             raise MissingDependencyError("openvino", "openvino") from exc
-        self.image_threshold = read_onnx_metadata(artifact).image_threshold
+        self.postprocess = read_onnx_metadata(artifact).postprocess
         core = ov.Core()
         try:
             # f32 inference precision: OpenVINO's CPU plugin otherwise may pick bf16 where the CPU has it.

@@ -85,7 +85,7 @@ class TensorRtBackend(Backend):
     name: ClassVar[str] = "tensorrt"
 
     def __init__(self, artifact: Path, *, device: str = "cuda", cuda_graph: bool = False) -> None:
-        super().__init__(artifact)
+        super().__init__(artifact, device)
         import torch
 
         index = int(device.partition(":")[2] or 0)  # the registry admits cuda and cuda:N only
@@ -93,20 +93,20 @@ class TensorRtBackend(Backend):
             raise UserError(f"{artifact}: TensorRT engines need an NVIDIA GPU, and torch sees no CUDA device")
         if index >= torch.cuda.device_count():
             raise UserError(f"tensorrt: no CUDA device {index} (this machine has {torch.cuda.device_count()})")
-        self.device = torch.device("cuda", index)
+        self.cuda_device = torch.device("cuda", index)
         self.trt = load_tensorrt()
         sidecar = read_sidecar(artifact)
-        self.image_threshold = sidecar_model_metadata(artifact, sidecar).image_threshold
+        self.postprocess = sidecar_model_metadata(artifact, sidecar).postprocess
         plan = Path(artifact).read_bytes()
-        check_engine(Path(artifact), plan, sidecar, self.trt, torch.cuda.get_device_capability(self.device))
+        check_engine(Path(artifact), plan, sidecar, self.trt, torch.cuda.get_device_capability(self.cuda_device))
         trt = self.trt.module
-        torch.cuda.set_device(self.device)
+        torch.cuda.set_device(self.cuda_device)
         self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise UserError(f"{artifact}: {self.trt.library} could not load this engine; {rebuild_hint(sidecar)}")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
+        self.stream = torch.cuda.Stream(self.cuda_device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.outputs = [name for name in names if self.engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT]
         self.profile = [tuple(dims) for dims in self.engine.get_tensor_profile_shape(INPUT_NAME, 0)]
@@ -148,7 +148,7 @@ class TensorRtBackend(Backend):
             if any(size < 0 for size in dims):
                 raise RuntimeError(f"tensorrt: output {name} has no static shape for input {list(shape)}: {dims}")
             dtype = self._torch_dtype(name)
-            buffers[name] = torch.empty(dims, dtype=dtype, device=self.device)
+            buffers[name] = torch.empty(dims, dtype=dtype, device=self.cuda_device)
             buffers[name + ".host"] = torch.empty(dims, dtype=dtype, pin_memory=True)
             self.context.set_tensor_address(name, buffers[name].data_ptr())
         self._buffers, self._shape = buffers, shape

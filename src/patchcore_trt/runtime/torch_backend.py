@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
@@ -19,9 +20,9 @@ class TorchBackend(Backend):
     def __init__(
         self, artifact: Path, *, device: str = "cpu", trust_pickled_code: bool = False, map_at_input_size: bool = False
     ) -> None:
-        super().__init__(artifact)
+        super().__init__(artifact, device)
         self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code)
-        self.image_threshold = self.spec.postprocess.normalized_image_threshold
+        self.postprocess = asdict(self.spec.postprocess)
         self.model = PatchCoreDeploy(self.spec, map_at_input_size=map_at_input_size).eval()
 
     @torch.inference_mode()
