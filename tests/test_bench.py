@@ -155,3 +155,38 @@ def test_bench_command_on_a_checkpoint_writes_its_files(toy_spec, tmp_path):
 def test_bad_bench_options_are_one_line(args, fragment, tmp_path):
     (tmp_path / "m.ckpt").write_text("?")
     assert fragment in error_line(run_cli(*args, cwd=tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_bench_without_a_gpu_benchmarks_the_cpu_backends_into_a_fresh_folder(tmp_path):
+    args = ("bench", "--synthetic", "--backends", "cuda", "--backbone", "resnet18", "--sizes", "64", "--bank", "64")
+    fast = ("--images", "2", "--iters", "1", "--warmup", "0", "--no-baseline")
+    for run in (1, 2):
+        result = run_cli(*args, *fast, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "benchmarking the CPU backends torch, onnxruntime, openvino instead" in result.stderr
+        saved = json.loads((tmp_path / "runs" / "bench" / f"exp{run}" / "bench.json").read_text())
+        assert {row["backend"] for row in saved["rows"]} == {"torch", "onnxruntime", "openvino"}
+        assert {row["copies"] for row in saved["rows"]} == {"host"}  # no host/device split without a GPU
+    assert {p.name for p in (tmp_path / "runs" / "bench" / "exp1").iterdir()} == {
+        "bench.json", "bench.csv", "bench.md", "bench.png"
+    }  # fmt: skip
+
+
+def test_bench_on_a_checkpoint_records_the_models_settings(toy_spec, tmp_path):
+    checkpoint = write_checkpoint(toy_spec, tmp_path / "toy.ckpt")
+    result = run_cli(
+        "bench", checkpoint, "--backends", "torch", "--no-baseline", "--sizes", "64", "--images", "2",
+        "--iters", "1", "--warmup", "0", "-o", tmp_path / "out",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert "banks" not in saved["settings"] and saved["settings"]["checkpoint"] == str(checkpoint)
+    assert saved["rows"][0]["bank"] == 64 and saved["rows"][0]["backbone"] == "resnet18"
+
+
+def test_unknown_backends_are_refused_before_any_work(tmp_path):
+    assert "--backends: tensorflow not one of" in error_line(
+        run_cli("bench", "--synthetic", "--backends", "tensorflow")
+    )
+    assert not (tmp_path / "runs").exists()

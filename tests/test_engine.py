@@ -151,7 +151,9 @@ def test_build_command_refuses_int8_over_budget_unless_forced(resnet18_onnx, dat
 
 def test_build_command_errors_are_one_line(resnet18_onnx, tmp_path):
     assert "needs --calibration" in error_line(run_cli("build", resnet18_onnx, "--precision", "int8"))
-    assert "needs --eval-data" in error_line(run_cli("build", resnet18_onnx, "--precision", "fp16"))
+    assert "needs --eval-data" in error_line(
+        run_cli("build", resnet18_onnx, "--precision", "int8", "--calibration", resnet18_onnx.parent)
+    )
     bad = run_cli("build", resnet18_onnx, "--shapes", "1x256x256", "1x128x128", "1x512x512")
     assert "min <= opt <= max" in error_line(bad)
 
@@ -193,3 +195,35 @@ def test_runtime_rejects_shapes_outside_the_profile(tmp_path):
         backend._check_shape((9, 3, 256, 256))
     with pytest.raises(UserError, match="--shapes MIN OPT MAX"):
         backend._check_shape((1, 3, 600, 256))
+
+
+def test_fp16_without_eval_data_gates_on_generated_images_and_says_so(resnet18_onnx, tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(resnet18_onnx.read_bytes())
+    result = run_cli("build", model, "--precision", "fp16", "--shapes", "1x128x128", "1x256x256", "2x256x256")
+    assert result.returncode == 0, result.stderr
+    assert "16 generated images (no --eval-data" in result.stderr and "AUROC not measured" in result.stderr
+    gate = read_sidecar(tmp_path / "model.fp16.engine")["accuracy_gate"]
+    assert gate["over_budget"] == [] and gate["figures"]["images"] == 16
+    assert gate["figures"]["image_auroc_reference"] is None
+    if TRT.library == "tensorrt_rtx":
+        assert "building with TensorRT-RTX" in result.stderr and "H100/H200 9.0" in result.stderr
+
+
+def test_a_damaged_sidecar_is_one_line(engines, tmp_path):
+    engine = tmp_path / "model.fp32.engine"
+    engine.write_bytes(engines["fp32"].read_bytes())
+    (tmp_path / "model.fp32.engine.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="damaged engine metadata \\(not a JSON object\\)"):
+        read_sidecar(engine)
+
+
+def test_a_graph_with_other_outputs_is_not_built(resnet18_onnx, tmp_path):
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Identity", ["image"], ["score"])], "g", [image], [score])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.save(_with_patchcore_metadata(model), str(tmp_path / "foreign.onnx"))
+    with pytest.raises(UserError, match=r"the graph's outputs are \['score'\]"):
+        build_engine(tmp_path / "foreign.onnx", tmp_path / "foreign.engine", PROFILE)
+    assert not (tmp_path / "foreign.engine").exists()

@@ -1,8 +1,10 @@
 """The accuracy gate: a reduced-precision ONNX against the FP32 export, on a labelled folder.
 
-Both graphs run in the onnxruntime backend on the CPU, image by image (any sizes). The figures: score drift,
-anomaly-map error, label agreement (compare.py's tie rule, one band for every precision), and image and pixel
-AUROC of each. What the CPU actually computes:
+Both graphs run in ONNX Runtime on the CPU, image by image (any sizes). The figures: score drift, anomaly-map
+error, label agreement (compare.py's tie rule, one band for every precision), and, on a labelled folder, image
+and pixel AUROC of each. The pixel AUROC is measured on the raw anomaly maps (before normalisation clips them
+to [0, 1], which ties every clipped pixel), read from an evaluation copy of each graph that also outputs them.
+What the CPU actually computes:
 - FP16: ONNX Runtime's CPU provider has no x86 FP16 Conv kernel; it runs each FP16 node on its FP32 kernel
   between Casts (its InsertCastTransformer). Weights and every backbone activation are still rounded to FP16,
   which is what TensorRT's FP16 kernels store; they accumulate in FP32 as those usually do.
@@ -13,16 +15,21 @@ AUROC of each. What the CPU actually computes:
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from PIL import Image
 
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ort_session, read_onnx_metadata, write_onnx
 from patchcore_trt.compare import off_threshold
 from patchcore_trt.errors import UserError
 from patchcore_trt.images import ImageError, collect_images, load_image
-from patchcore_trt.runtime import open_backend
+from patchcore_trt.runtime.base import Prediction
+
+_EXACT_QDQ = {"session.disable_quant_qdq": "1"}
 
 GOOD = "good"
 MASKS = "ground_truth"
@@ -116,11 +123,15 @@ class GateFigures:
         def points(value: float | None) -> str:
             return "n/a" if value is None else f"{100 * value:.2f}"
 
-        return (
+        drift = (
             f"{self.precision} vs fp32 on {self.images} images: max |delta score| {self.max_score_delta:.2e}, "
             f"max |delta map| {self.max_map_delta:.2e}, labels agree {100 * self.label_agreement:.2f}% "
             f"({self.flips_off_threshold} flips farther than {THRESHOLD_BAND:g} from the threshold), "
-            f"image AUROC {points(self.image_auroc_reference)} -> {points(self.image_auroc)}, "
+        )
+        if self.image_auroc_reference is None:
+            return drift + "AUROC not measured (the folder has no good/ and defect labels)"
+        return (
+            drift + f"image AUROC {points(self.image_auroc_reference)} -> {points(self.image_auroc)}, "
             f"pixel AUROC {points(self.pixel_auroc_reference)} -> {points(self.pixel_auroc)}"
         )
 
@@ -157,9 +168,7 @@ def over_budget(figures: GateFigures, budget: Budget) -> list[str]:
         broken.append(f"label agreement {100 * figures.label_agreement:.2f}% < {100 * budget.min_label_agreement:g}%")
     if budget.max_image_auroc_drop_points is not None:
         drop = figures.image_auroc_drop_points
-        if drop is None:
-            broken.append("image AUROC needs a labelled folder with good/ and defect images")
-        elif drop > budget.max_image_auroc_drop_points:
+        if drop is not None and drop > budget.max_image_auroc_drop_points:
             broken.append(f"image AUROC drop {drop:.2f} points > {budget.max_image_auroc_drop_points:g}")
     return broken
 
@@ -172,6 +181,35 @@ def _mask_pixels(path: Path | None, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized) > 127
 
 
+RAW_MAP = "raw_anomaly_map"
+# The post-processing ops between the blurred map and the ``anomaly_map`` output (normalise, clip).
+_NORMALISATION_OPS = {"Clip", "Add", "Sub", "Div", "Mul", "Min", "Max"}
+
+
+def with_raw_map(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with one more output, RAW_MAP: the anomaly map before its min-max normalisation and clipping."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    name = "anomaly_map"
+    while name in producers and producers[name].op_type in _NORMALISATION_OPS:
+        name = producers[name].input[0]
+    model.graph.node.append(onnx.helper.make_node("Identity", [name], [RAW_MAP], name=RAW_MAP))
+    model.graph.output.append(onnx.helper.make_tensor_value_info(RAW_MAP, onnx.TensorProto.FLOAT, None))
+    return model
+
+
+class _Evaluated:
+    """One graph's evaluation copy in ONNX Runtime: the four outputs as a Prediction, and the raw map."""
+
+    def __init__(self, source: Path, scratch: Path, config: dict[str, str]) -> None:
+        copy = scratch / f"{len(list(scratch.iterdir()))}-{source.name}"
+        write_onnx(with_raw_map(onnx.load(str(source))), copy)
+        self.session = ort_session(copy, config=config)
+
+    def run(self, image: np.ndarray) -> tuple[Prediction, np.ndarray]:
+        *outputs, raw_map = self.session.run([*OUTPUT_NAMES, RAW_MAP], {INPUT_NAME: image})
+        return Prediction.from_outputs(outputs), raw_map
+
+
 def evaluate(reference: Path, candidate: Path, data: LabelledSet, precision: str) -> GateFigures:
     """Run both ONNX graphs on every image of ``data`` and compare (see the module docstring for what runs)."""
     scores = np.zeros((2, len(data.images)), dtype=np.float64)
@@ -179,26 +217,25 @@ def evaluate(reference: Path, candidate: Path, data: LabelledSet, precision: str
     map_deltas: list[np.ndarray] = []
     pixel_maps: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     pixel_truth: list[np.ndarray] = []
-    with (
-        open_backend(reference, "onnxruntime") as fp32,
-        open_backend(candidate, "onnxruntime", qdq_fusion=False) as low,
-    ):
-        threshold = fp32.image_threshold
+    threshold = read_onnx_metadata(reference).image_threshold
+    with tempfile.TemporaryDirectory(prefix="patchcore-trt-gate-") as scratch:
+        # INT8 runs with ORT's Q/DQ fusion off, so quantisation happens exactly as the graph writes it.
+        graphs = [_Evaluated(reference, Path(scratch), {}), _Evaluated(candidate, Path(scratch), _EXACT_QDQ)]
         for index, path in enumerate(data.images):
             try:
                 image = load_image(path)[None]
             except ImageError as exc:
                 raise UserError(f"{path}: {exc}") from None
-            results = [fp32.predict(image), low.predict(image)]
-            for which, result in enumerate(results):
+            results = [graph.run(image) for graph in graphs]
+            for which, (result, _) in enumerate(results):
                 scores[which, index] = float(result.pred_score[0])
                 labels[which, index] = bool(result.pred_label[0])
-            map_deltas.append(np.abs(results[0].anomaly_map - results[1].anomaly_map).reshape(-1))
+            map_deltas.append(np.abs(results[0][0].anomaly_map - results[1][0].anomaly_map).reshape(-1))
             # Pixel AUROC over good images (all-normal pixels) and defective images that have a mask.
             if data.labels is not None and (not data.labels[index] or data.masks[index] is not None):
-                pixel_truth.append(_mask_pixels(data.masks[index], results[0].anomaly_map.shape[-2:]).reshape(-1))
+                pixel_truth.append(_mask_pixels(data.masks[index], results[0][1].shape[-2:]).reshape(-1))
                 for which in (0, 1):
-                    pixel_maps[which].append(results[which].anomaly_map.reshape(-1))
+                    pixel_maps[which].append(results[which][1].reshape(-1))
     deltas = np.abs(scores[0] - scores[1])
     decided = off_threshold(scores[0], threshold, THRESHOLD_BAND)
     flips = (labels[0] != labels[1]) & decided

@@ -8,23 +8,17 @@ Variants are written beside the export (artifact.variant_path): ``MODEL.fp16.onn
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from patchcore_trt.accuracy import BUDGETS, GateFigures, evaluate, labelled_folder, over_budget
+from patchcore_trt.accuracy import BUDGETS, GateFigures, LabelledSet, evaluate, labelled_folder, over_budget
 from patchcore_trt.artifact import PRECISIONS, read_onnx_metadata, variant_path
 from patchcore_trt.engine import Profile, check_build, default_profile, run_build
 from patchcore_trt.errors import UserError
+from patchcore_trt.images import collect_images
 from patchcore_trt.precision import DEFAULT_CALIBRATION_IMAGES, calibration_images, write_fp16_onnx, write_int8_onnx
-
-
-@contextlib.contextmanager
-def _quiet(title: str) -> Iterator[None]:
-    del title
-    yield
+from patchcore_trt.steps import Step, quiet
 
 
 class GateRefusedError(UserError):
@@ -64,7 +58,7 @@ def build(
     calibration_cache: Path | None = None,
     eval_data: Path | None = None,
     force: bool = False,
-    step: Callable[[str], AbstractContextManager[None]] = _quiet,
+    step: Step = quiet,
 ) -> BuildOutcome:
     """Build ``MODEL.<precision>.engine`` from the FP32 export ``onnx_path``.
 
@@ -73,7 +67,8 @@ def build(
         profile: Input shapes; default: half to twice the model resolution, batch 1 to 32.
         calibration: int8: a folder of normal images; at most ``max_calibration_images`` are used.
         calibration_cache: int8: the range cache (default MODEL.int8.calib.json).
-        eval_data: fp16/int8: the folder the accuracy gate compares on (MVTec layout, or plain images).
+        eval_data: fp16/int8: the folder the accuracy gate compares on (MVTec layout, or plain images). fp16
+            without one gates on generated images: drift and labels against FP32, no AUROC.
         force: Build even if the gate finds the graph over its budget.
         step: ``step(title)`` wraps each long step (the CLI logs start, end and time).
 
@@ -96,14 +91,13 @@ def build(
     engine = variant_path(onnx_path, precision, "engine")
     graph, figures, broken, from_cache, extra = onnx_path, None, [], False, None
     if precision != "fp32":
-        if precision == "int8" and calibration is None:
-            raise UserError("--precision int8 needs --calibration FOLDER (normal images, up to --calibration-images)")
-        if eval_data is None:
+        if precision == "int8" and (calibration is None or eval_data is None):
+            missing = "--calibration FOLDER (normal images)" if calibration is None else "--eval-data FOLDER"
             raise UserError(
-                f"--precision {precision} needs --eval-data FOLDER for its accuracy gate "
-                "(good/ and defect subfolders, as MVTec AD or the demo's generated data set)"
+                f"--precision int8 needs {missing}: INT8 is calibrated on normal images and judged on a labelled "
+                "folder (good/ and defect subfolders, as MVTec AD or the demo's generated data set)"
             )
-        data = labelled_folder(eval_data)
+        data = labelled_folder(eval_data) if eval_data is not None else None
         picked = calibration_images(calibration, max_calibration_images) if calibration is not None else []
         graph = variant_path(onnx_path, precision, "onnx")
         if precision == "fp16":
@@ -113,8 +107,7 @@ def build(
             cache = calibration_cache or variant_path(onnx_path, precision, "calibration")
             with step(f"writing {graph.name} (backbone convs INT8 Q/DQ, {len(picked)} calibration images)"):
                 from_cache = write_int8_onnx(onnx_path, graph, picked, cache=cache).from_cache
-        with step(f"accuracy gate: {graph.name} vs {onnx_path.name} in ONNX Runtime (CPU) on {eval_data}"):
-            figures = evaluate(onnx_path, graph, data, precision)
+        figures = _gate(onnx_path, graph, precision, data, metadata.model_size, eval_data, step)
         broken = over_budget(figures, BUDGETS[precision])
         if broken and not force:
             raise GateRefusedError(figures, broken)
@@ -125,3 +118,30 @@ def build(
     return BuildOutcome(
         result.engine, result.sidecar, graph, plan.trt.library, plan.trt.version, figures, tuple(broken), from_cache
     )
+
+
+GENERATED_IMAGES = 16
+
+
+def _gate(
+    fp32: Path,
+    graph: Path,
+    precision: str,
+    data: LabelledSet | None,
+    model_size: tuple[int, int],
+    eval_data: Path | None,
+    step: Step,
+) -> GateFigures:
+    """The accuracy gate on ``data``, or without it on generated images (unlabelled: drift and labels only)."""
+    if data is not None:
+        with step(f"accuracy gate: {graph.name} vs {fp32.name} in ONNX Runtime (CPU) on {eval_data}"):
+            return evaluate(fp32, graph, data, precision)
+    from patchcore_trt.demo.data import make_synthetic_dataset
+
+    half = GENERATED_IMAGES // 2
+    with tempfile.TemporaryDirectory(prefix="patchcore-trt-gate-") as scratch:
+        folder = make_synthetic_dataset(Path(scratch), n_train=0, n_test_good=half, n_test_defect=half, size=model_size)
+        images = collect_images([str(folder.test_good), str(folder.test_defect)])[0]
+        title = f"{len(images)} generated images (no --eval-data: drift and labels against FP32, no AUROC)"
+        with step(f"accuracy gate: {graph.name} vs {fp32.name} in ONNX Runtime (CPU) on {title}"):
+            return evaluate(fp32, graph, LabelledSet(images, None, [None] * len(images)), precision)

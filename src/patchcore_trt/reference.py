@@ -51,12 +51,15 @@ class AnomalibReference:
         self.module = module.eval()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: Path) -> AnomalibReference:
-        """anomalib's own loader (Lightning's, which unpickles the file: only for checkpoints that are trusted)."""
+    def from_checkpoint(cls, checkpoint: Path, *, trust_pickled_code: bool = False) -> AnomalibReference:
+        """anomalib's own loader (Lightning's); it unpickles whole objects only when ``trust_pickled_code``."""
         patchcore = _patchcore_class()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls(patchcore.load_from_checkpoint(str(checkpoint), map_location="cpu", pre_trained=False))
+            module = patchcore.load_from_checkpoint(
+                str(checkpoint), map_location="cpu", pre_trained=False, weights_only=not trust_pickled_code
+            )
+        return cls(module)
 
     @classmethod
     def from_spec(cls, spec: PatchCoreSpec) -> AnomalibReference:

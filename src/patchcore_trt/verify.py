@@ -35,11 +35,13 @@ class BackendParity:
         return self.figures.within(PARITY_BAR)
 
 
-def anomalib_predictions(checkpoint: Path, images: Sequence[np.ndarray]) -> tuple[Prediction, Prediction, float]:
+def anomalib_predictions(
+    checkpoint: Path, images: Sequence[np.ndarray], *, trust_pickled_code: bool = False
+) -> tuple[Prediction, Prediction, float]:
     """anomalib's forward (the parity reference), its Lightning predict path, and forward's median ms per image."""
     from patchcore_trt.reference import AnomalibReference
 
-    reference = AnomalibReference.from_checkpoint(checkpoint)
+    reference = AnomalibReference.from_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code)
     reference.forward(torch.from_numpy(images[0][None]))  # warm-up, as for every backend
     forward, lightning, times = [], [], []
     for image in images:
@@ -66,21 +68,24 @@ def backend_parity(
     onnx_path: Path,
     images: np.ndarray,
     backends: Sequence[str] = CPU_BACKENDS,
+    *,
+    trust_pickled_code: bool = False,
 ) -> tuple[list[BackendParity], Prediction]:
     """Run ``backends`` on ``images`` and compare each with anomalib's forward.
 
     The first rows are anomalib itself: its forward (the reference, timed like the backends) and its Lightning
     predict path (antialiased resize) measured against it, which shows how far anomalib's own paths are apart.
     """
-    reference, lightning, reference_ms = anomalib_predictions(checkpoint, images)
+    reference, lightning, reference_ms = anomalib_predictions(checkpoint, images, trust_pickled_code=trust_pickled_code)
     threshold = read_onnx_metadata(onnx_path).image_threshold
     rows = [
         BackendParity(REFERENCE_ROW, compare(reference, reference, threshold=threshold), reference_ms, checked=False),
         BackendParity(LIGHTNING_ROW, compare(lightning, reference, threshold=threshold), checked=False),
     ]
     for name in backends:
-        artifact = checkpoint if backend_info(name).suffixes == (".ckpt",) else onnx_path
-        with open_backend(artifact, name) as backend:
+        reads_checkpoint = backend_info(name).suffixes == (".ckpt",)
+        options = {"trust_pickled_code": True} if reads_checkpoint and trust_pickled_code else {}
+        with open_backend(checkpoint if reads_checkpoint else onnx_path, name, **options) as backend:
             backend.predict(images[0][None])  # warm-up: first-call allocation and kernel selection
             prediction, ms = run_each(backend, images)
         rows.append(BackendParity(name, compare(prediction, reference, threshold=threshold), ms))

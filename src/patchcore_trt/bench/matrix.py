@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchcore_trt.bench.settings import DEFAULT_PRECISION, BenchSettings
+from patchcore_trt.bench.settings import CPU_BACKENDS, DEFAULT_PRECISION, BenchSettings
 from patchcore_trt.bench.subjects import Case, Subject, artifact_maker, as_float_nchw, make_subject
 from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import texture_images
@@ -35,6 +35,7 @@ from patchcore_trt.gpu.knn import float32_matmul
 from patchcore_trt.model import PatchCoreDeploy
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.spec import PatchCoreSpec
+from patchcore_trt.steps import Step, quiet
 
 MIB = 1 << 20
 INPUT_SEED = 4242  # distinct from every seed synthetic_spec uses: the inputs are fresh
@@ -176,9 +177,15 @@ def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[
             backends.insert(0, "anomalib")
         else:
             notices.append("anomalib is not installed: no baseline row (pip install 'patchcore-trt[anomalib]')")
-    if "cuda" in backends and not torch.cuda.is_available():
+    gpu = torch.cuda.is_available()
+    if "cuda" in backends and not gpu:
         backends.remove("cuda")
-        notices.append("cuda: not benchmarked (torch sees no CUDA GPU here)")
+        instead = [name for name in CPU_BACKENDS if name not in backends]
+        backends += instead
+        notices.append(
+            "cuda: not benchmarked (torch sees no CUDA GPU here)"
+            + (f"; benchmarking the CPU backends {', '.join(instead)} instead" if instead else "")
+        )
     runs_precision = {"cuda": tuple(BACKBONE_DTYPES), "anomalib": ("fp32", "fp16")}
     cases = []
     for backend in backends:
@@ -191,7 +198,8 @@ def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[
                 )
                 continue
             searches = settings.searches if backend == "cuda" else ("-",)
-            copies = settings.copies if backend in runs_precision else ("host",)
+            # Host and device rows differ only where a GPU holds the inputs.
+            copies = settings.copies if backend in runs_precision and gpu else ("host",)
             cases += [Case(backend, precision, s, c, batch) for s in searches for c in copies]
     return cases, notices
 
@@ -213,6 +221,7 @@ def run_matrix(
     trust_pickled_code: bool = False,
     on_row: Callable[[dict[str, Any]], None] = lambda row: None,
     on_notice: Callable[[str], None] = lambda text: None,
+    step: Step = quiet,
 ) -> list[dict[str, Any]]:
     """Run every row of the matrix; ``on_row`` sees each finished row (to write results as they come).
 
@@ -220,7 +229,7 @@ def run_matrix(
     folder and removed at the end: the results are the only files a benchmark leaves.
     """
     with tempfile.TemporaryDirectory(prefix="patchcore-trt-bench-") as work_dir:
-        return _run_matrix(settings, Path(work_dir), checkpoint, trust_pickled_code, on_row, on_notice)
+        return _run_matrix(settings, Path(work_dir), checkpoint, trust_pickled_code, on_row, on_notice, step)
 
 
 def _run_matrix(
@@ -230,6 +239,7 @@ def _run_matrix(
     trust_pickled_code: bool,
     on_row: Callable[[dict[str, Any]], None],
     on_notice: Callable[[str], None],
+    step: Step,
 ) -> list[dict[str, Any]]:
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.demo.synthetic_model import synthetic_spec
@@ -245,9 +255,14 @@ def _run_matrix(
 
     fitted = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code) if checkpoint is not None else None
     for size, bank in workloads(settings):
-        spec = fitted or synthetic_spec(bank, size, backbone=settings.backbone, device=device)
+        if fitted is None:
+            with step(f"making a synthetic {settings.backbone} model, bank {bank:,} rows, {size[0]}x{size[1]}"):
+                spec = synthetic_spec(bank, size, backbone=settings.backbone, device=device)
+        else:
+            spec = fitted
         images = input_pool(size, max(settings.images, 2 * max(settings.batches)))
-        reference = reference_predictions(spec, images)
+        with step(f"FP32 reference outputs on {len(images)} images of {size[0]}x{size[1]}"):
+            reference = reference_predictions(spec, images)
         artifact = artifact_maker(spec, checkpoint, work_dir)
         for batch in settings.batches:
             cases, notices = matrix_cases(settings, batch)
@@ -269,7 +284,14 @@ def _run_matrix(
                 except UserError as exc:
                     notice(f"{case.backend} {case.precision}: skipped ({exc})")
                     continue
-                row = {**case.__dict__, "height": size[0], "width": size[1], "bank": spec.bank_size, **figures}
+                row = {
+                    **case.__dict__,
+                    "height": size[0],
+                    "width": size[1],
+                    "backbone": spec.backbone,
+                    "bank": spec.bank_size,
+                    **figures,
+                }
                 rows.append(row)
                 on_row(row)
     return rows

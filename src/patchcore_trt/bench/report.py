@@ -101,12 +101,24 @@ def display_row(row: dict[str, Any]) -> dict[str, str]:
 
 
 def write_results(
-    out_dir: Path, settings: BenchSettings, env: dict[str, Any], rows: Sequence[dict[str, Any]], notices: list[str]
+    out_dir: Path,
+    settings: BenchSettings,
+    env: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    notices: list[str],
+    *,
+    checkpoint: Path | None = None,
 ) -> None:
-    """bench.json (everything), bench.csv (rows) and bench.md (table with its environment)."""
-    write_json(
-        out_dir / "bench.json", {"environment": env, "settings": asdict(settings), "rows": rows, "notices": notices}
-    )
+    """bench.json (everything), bench.csv (rows) and bench.md (table with its environment).
+
+    With a checkpoint the synthetic model's settings (bank rows, backbone) mean nothing and are left out; each
+    row records the model's real bank, backbone and input size.
+    """
+    recorded = asdict(settings)
+    if checkpoint is not None:
+        recorded = {key: value for key, value in recorded.items() if key not in ("banks", "backbone")}
+        recorded["checkpoint"] = checkpoint
+    write_json(out_dir / "bench.json", {"environment": env, "settings": recorded, "rows": rows, "notices": notices})
     write_csv(out_dir / "bench.csv", list(rows))
     lines = [f"# patchcore-trt bench, {env['date']}", ""]
     lines += [f"- {key}: {value}" for key, value in env.items() if key != "date" and value is not None]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import typer
 from rich.console import Console
@@ -25,7 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # No markup anywhere: file names and messages may contain "[...]", which rich would take as markup.
-console = Console(stderr=True, markup=False)
+console = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 INTERRUPTED = 130
 
@@ -45,8 +46,16 @@ def _error(message: str, exit_code: int) -> None:
     sys.exit(exit_code)
 
 
+# Libraries warn about their own deprecations and internals on import and use; nothing a user can act on.
+_QUIET_LIBRARIES = (
+    r"(anomalib|timm|lightning|lightning_fabric|torch|torchvision|kornia|onnxscript|huggingface_hub)(\.|$)"
+)
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=_QUIET_LIBRARIES)
     _register_commands()
     try:
         # Outside standalone mode typer returns a command's exit code (130 after Ctrl-C) instead of exiting.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,8 +22,8 @@ from patchcore_trt.errors import UserError
 from patchcore_trt.files import is_special
 
 # soft_wrap: long lines (paths) are left to the terminal to wrap, never cut or broken into the middle of a name.
-out = Console(markup=False)
-err = Console(stderr=True, markup=False)
+out = Console(markup=False, highlight=False, soft_wrap=True)
+err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_table(rows: list[dict[str, object]], title: str) -> None:
@@ -42,6 +43,12 @@ def human_size(path: Path) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{size:.1f} GB"
+
+
+def program() -> str:
+    """How the user started patchcore-trt, so the commands we suggest run as printed (``.venv/bin/patchcore-trt``)."""
+    invoked = sys.argv[0] if sys.argv else ""
+    return invoked if Path(invoked).name == "patchcore-trt" else "patchcore-trt"
 
 
 def warn(text: str) -> None:

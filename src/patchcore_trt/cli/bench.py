@@ -6,12 +6,20 @@ from pathlib import Path
 
 import typer
 
-from patchcore_trt.bench.settings import BenchSettings
+from patchcore_trt.artifact import MAX_BATCH
+from patchcore_trt.bench.settings import MAX_BANK, MAX_IMAGES, BenchSettings
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, out, parse_size, step, warn
+from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, step, warn
 from patchcore_trt.errors import UserError
 
 DEFAULTS = BenchSettings()
+RUNS = Path("runs") / "bench"
+
+
+def next_run_folder(parent: Path = RUNS) -> Path:
+    """parent/expN for the first N not taken: every run gets a fresh folder and none overwrites another."""
+    taken = {path.name for path in parent.glob("exp*")} if parent.is_dir() else set()
+    return parent / next(f"exp{n}" for n in range(1, len(taken) + 2) if f"exp{n}" not in taken)
 
 
 def _joined(values: tuple[object, ...]) -> str:
@@ -28,13 +36,13 @@ def _names(text: str, option: str, allowed: tuple[str, ...] | None = None) -> tu
     return values
 
 
-def _numbers(text: str, option: str) -> tuple[int, ...]:
+def _numbers(text: str, option: str, largest: int) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in _names(text, option))
     except ValueError:
         raise UserError(f"{option} takes whole numbers separated by commas, got {text!r}") from None
-    if min(values) < 1:
-        raise UserError(f"{option} values must be at least 1, got {text!r}")
+    if min(values) < 1 or max(values) > largest:
+        raise UserError(f"{option} values must be at least 1 and at most {largest:,}, got {text!r}")
     return values
 
 
@@ -62,13 +70,17 @@ def bench_command(
     max_seconds: float = typer.Option(
         DEFAULTS.max_seconds, min=0.1, help="Time budget per row for warm-up and for timing."
     ),
-    images: int = typer.Option(DEFAULTS.images, min=1, help="Distinct images per input size, rotated and checked."),
+    images: int = typer.Option(
+        DEFAULTS.images, min=1, max=MAX_IMAGES, help="Distinct images per input size, rotated and checked."
+    ),
     baseline: bool = typer.Option(
         DEFAULTS.baseline, help="Add anomalib's eager module as the baseline row when installed."
     ),
     graphs: bool = typer.Option(DEFAULTS.graphs, help="cuda: replay CUDA graphs (--no-graphs: eager launches)."),
     backbone: str = typer.Option(DEFAULTS.backbone, help="--synthetic backbone (a timm name)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Folder for bench.json, .csv, .md and .png."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Folder for bench.json, .csv, .md and .png (default: a new runs/bench/expN)."
+    ),
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
     ),
@@ -79,18 +91,21 @@ def bench_command(
     if model is not None and (bank != _joined(DEFAULTS.banks) or backbone != DEFAULTS.backbone):
         raise UserError("--bank and --backbone shape the synthetic model; a checkpoint brings its own")
     # Every option is checked before torch is imported: a typo costs a fraction of a second.
+    from patchcore_trt.runtime import backend_names
+
     options = {
-        "backends": _names(backends, "--backends"),
+        "backends": _names(backends, "--backends", (*backend_names(), "anomalib")),
         "precisions": _names(precision, "--precision", ("fp32", "tf32", "fp16", "bf16")) if precision else (),
         "searches": _names(search, "--search", ("exact", "fast")),
         "sizes": tuple(parse_size(text) for text in _names(sizes, "--sizes")),
-        "batches": _numbers(batch, "--batch"),
-        "banks": _numbers(bank, "--bank"),
+        "batches": _numbers(batch, "--batch", MAX_BATCH),
+        "banks": _numbers(bank, "--bank", MAX_BANK),
         "copies": _names(copies, "--copies", ("host", "device")),
     }
+    output = output or next_run_folder()
+    check_output_dir(output)
     from patchcore_trt.bench.matrix import run_matrix
     from patchcore_trt.bench.report import display_row, environment, write_chart, write_results
-    from patchcore_trt.report import markdown_table, rich_table
 
     settings = BenchSettings(
         **options,
@@ -102,7 +117,6 @@ def bench_command(
         graphs=graphs,
         backbone=backbone,
     )
-    output.mkdir(parents=True, exist_ok=True)
     env = environment()
     rows: list[dict] = []
     notices: list[str] = []
@@ -115,7 +129,7 @@ def bench_command(
             f" ({shown['copies']}): {shown['median ms']} ms, {shown['img/s']} img/s, Δscore {shown['max Δscore']}",
             highlight=False,
         )
-        write_results(output, settings, env, rows, notices)
+        write_results(output, settings, env, rows, notices, checkpoint=model)
 
     def on_notice(text: str) -> None:
         notices.append(text)
@@ -128,15 +142,11 @@ def bench_command(
             trust_pickled_code=trust_pickled_code,
             on_row=on_row,
             on_notice=on_notice,
+            step=step,
         )
     if not rows:
         raise UserError("bench: no row could run; see the notes above")
-    write_results(output, settings, env, rows, notices)
     chart = write_chart(output, rows)
-    shown = [display_row(row) for row in rows]
-    if out.is_terminal:
-        out.print(rich_table(shown, title="patchcore-trt bench"))
-    else:  # sixteen columns do not fit rich's 80-column default of pipes and logs
-        out.print(markdown_table(shown))
+    print_table([display_row(row) for row in rows], "patchcore-trt bench")
     written = ", ".join(str(output / name) for name in ("bench.md", "bench.csv", "bench.json"))
     err.print(f"wrote {written}, {chart}")

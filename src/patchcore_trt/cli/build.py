@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, human_size, step, warn
+from patchcore_trt.cli._common import err, human_size, program, step, warn
 
 
 @app.command("build")
@@ -30,9 +30,15 @@ def build_command(
     """Build MODEL.<precision>.engine (+ .engine.json metadata) from an exported ONNX."""
     from patchcore_trt.artifact import variant_path
     from patchcore_trt.build import GateRefusedError, build
-    from patchcore_trt.engine import Profile, Shape
+    from patchcore_trt.engine import RTX_DEFAULT_TARGETS, Profile, Shape, load_tensorrt
 
     profile = Profile(*(Shape.parse(text) for text in shapes)) if shapes else None
+    if model.is_file() and load_tensorrt().library == "tensorrt_rtx":
+        warn(
+            f"full TensorRT is not installed: building with TensorRT-RTX, whose engines run on GPUs of compute "
+            f"capability {RTX_DEFAULT_TARGETS} only (not Jetson Orin 8.7, T4 7.5, H100/H200 9.0). For those, build "
+            "with full TensorRT 10 or newer: the NGC container nvcr.io/nvidia/tensorrt, or a Jetson's JetPack."
+        )
     try:
         outcome = build(
             model,
@@ -59,5 +65,5 @@ def build_command(
         warn(f"over budget ({'; '.join(outcome.over_budget)}), built anyway (--force)")
     err.print(f"  wrote {outcome.engine} ({human_size(outcome.engine)}) and {outcome.sidecar.name}")
     err.print(
-        f"next: patchcore-trt predict {outcome.engine} IMAGES --device cuda  (an NVIDIA GPU {outcome.library} supports)"
+        f"next: {program()} predict {outcome.engine} IMAGES --device cuda  (a GPU {outcome.library} supports)"
     )

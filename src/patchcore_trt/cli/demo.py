@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import out, print_table, step
+from patchcore_trt.cli._common import out, print_table, program, step
 
 
 @app.command("demo")
@@ -26,9 +26,15 @@ def demo_command(
     title = f"parity vs anomalib's forward on {len(result.test_images)} test images"
     print_table(table_rows(result.rows), title)
     out.print(FOOTNOTE)
-    out.print(f"report: {result.report}; heatmaps: {result.visuals_dir}")
-    out.print(
-        f"next: patchcore-trt predict {result.onnx} {work_dir / 'data' / 'test'} --save-visuals out/", highlight=False
-    )
+    data = work_dir / "data"
+    out.print(f"checkpoint (anomalib): {result.checkpoint}")
+    out.print(f"ONNX (exported, self-checked): {result.onnx}")
+    out.print(f"heatmaps: {result.visuals_dir}; figures: {result.report}")
+    tool = program()
+    out.print("next, try:")
+    out.print(f"  {tool} predict {result.onnx} {data / 'test'} --json {work_dir / 'results.json'}")
+    out.print(f"  {tool} verify {result.checkpoint} {data / 'test'} --onnx {result.onnx}")
+    out.print(f"  {tool} build {result.onnx} --precision fp16 --eval-data {data}")
+    out.print(f"  {tool} bench {result.checkpoint} --backends onnxruntime,torch")
     if not result.passed:
         raise typer.Exit(1)

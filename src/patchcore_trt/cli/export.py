@@ -7,7 +7,16 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, err, human_size, out, parse_size, print_table, step
+from patchcore_trt.cli._common import (
+    check_output_dir,
+    err,
+    human_size,
+    out,
+    parse_size,
+    print_table,
+    program,
+    step,
+)
 from patchcore_trt.errors import UserError
 
 
@@ -65,4 +74,4 @@ def export_command(
             for c in checks
         ]
         print_table(rows, "self-check: ONNX Runtime vs deploy model")
-    out.print(f"next: patchcore-trt predict {path} IMAGES... --backend onnxruntime")
+    out.print(f"next: {program()} predict {path} IMAGES...")

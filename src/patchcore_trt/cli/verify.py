@@ -20,15 +20,29 @@ def verify_command(
     backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated backends to compare."),
     limit: int = typer.Option(50, min=1, help="Use at most this many images."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the figures as JSON."),
+    trust_pickled_code: bool = typer.Option(
+        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
+    ),
 ) -> None:
     """Compare each backend with anomalib's AnomalibModule.forward; exit 1 if any misses the parity bar."""
+    if checkpoint.suffix.lower() != ".ckpt":
+        hint = f"; give the exported graph with --onnx {checkpoint}" if checkpoint.suffix.lower() == ".onnx" else ""
+        raise UserError(f"{checkpoint}: verify needs the anomalib checkpoint (.ckpt) that anomalib ran{hint}")
+    from patchcore_trt.runtime import backend_names
+
+    names = [name.strip() for name in backends.split(",") if name.strip()]
+    unknown = [name for name in names if name not in backend_names()]
+    if unknown or not names:
+        raise UserError(f"--backends {backends!r}: choose from {', '.join(backend_names())}")
+    check_output_file(json_path)
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
     from patchcore_trt.images import ImageError, collect_images, load_image
     from patchcore_trt.report import write_json
     from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
 
-    check_output_file(json_path)
+    # Read safely first: a checkpoint that pickles code is refused here, before anomalib's own loader sees it.
+    spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code)
     paths, _ = collect_images(inputs)
     images, used = [], []
     for path in paths[:limit]:
@@ -42,11 +56,10 @@ def verify_command(
     with tempfile.TemporaryDirectory() as scratch:
         if onnx_path is None:
             with step("exporting a fresh ONNX to check"):
-                onnx_path, _ = export_onnx(read_checkpoint(checkpoint), Path(scratch) / "model.onnx")
-        names = [name.strip() for name in backends.split(",") if name.strip()]
+                onnx_path, _ = export_onnx(spec, Path(scratch) / "model.onnx")
         with progress() as bar:
             bar.add_task(f"running anomalib and {len(names)} backends on {len(images)} images", total=None)
-            rows, _ = backend_parity(checkpoint, onnx_path, images, names)
+            rows, _ = backend_parity(checkpoint, onnx_path, images, names, trust_pickled_code=trust_pickled_code)
     print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)")
     out.print(FOOTNOTE)
     if json_path is not None:

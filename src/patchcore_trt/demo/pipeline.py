@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +13,8 @@ from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.export import export_onnx
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.report import save_visuals, write_json
+from patchcore_trt.steps import Step, quiet
 from patchcore_trt.verify import BackendParity, backend_parity
-
-
-@contextlib.contextmanager
-def _quiet(title: str) -> Iterator[None]:
-    del title
-    yield
 
 
 @dataclass(frozen=True)
@@ -39,9 +31,7 @@ class DemoResult:
         return all(row.passed for row in self.rows if row.checked)
 
 
-def run_demo(
-    work_dir: Path, settings: TrainSettings, *, step: Callable[[str], AbstractContextManager] = _quiet
-) -> DemoResult:
+def run_demo(work_dir: Path, settings: TrainSettings, *, step: Step = quiet) -> DemoResult:
     """Run every stage in ``work_dir``; each runs inside ``step(title)`` (the CLI logs start, end and time)."""
     work_dir = Path(work_dir)
     with step(f"generating an inspection data set in {work_dir / 'data'}"):
