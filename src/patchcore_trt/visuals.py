@@ -19,11 +19,15 @@ import functools
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from patchcore_trt.files import atomic_path, display_name
+
+if TYPE_CHECKING:
+    from matplotlib.colors import Colormap
 
 TILE_HEIGHT = 256
 CAPTIONS = ("Image", "Anomaly map", "Predicted mask", "Overlay")
@@ -96,7 +100,8 @@ def panel_layout(image_size: tuple[int, int], tile_height: int = TILE_HEIGHT, wa
 
 def heat_colours(anomaly_map: np.ndarray) -> np.ndarray:
     """The normalised map [h, w] as jet colours (uint8 [h, w, 3]); 0..1 is the whole scale, outside is clipped."""
-    return _lut()[_levels(anomaly_map)]
+    values = np.clip(np.nan_to_num(anomaly_map, nan=0.0), 0.0, 1.0)
+    return _colormap()(values, bytes=True)[..., :3]
 
 
 def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
@@ -255,14 +260,10 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 
 @functools.lru_cache(maxsize=1)
-def _lut() -> np.ndarray:
+def _colormap() -> Colormap:
     from matplotlib import colormaps
 
-    return np.rint(colormaps[COLORMAP](np.linspace(0.0, 1.0, 256))[:, :3] * 255).astype(np.uint8)
-
-
-def _levels(values: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * 255).astype(np.intp)
+    return colormaps[COLORMAP]
 
 
 def _printable(text: str) -> str:
