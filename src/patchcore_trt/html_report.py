@@ -4,8 +4,8 @@ sheet of panels sorted by score, most anomalous first.
 The page is a single file that reads offline: images are data URIs, the style and the one script are inline, and
 a Content-Security-Policy allows nothing else (no fetch can leave the page, even from a browser extension's
 point of view). Every user string (file names with ``<``, ``&``, quotes, ``[bold]``, undecodable bytes) is
-escaped. The script sets ``body[data-images-loaded]`` to "decoded/total" once the page has loaded, so a browser
-test can tell that the images really render.
+escaped. The script sets ``body[data-images-loaded]`` to "decoded/total" once every image has been decoded (or
+failed to), so a browser test can tell that the images really render.
 
 Memory and page size stay bounded over any number of images: ``ContactSheet`` keeps only the ``limit`` most
 anomalous panels, each as a downscaled JPEG thumbnail.
@@ -269,10 +269,12 @@ def _csp_hash(source: str) -> str:
     return "sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode("ascii")
 
 
+# Counts the images that decode (img.decode() rejects one that does not) once every one has settled.
 _SCRIPT = (
-    'window.addEventListener("load",function(){var all=document.images,ok=0;'
-    "for(var i=0;i<all.length;i++){if(all[i].complete&&all[i].naturalWidth>0){ok++;}}"
-    'document.body.dataset.imagesLoaded=ok+"/"+all.length;});'
+    'window.addEventListener("load",function(){var all=[].slice.call(document.images);'
+    "Promise.all(all.map(function(img){return img.decode().then(function(){return 1;},function(){return 0;});}))"
+    ".then(function(done){var ok=done.reduce(function(a,b){return a+b;},0);"
+    'document.body.dataset.imagesLoaded=ok+"/"+all.length;});});'
 )
 
 _STYLE = """
