@@ -91,7 +91,7 @@ def display_row(row: dict[str, Any]) -> dict[str, str]:
         "median ms": f"{row['median_ms']:.3f}",
         "p90 ms": f"{row['p90_ms']:.3f}",
         "p99 ms": f"{row['p99_ms']:.3f}",
-        "img/s": f"{row['img_per_s']:,.0f}",
+        "img/s": f"{row['img_per_s']:,.0f}" if row["img_per_s"] >= 10 else f"{row['img_per_s']:.2g}",
         "GPU MiB": "-" if gpu != gpu else f"{gpu:,.0f}",
         "host MiB": f"{row['host_rss_mib']:,.0f}",
         "max Δscore": _error(row["max_score_error"]),

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PRECISION = {"cuda": "fp16"}  # every other backend: fp32
-# What a machine without a GPU benchmarks instead of the cuda backend.
-CPU_BACKENDS = ("torch", "onnxruntime", "openvino")
+GPU_BACKENDS = ("cuda", "tensorrt")
 MAX_BANK = 1 << 24  # 16.8M rows x 1536 floats is 100 GB: beyond any GPU's memory
 MAX_IMAGES = 4096
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.artifact import MAX_BATCH
-from patchcore_trt.bench.settings import MAX_BANK, MAX_IMAGES, BenchSettings
+from patchcore_trt.bench.settings import GPU_BACKENDS, MAX_BANK, MAX_IMAGES, BenchSettings
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, step, warn
+from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, program, step, warn
 from patchcore_trt.errors import UserError
 
 DEFAULTS = BenchSettings()
@@ -44,6 +44,21 @@ def _numbers(text: str, option: str, largest: int) -> tuple[int, ...]:
     if min(values) < 1 or max(values) > largest:
         raise UserError(f"{option} values must be at least 1 and at most {largest:,}, got {text!r}")
     return values
+
+
+def _require_gpu_for(backends: tuple[str, ...], synthetic: bool) -> None:
+    """Fail at once, with the command that runs here, when every backend asked for needs a GPU this machine lacks."""
+    if not set(backends) <= set(GPU_BACKENDS):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    model = "--synthetic --backbone resnet18 --bank 4096" if synthetic else "MODEL.ckpt"
+    raise UserError(
+        f"--backends {','.join(backends)} needs an NVIDIA GPU and torch sees none; on this machine time the CPU "
+        f"backends instead: {program()} bench {model} --backends onnxruntime,openvino,torch"
+    )
 
 
 @app.command("bench")
@@ -102,6 +117,7 @@ def bench_command(
         "banks": _numbers(bank, "--bank", MAX_BANK),
         "copies": _names(copies, "--copies", ("host", "device")),
     }
+    _require_gpu_for(options["backends"], synthetic)
     output = output or next_run_folder()
     check_output_dir(output)
     from patchcore_trt.bench.matrix import run_matrix

@@ -64,6 +64,4 @@ def build_command(
     if outcome.over_budget:
         warn(f"over budget ({'; '.join(outcome.over_budget)}), built anyway (--force)")
     err.print(f"  wrote {outcome.engine} ({human_size(outcome.engine)}) and {outcome.sidecar.name}")
-    err.print(
-        f"next: {program()} predict {outcome.engine} IMAGES --device cuda  (a GPU {outcome.library} supports)"
-    )
+    err.print(f"next: {program()} predict {outcome.engine} IMAGES --device cuda  (a GPU {outcome.library} supports)")

@@ -1,0 +1,59 @@
+"""The README's code blocks run as written: every ``bash`` and ``python`` block, in order, in one folder that holds
+what the README's examples name (``model.ckpt``, ``images/``, ``labelled/``) and the repository's ``.venv``.
+
+The set-up block is what .ci/run runs (the same command, checked here), and the test command is this run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+CI = ROOT / ".ci" / "run"
+FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
+SETUP = "python3 -m venv .venv && .venv/bin/pip install"
+TEST_COMMAND = ".venv/bin/python -m pytest -q"
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    return FENCE.findall(README.read_text())
+
+
+def test_the_setup_and_test_commands_are_what_ci_runs():
+    blocks = [code.strip() for _, code in readme_blocks()]
+    setup = next(code for code in blocks if code.startswith(SETUP))
+    ci = CI.read_text()
+    install = setup.split(" && ")[:2]
+    assert " && ".join(install) in ci, "the README's set-up command and .ci/run differ"
+    assert TEST_COMMAND in blocks and TEST_COMMAND in ci
+
+
+@pytest.fixture()
+def examples(resnet18_checkpoint, dataset, tmp_path) -> Path:
+    """A folder with the files the README's examples name, and the repository's virtual environment."""
+    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    shutil.copy(resnet18_checkpoint, tmp_path / "model.ckpt")
+    shutil.copytree(dataset.root / "test", tmp_path / "images")
+    shutil.copytree(dataset.root, tmp_path / "labelled")
+    return tmp_path
+
+
+def test_every_readme_block_runs_as_written(examples):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "1048576", "COLUMNS": "200"}
+    ran = 0
+    for language, code in readme_blocks():
+        if code.strip().startswith(SETUP) or code.strip() == TEST_COMMAND:
+            continue  # .ci/run runs these very commands (checked above)
+        command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
+        result = subprocess.run(command, cwd=examples, env=env, capture_output=True, text=True, timeout=1200)
+        assert result.returncode == 0, f"README block failed:\n{code}\n--- stderr ---\n{result.stderr[-3000:]}"
+        ran += 1
+    assert ran >= 3
