@@ -340,3 +340,10 @@ def test_usage_errors_are_one_line():
     assert result.returncode == 2 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line == "error: No such option: --no-such-option (see: patchcore-trt predict --help)"
+
+
+def test_a_hub_backbone_says_the_hub_is_offline(resnet18_checkpoint, dataset, tmp_path):
+    spec = read_checkpoint(resnet18_checkpoint)
+    hub = write_checkpoint(replace(spec, backbone="hf-hub:timm/resnet18.a1_in1k"), tmp_path / "hub.ckpt")
+    line = error_line(run_cli("predict", hub, dataset.test_good))
+    assert "defined on the Hugging Face Hub" in line and "HF_HUB_OFFLINE is set" in line

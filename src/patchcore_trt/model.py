@@ -14,6 +14,7 @@ Differences from anomalib's code are in how, never in what:
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import timm
@@ -36,11 +37,23 @@ class DeployOutput(NamedTuple):
     pred_mask: torch.Tensor
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def create_backbone(name: str, layers: tuple[str, ...]) -> nn.Module:
     """The timm ``features_only`` network anomalib's TimmFeatureExtractor builds, with layer names mapped to indices."""
     try:
         probe = timm.create_model(name, pretrained=False, features_only=True, exportable=True)
-    except RuntimeError as exc:  # timm: "Unknown model"
+    except Exception as exc:  # timm raises RuntimeError for unknown names; the Hub client its own error types
+        if name.startswith(("hf-hub:", "hf_hub:")):
+            offline = " (HF_HUB_OFFLINE is set: the Hub is not reachable from here)" if _hub_offline() else ""
+            raise UserError(
+                f"backbone {name!r} is defined on the Hugging Face Hub, which could not be read{offline}; "
+                "download the model once where the Hub is reachable (it is cached), or export there"
+            ) from None
+        if not isinstance(exc, RuntimeError):
+            raise
         raise UserError(f"backbone {name!r} is not a timm model known to this timm version ({exc})") from None
     modules = [info["module"] for info in probe.feature_info.info]
     missing = [layer for layer in layers if layer not in modules]
