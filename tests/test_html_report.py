@@ -15,10 +15,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from patchcore_trt.html_report import ContactSheet, Panel, ReportData, thumbnail, write_html_report
+from patchcore_trt.artifact import read_onnx_metadata
+from patchcore_trt.html_report import (
+    ContactSheet,
+    Panel,
+    ReportData,
+    metadata_rows,
+    sheet_of_predictions,
+    thumbnail,
+    write_html_report,
+)
 from patchcore_trt.runtime import open_backend
 from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
-from patchcore_trt.visuals import encode_png, render_panel
+from patchcore_trt.visuals import encode_png, pixel_threshold
 
 # File names a report must show as they are, never run: markup, entities, quotes, rich markup, undecodable bytes.
 HOSTILE_NAMES = (
@@ -68,26 +77,22 @@ class _Page(HTMLParser):
 def report(resnet18_checkpoint: Path, resnet18_onnx: Path, test_images, tmp_path_factory) -> tuple[Path, ReportData]:
     """A report as predict writes one: real panels (under hostile names), real parity rows, counts and failures."""
     _, images = test_images
+    metadata = read_onnx_metadata(resnet18_onnx)
     with open_backend(resnet18_onnx) as backend:
         prediction = backend.predict(images)
         threshold = backend.image_threshold
-    sheet = ContactSheet()
-    for index, name in enumerate(HOSTILE_NAMES):
-        score, label = float(prediction.pred_score[index]), bool(prediction.pred_label[index])
-        panel = render_panel(
-            images[index],
-            prediction.anomaly_map[index, 0],
-            prediction.pred_mask[index, 0],
-            score=score,
-            label=label,
-            threshold=threshold,
-            title=name,
-        )
-        sheet.add(name, score, label, panel)
+    sheet, warnings = sheet_of_predictions(
+        images,
+        prediction,
+        HOSTILE_NAMES,
+        threshold=threshold,
+        pixel_threshold=pixel_threshold(metadata.postprocess),
+        model_size=metadata.model_size,
+    )
     rows, _ = backend_parity(resnet18_checkpoint, resnet18_onnx, images, ["onnxruntime"])
     data = ReportData(
         title=f"predict {resnet18_onnx.name} <onnxruntime>",
-        model={"file": str(resnet18_onnx), "backend": "onnxruntime", "image_threshold": threshold},
+        model=metadata_rows(metadata, resnet18_onnx),
         counts={
             "scored": len(images),
             "anomalous": int(prediction.pred_label.sum()),
@@ -98,7 +103,7 @@ def report(resnet18_checkpoint: Path, resnet18_onnx: Path, test_images, tmp_path
         parity_rows=table_rows(rows),
         parity_bar=FOOTNOTE,
         failures=[(HOSTILE_NAMES[0], "not an image <or an unknown format>"), ("missing/", "no image files found")],
-        warnings=["big.png: 5000x5000 input downscaled 19.5x: small defects may vanish"],
+        warnings=[*warnings, "big.png: 5000x5000 input downscaled 19.5x: small defects may vanish"],
         panels=sheet.panels(),
         images_total=sheet.total,
     )
@@ -149,7 +154,16 @@ def test_parity_proof_counts_and_timings_are_on_the_page(report) -> None:
     assert "PASS" in text and FOOTNOTE in text
     for key, value in {**data.counts, **data.timings}.items():
         assert f"{value} {key}" in text
-    assert data.warnings[0] in text
+    assert data.warnings[-1] in text
+
+
+def test_model_section_shows_the_exported_metadata(report, resnet18_onnx: Path) -> None:
+    path, _ = report
+    metadata = read_onnx_metadata(resnet18_onnx)
+    text = _Page(path.read_text(encoding="utf-8")).visible
+    for fact in (metadata.backbone, *metadata.layers, metadata.source_checkpoint["sha256"], str(metadata.bank_size)):
+        assert fact in text
+    assert "x".join(map(str, metadata.model_size)) in text
 
 
 def test_contact_sheet_keeps_the_most_anomalous_as_small_thumbnails(report) -> None:

@@ -27,7 +27,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from patchcore_trt.artifact import ArtifactMetadata
 from patchcore_trt.files import display_name, write_text_atomic
+from patchcore_trt.runtime.base import Prediction
+from patchcore_trt.visuals import downscale_warning, pixel_threshold, render_panel
 
 THUMBNAIL_WIDTH = 800
 THUMBNAIL_QUALITY = 80
@@ -113,6 +116,55 @@ class ContactSheet:
     def panels(self) -> list[Panel]:
         """The kept panels, most anomalous first (ties in arrival order)."""
         return [entry[2] for entry in sorted(self._kept, key=lambda entry: entry[:2], reverse=True)]
+
+
+def sheet_of_predictions(
+    images: Sequence[np.ndarray],
+    prediction: Prediction,
+    names: Sequence[str],
+    *,
+    threshold: float,
+    pixel_threshold: float,
+    model_size: tuple[int, int],
+    limit: int = PANEL_LIMIT,
+) -> tuple[ContactSheet, list[str]]:
+    """The panels of a batch scored at once (``verify``'s and ``demo``'s reference), and its downscale warnings."""
+    sheet, warnings = ContactSheet(limit), []
+    for index, (image, name) in enumerate(zip(images, names, strict=True)):
+        warning = downscale_warning(image.shape[1:], model_size)
+        if warning is not None:
+            warnings.append(f"{name}: {warning}")
+        score, label = float(prediction.pred_score[index]), bool(prediction.pred_label[index])
+        panel = render_panel(
+            image,
+            prediction.anomaly_map[index, 0],
+            prediction.pred_mask[index, 0],
+            score=score,
+            label=label,
+            threshold=threshold,
+            pixel_threshold=pixel_threshold,
+            title=name,
+            warning=warning,
+        )
+        sheet.add(name, score, label, panel)
+    return sheet, warnings
+
+
+def metadata_rows(metadata: ArtifactMetadata, path: Path) -> dict[str, object]:
+    """What the page's model section shows of an exported graph's metadata."""
+    source = metadata.source_checkpoint
+    return {
+        "file": display_name(path),
+        "precision": metadata.precision,
+        "backbone": f"{metadata.backbone} ({', '.join(metadata.layers)})",
+        "model size": "x".join(map(str, metadata.model_size)),
+        "memory bank": f"{metadata.bank_size} x {metadata.embedding_dim}, {metadata.num_neighbors} neighbours",
+        "image threshold": metadata.image_threshold,
+        "pixel threshold": pixel_threshold(metadata.postprocess),
+        "source checkpoint": " ".join(str(source[key]) for key in ("name", "sha256") if key in source),
+        "producer": metadata.producer,
+        "versions": metadata.versions,
+    }
 
 
 def render_html(data: ReportData) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import io
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,6 +79,11 @@ def downscale_warning(image_size: tuple[int, int], model_size: tuple[int, int]) 
         f"{image_size[0]}x{image_size[1]} input downscaled {factor:.1f}x to the model's {model_size[0]}x"
         f"{model_size[1]}: small defects may vanish"
     )
+
+
+def pixel_threshold(postprocess: Mapping[str, float]) -> float:
+    """The normalised map threshold of a model's post-processing statistics (anomalib's 1 - pixel sensitivity)."""
+    return 1.0 - float(postprocess["pixel_sensitivity"])
 
 
 def panel_layout(image_size: tuple[int, int], tile_height: int = TILE_HEIGHT, warning: bool = False) -> Layout:
