@@ -238,17 +238,22 @@ def _colorbar(tile_height: int, pixel_threshold: float) -> Image.Image:
     levels = np.linspace(1.0, 0.0, tile_height, dtype=np.float32)
     bar.paste(Image.fromarray(np.repeat(heat_colours(levels)[:, None], strip, axis=1)), (0, 0))
     draw = ImageDraw.Draw(bar)
-    font = _font(max(9, _font_size(tile_height) - 3))
-    for value, text in ((1.0, "1"), (pixel_threshold, f"{pixel_threshold:g}"), (0.0, "0")):
+    size = _tick_size(tile_height)
+    font = _font(size)
+    for value, text in ((1.0, "1"), (pixel_threshold, f"{pixel_threshold:.2f}"), (0.0, "0")):
         y = round((1.0 - value) * (tile_height - 1))
         draw.line((strip, y, strip + 3, y), fill=_TEXT)
-        top = min(max(0, y - font.size // 2), tile_height - font.size - 2)
+        top = min(max(0, y - size // 2), tile_height - size - 2)
         draw.text((strip + 5, top), text, font=font, fill=_TEXT)
     return bar
 
 
 def _colorbar_width(tile_height: int) -> int:
-    return max(8, tile_height // 16) + 5 + round(2.6 * max(9, _font_size(tile_height) - 3))
+    return max(8, tile_height // 16) + 5 + round(2.6 * _tick_size(tile_height))
+
+
+def _tick_size(tile_height: int) -> int:
+    return max(9, _font_size(tile_height) - 3)
 
 
 def _font_size(tile_height: int) -> int:
