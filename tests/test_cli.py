@@ -25,9 +25,10 @@ def test_export_then_predict_with_files_and_a_broken_image(resnet18_checkpoint, 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     json_path, csv_path, visuals = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "vis"
+    page = tmp_path / "report.html"
     result = run_cli(
         "predict", onnx_path, dataset.test_defect, broken, "--json", json_path, "--csv", csv_path,
-        "--save-visuals", visuals,
+        "--save-visuals", visuals, "--report", page,
     )  # fmt: skip
     assert result.returncode == 1  # one input failed ...
     records = json.loads(json_path.read_text())["results"]
@@ -36,8 +37,11 @@ def test_export_then_predict_with_files_and_a_broken_image(resnet18_checkpoint, 
     (failed,) = [r for r in records if r["status"] == "error"]
     assert failed["file"] == str(broken) and "corrupt" in failed["error"]
     assert len(list(csv.DictReader(csv_path.open()))) == 4
-    assert len(list(visuals.glob("*.overlay.png"))) == 3
+    assert len(list(visuals.glob("*.overlay.png"))) == len(list(visuals.glob("*.panel.png"))) == 3
     assert "broken.png" in result.stdout
+    html = page.read_text(encoding="utf-8")  # the page's contents are tested in test_html_report.py
+    assert html.count("<figure ") == 3 and "broken.png" in html
+    assert '<div class="value">3</div><div class="key">scored</div>' in html
 
 
 def test_predict_checkpoint_with_openvino_is_refused(resnet18_checkpoint, dataset):

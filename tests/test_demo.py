@@ -18,3 +18,5 @@ def test_demo_runs_every_stage_and_passes_the_bar(tmp_path):
     assert {row["backend"] for row in report["parity_vs_anomalib_forward"]} >= {"torch", "onnxruntime", "openvino"}
     assert len(list((tmp_path / "visuals").glob("*.overlay.png"))) == 12
     assert (tmp_path / "model.onnx").is_file()
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert page.count("<figure ") == 12 and "PASS" in page

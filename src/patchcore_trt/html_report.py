@@ -297,7 +297,7 @@ def _sheet(panels: Sequence[Panel], total: int, threshold: float | None) -> str:
 
 
 def _figure(rank: int, panel: Panel, threshold: float | None) -> str:
-    from patchcore_trt.cli._common import format_score
+    from patchcore_trt.report import format_score
 
     label = "anomalous" if panel.label else "normal"
     score = format_score(panel.score, threshold) if threshold is not None else _number(panel.score)

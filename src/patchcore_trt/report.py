@@ -33,6 +33,16 @@ def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Tabl
     return table
 
 
+def format_score(score: float, threshold: float, digits: int = 4) -> str:
+    """``score`` rounded to ``digits`` decimals, or more where rounding would put it on the other side of (or onto)
+    the threshold: 0.4999996 under a 0.5 threshold prints as 0.4999996, not 0.5000."""
+    for places in range(digits, 10):
+        text = f"{score:.{places}f}"
+        if (float(text) > threshold) == (score > threshold) and float(text) != threshold:
+            return text
+    return repr(score)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -172,30 +182,37 @@ def _png(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _colorize(anomaly_map: np.ndarray) -> np.ndarray:
-    from matplotlib import colormaps
-
-    return (colormaps["jet"](np.clip(anomaly_map, 0, 1))[..., :3] * 255).astype(np.uint8)
-
-
-def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
-    if array.shape[:2] == (height, width):
-        return array
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
-
-
-def save_visuals(image: np.ndarray, anomaly_map: np.ndarray, mask: np.ndarray, stem: Path) -> list[Path]:
-    """Write ``stem``.heatmap.png, .overlay.png and .mask.png for one image.
+def save_visuals(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray,
+    stem: Path,
+    *,
+    pixel_threshold: float = 0.5,
+    panel: np.ndarray | None = None,
+) -> list[Path]:
+    """Write ``stem``.heatmap.png, .overlay.png and .mask.png for one image (and .panel.png when ``panel`` is given).
 
     Args:
         image: [3, H, W] float RGB in [0, 1]. anomaly_map: [h, w] normalised. mask: [h, w] bool.
+        pixel_threshold: the normalised map threshold (``visuals.pixel_threshold``); the overlay colours only
+            what is near or above it. panel: ``visuals.render_panel``'s picture of the same image.
     """
+    from patchcore_trt.visuals import heat_colours, overlay, save_panel
+
     height, width = image.shape[1:]
-    rgb = (np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
-    heat = _resize(_colorize(anomaly_map), height, width)
-    overlay = (0.55 * rgb + 0.45 * heat).astype(np.uint8)
-    mask_png = _resize(mask.astype(np.uint8) * 255, height, width)
+    rgb = np.rint(np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+    full_map = np.asarray(
+        Image.fromarray(anomaly_map.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+    )
+    mask_png = np.asarray(
+        Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    )
     paths = [stem.with_name(stem.name + suffix) for suffix in (".heatmap.png", ".overlay.png", ".mask.png")]
-    for array, path in zip((heat, overlay, mask_png), paths, strict=True):
+    for array, path in zip(
+        (heat_colours(full_map), overlay(rgb, full_map, pixel_threshold), mask_png), paths, strict=True
+    ):
         _png(array, path)
+    if panel is not None:
+        paths.append(save_panel(panel, stem.with_name(stem.name + ".panel.png")))
     return paths

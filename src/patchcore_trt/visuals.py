@@ -205,7 +205,7 @@ def _header(
     threshold: float,
     warning: str | None,
 ) -> None:
-    from patchcore_trt.cli._common import format_score
+    from patchcore_trt.report import format_score
 
     gap, line = layout.gap, layout.line
     width = layout.size[0] - 2 * gap

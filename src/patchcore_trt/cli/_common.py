@@ -137,13 +137,3 @@ def check_distinct(*paths: Path | None) -> None:
         if key in seen:
             raise UserError(f"{path}: given for two outputs ({seen[key]} and {path}); give each its own file")
         seen[key] = path
-
-
-def format_score(score: float, threshold: float, digits: int = 4) -> str:
-    """``score`` rounded to ``digits`` decimals, or more where rounding would put it on the other side of (or onto)
-    the threshold: 0.4999996 under a 0.5 threshold prints as 0.4999996, not 0.5000."""
-    for places in range(digits, 10):
-        text = f"{score:.{places}f}"
-        if (float(text) > threshold) == (score > threshold) and float(text) != threshold:
-            return text
-    return repr(score)

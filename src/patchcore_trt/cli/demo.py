@@ -30,6 +30,7 @@ def demo_command(
     out.print(f"checkpoint (anomalib): {result.checkpoint}")
     out.print(f"ONNX (exported, self-checked): {result.onnx}")
     out.print(f"heatmaps: {result.visuals_dir}; figures: {result.report}")
+    out.print(f"report (open in a browser): {result.html_report}")
     tool = program()
     out.print("next, try:")
     out.print(f"  {tool} predict {result.onnx} {data / 'test'} --json {work_dir / 'results.json'}")

@@ -18,15 +18,11 @@ from patchcore_trt.cli._common import (
     check_output_dir,
     check_output_file,
     err,
-    format_score,
     out,
     progress,
     warn,
 )
 from patchcore_trt.errors import UserError
-
-# Downscaling a camera image more than this before the backbone sees it can erase small defects.
-DOWNSCALE_WARNING = 4.0
 
 
 @app.command("predict")
@@ -38,7 +34,14 @@ def predict_command(
     batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
     json_path: Path | None = typer.Option(None, "--json", help="Write every result, with the run's header, as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write every result as CSV."),
-    visuals: Path | None = typer.Option(None, "--save-visuals", help="Write heatmap, overlay and mask PNGs here."),
+    visuals: Path | None = typer.Option(
+        None,
+        "--save-visuals",
+        help="Write a panel (image | map | mask | overlay) and heatmap, overlay, mask PNGs here.",
+    ),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write one self-contained HTML page: model, counts, timings, failures, panels by score."
+    ),
     top: int = typer.Option(10, min=0, help="Show this many most anomalous images (all rows are in the files)."),
     map_at_input_size: bool = typer.Option(
         False, "--map-at-input-size", help="(.ckpt) Return maps at the input resolution."
@@ -56,9 +59,9 @@ def predict_command(
     from patchcore_trt.runtime import open_backend
 
     paths, unmatched = collect_images(inputs)
-    for output in (json_path, csv_path):
+    for output in (json_path, csv_path, report):
         check_output_file(output, protected=[model, *paths])
-    check_distinct(json_path, csv_path)
+    check_distinct(json_path, csv_path, report)
     check_output_dir(visuals)
     # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
     given = {
@@ -73,7 +76,8 @@ def predict_command(
     if not paths:
         raise UserError("no input images found in " + ", ".join(inputs))
     with loaded:
-        _run(loaded, model, paths, short_names(paths, inputs), unmatched, batch_size, json_path, csv_path, visuals, top)
+        names = short_names(paths, inputs)
+        _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path, visuals, report, top)
 
 
 def _header(loaded: object, model: Path, device: str) -> dict[str, object]:
@@ -104,14 +108,20 @@ def _header(loaded: object, model: Path, device: str) -> dict[str, object]:
     }
 
 
-def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path, visuals, top) -> None:
+def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path, visuals, report, top) -> None:
+    from patchcore_trt.html_report import ContactSheet
     from patchcore_trt.predict import RECORD_FIELDS, ImageResult, predict_files
-    from patchcore_trt.report import CsvResults, JsonResults, save_visuals
+    from patchcore_trt.report import CsvResults, JsonResults
+    from patchcore_trt.visuals import DOWNSCALE_LIMIT, downscale_warning, pixel_threshold, render_panel
 
     threshold = loaded.image_threshold
+    map_threshold = pixel_threshold(loaded.postprocess)
+    # The header hashes the model file: only when a file that shows it is asked for.
+    header = _header(loaded, model, loaded.device) if json_path is not None or report is not None else {}
+    sheet = ContactSheet() if report is not None else None
     sinks = []
     if json_path is not None:
-        sinks.append(JsonResults(json_path, _header(loaded, model, loaded.device)))
+        sinks.append(JsonResults(json_path, header))
     if csv_path is not None:
         sinks.append(CsvResults(csv_path, RECORD_FIELDS))
     counts = {"scored": 0, "anomalous": 0, "failed": 0, "downscaled": 0}
@@ -135,10 +145,26 @@ def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path
                 counts["scored"] += 1
                 counts["anomalous"] += record["label"] == "anomalous"
                 ranked = sorted([*ranked, (float(record["score"]), result.name)], reverse=True)[: max(top, 0)]
-                model_side = min(result.prediction.anomaly_map.shape[-2:])
-                counts["downscaled"] += min(result.size or (0, 0)) > DOWNSCALE_WARNING * model_side
-                if visuals is not None and visuals_error is None and image is not None:
-                    visuals_error = _save_visuals(save_visuals, visuals, index, result, image)
+                warning = downscale_warning(result.size, result.prediction.anomaly_map.shape[-2:])
+                counts["downscaled"] += warning is not None
+                drawing = (visuals is not None and visuals_error is None) or sheet is not None
+                if drawing and image is not None:
+                    label = record["label"] == "anomalous"
+                    panel = render_panel(
+                        image,
+                        result.prediction.anomaly_map[0, 0],
+                        result.prediction.pred_mask[0, 0],
+                        score=record["score"],
+                        label=label,
+                        threshold=threshold,
+                        pixel_threshold=map_threshold,
+                        title=result.name,
+                        warning=warning,
+                    )
+                    if sheet is not None:
+                        sheet.add(result.name, record["score"], label, panel)
+                    if visuals is not None and visuals_error is None:
+                        visuals_error = _save_visuals(visuals, index, result, image, panel, map_threshold)
         for item in unmatched:
             record = ImageResult(Path(item), item, error="no image files found").record(threshold)
             for sink in sinks:
@@ -162,15 +188,20 @@ def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path
         sink.close(footer)
     _print_summary(loaded.name, model, counts, done, seconds, ranked, failures, threshold)
     if visuals is not None:
-        err.print(f"  heatmaps, overlays and masks in {visuals}")
+        err.print(f"  panels, heatmaps, overlays and masks in {visuals}")
+    notes = []
     if visuals_error is not None:
-        warn(f"stopped writing visuals ({visuals_error}); every result is still in the other outputs")
+        notes.append(f"stopped writing visuals ({visuals_error}); every result is still in the other outputs")
     if counts["downscaled"]:
-        warn(
-            f"{counts['downscaled']} image(s) are over {DOWNSCALE_WARNING:g}x the model's resolution and were "
+        notes.append(
+            f"{counts['downscaled']} image(s) are over {DOWNSCALE_LIMIT:g}x the model's resolution and were "
             "downscaled to it: small defects may vanish (crop or tile the images, or train at a larger size)"
         )
-    for path, name in ((json_path, "JSON"), (csv_path, "CSV")):
+    for note in notes:
+        warn(note)
+    if sheet is not None:
+        _write_report(report, header, counts, footer["summary"], failures, notes, sheet, threshold)
+    for path, name in ((json_path, "JSON"), (csv_path, "CSV"), (report, "report")):
         if path is not None:
             err.print(f"  {name}: {path}")
     if interrupted:
@@ -179,18 +210,55 @@ def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path
         raise typer.Exit(1)
 
 
-def _save_visuals(save, folder: Path, index: int, result, image) -> str | None:
+def _write_report(path, header, counts, summary, failures, notes, sheet, threshold) -> None:
+    from patchcore_trt.html_report import ReportData, write_html_report
+
+    seconds, done = summary["seconds"], counts["scored"] + counts["failed"]
+    timings = {"total": f"{seconds:.1f} s"}
+    if done:
+        timings["per image"] = f"{1000 * seconds / done:.1f} ms"
+    if summary["images_per_second"]:
+        timings["images/s"] = f"{summary['images_per_second']:.1f}"
+    model = header["model"]
+    data = ReportData(
+        title=f"predict {model['file'].name} ({model['backend']})",
+        model={**model, "tool": header["tool"], "versions": header["versions"], "started": header["started"]},
+        counts={key: counts[key] for key in ("scored", "anomalous", "failed")},
+        timings=timings,
+        threshold=threshold,
+        failures=failures,
+        warnings=notes
+        + (["interrupted: the page holds what was scored before Ctrl-C"] if summary["interrupted"] else []),
+        panels=sheet.panels(),
+        images_total=sheet.total,
+    )
+    write_html_report(path, data)
+
+
+def _save_visuals(folder: Path, index: int, result, image, panel, pixel_threshold: float) -> str | None:
     """Write one image's visuals; the first OS error stops them (a full disk must not stop the scoring)."""
+    from patchcore_trt.report import save_visuals
+
     # Folders often reuse file names (good/000.png, defect/000.png): keep the order and the parent's name.
     stem = folder / f"{index:04d}_{result.path.parent.name}_{result.path.stem}"
+    prediction = result.prediction
     try:
-        save(image, result.prediction.anomaly_map[0, 0], result.prediction.pred_mask[0, 0], stem)
+        save_visuals(
+            image,
+            prediction.anomaly_map[0, 0],
+            prediction.pred_mask[0, 0],
+            stem,
+            pixel_threshold=pixel_threshold,
+            panel=panel,
+        )
     except OSError as exc:
         return f"{exc.filename or folder}: {exc.strerror or exc}"
     return None
 
 
 def _print_summary(backend, model, counts, done, seconds, ranked, failures, threshold) -> None:
+    from patchcore_trt.report import format_score
+
     rate = f", {counts['scored'] / seconds:.1f} images/s" if seconds > 0 and counts["scored"] else ""
     per_image = f" ({1000 * seconds / done:.1f} ms per image)" if done else ""
     out.print(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_file, out, print_table, progress, step, warn
+from patchcore_trt.cli._common import check_distinct, check_output_file, out, print_table, progress, step, warn
 from patchcore_trt.errors import UserError
 
 
@@ -20,6 +21,9 @@ def verify_command(
     backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated backends to compare."),
     limit: int = typer.Option(50, min=1, help="Use at most this many images."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the figures as JSON."),
+    report: Path | None = typer.Option(
+        None, "--report", help="Write one self-contained HTML page: the parity table, the model, a panel per image."
+    ),
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
     ),
@@ -35,8 +39,11 @@ def verify_command(
     if unknown or not names:
         raise UserError(f"--backends {backends!r}: choose from {', '.join(backend_names())}")
     check_output_file(json_path)
+    check_output_file(report)
+    check_distinct(json_path, report)
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
+    from patchcore_trt.files import display_name
     from patchcore_trt.images import ImageError, collect_images, load_image
     from patchcore_trt.report import write_json
     from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
@@ -44,25 +51,76 @@ def verify_command(
     # Read safely first: a checkpoint that pickles code is refused here, before anomalib's own loader sees it.
     spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code)
     paths, _ = collect_images(inputs)
-    images, used = [], []
+    images, used, skipped = [], [], []
     for path in paths[:limit]:
         try:
             images.append(load_image(path))
             used.append(path)
         except ImageError as exc:
             warn(f"skipped {path}: {exc}")
+            skipped.append((display_name(path), str(exc)))
     if not images:
         raise UserError("no readable input images found in " + ", ".join(inputs))
     with tempfile.TemporaryDirectory() as scratch:
         if onnx_path is None:
             with step("exporting a fresh ONNX to check"):
                 onnx_path, _ = export_onnx(spec, Path(scratch) / "model.onnx")
+        started = time.perf_counter()
         with progress() as bar:
             bar.add_task(f"running anomalib and {len(names)} backends on {len(images)} images", total=None)
-            rows, _ = backend_parity(checkpoint, onnx_path, images, names, trust_pickled_code=trust_pickled_code)
+            rows, reference = backend_parity(
+                checkpoint, onnx_path, images, names, trust_pickled_code=trust_pickled_code
+            )
+        if report is not None:
+            with step(f"writing the report {report}"):
+                _write_report(report, checkpoint, onnx_path, rows, reference, images, used, skipped, started)
     print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)")
     out.print(FOOTNOTE)
     if json_path is not None:
         write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
     if not all(row.passed for row in rows if row.checked):
         raise typer.Exit(1)
+
+
+def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, skipped, started) -> None:
+    """The parity proof as one page, with anomalib's own maps drawn for every image checked."""
+    from patchcore_trt.artifact import read_onnx_metadata
+    from patchcore_trt.files import display_name, sha256_of
+    from patchcore_trt.html_report import ReportData, metadata_rows, sheet_of_predictions, write_html_report
+    from patchcore_trt.verify import FOOTNOTE, table_rows
+    from patchcore_trt.visuals import pixel_threshold
+
+    metadata = read_onnx_metadata(onnx_path)
+    names = [display_name(item) for item in used]
+    sheet, warnings = sheet_of_predictions(
+        images,
+        reference,
+        names,
+        threshold=metadata.image_threshold,
+        pixel_threshold=pixel_threshold(metadata.postprocess),
+        model_size=metadata.model_size,
+    )
+    checked = [row for row in rows if row.checked]
+    data = ReportData(
+        title=f"verify {checkpoint.name}: {'PASS' if all(row.passed for row in checked) else 'FAIL'}",
+        model={
+            "checkpoint": display_name(checkpoint),
+            "checkpoint sha256": sha256_of(checkpoint),
+            **metadata_rows(metadata, onnx_path),
+        },
+        counts={
+            "images": len(images),
+            "anomalous": int(reference.pred_label.sum()),
+            "skipped": len(skipped),
+            "backends passed": f"{sum(row.passed for row in checked)}/{len(checked)}",
+        },
+        timings={"verify": f"{time.perf_counter() - started:.1f} s"},
+        threshold=metadata.image_threshold,
+        parity_rows=table_rows(rows),
+        parity_bar=FOOTNOTE + " Panels: anomalib's own forward.",
+        failures=skipped,
+        warnings=warnings,
+        panels=sheet.panels(),
+        images_total=sheet.total,
+    )
+    write_html_report(path, data)
