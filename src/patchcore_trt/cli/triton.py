@@ -1,0 +1,94 @@
+"""``patchcore-trt triton``: write a Triton model repository (REPO/NAME/config.pbtxt + REPO/NAME/1/...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from patchcore_trt.cli import app
+from patchcore_trt.cli._common import check_output_dir, err, human_size, out, program, step
+from patchcore_trt.errors import UserError
+
+
+def parse_gpus(text: str | None) -> tuple[int, ...]:
+    """'0,1' -> (0, 1)."""
+    if not text:
+        return ()
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UserError(f"--gpus {text!r} is not a list of GPU numbers such as 0,1") from None
+
+
+@app.command("triton")
+def triton_command(
+    model: Path = typer.Argument(..., help="A .engine (tensorrt_plan), .onnx (onnxruntime_onnx) or .ckpt (python)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The model repository folder (created if needed)."),
+    name: str = typer.Option("patchcore", "--name", help="The model's name: its folder REPO/NAME."),
+    max_batch: int | None = typer.Option(
+        None, "--max-batch", help="Largest batch Triton forms; default: an engine's profile maximum, else 16."
+    ),
+    instances: int = typer.Option(1, "--instances", help="Model instances on each GPU (or on the CPU)."),
+    kind: str = typer.Option("gpu", "--kind", help="Where instances run: gpu or cpu."),
+    gpus: str | None = typer.Option(None, "--gpus", help="GPUs that get instances, e.g. 0,1 (default: all)."),
+    queue_delay_us: int = typer.Option(
+        1000, "--queue-delay-us", help="How long the dynamic batcher may hold a request to fill a batch."
+    ),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", help="(.ckpt) Largest image a request may carry (default: predict's limit, 64 MP)."
+    ),
+    backbone_dtype: str | None = typer.Option(
+        None, "--backbone-dtype", help="(.ckpt, gpu) Backbone arithmetic: fp16 (default), fp32, tf32, bf16."
+    ),
+    search: str | None = typer.Option(None, "--search", help="(.ckpt, gpu) Nearest-neighbour search: exact or fast."),
+    trust_pickled_code: bool = typer.Option(
+        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace REPO/NAME if it exists."),
+) -> None:
+    """Write a Triton model repository for MODEL: config.pbtxt (checked with Triton's protobuf) and version 1."""
+    from patchcore_trt.serve.repository import ServeOptions, check_output_folder, platform_of, write_model
+
+    options = ServeOptions(
+        name=name,
+        max_batch=max_batch,
+        instances=instances,
+        kind=kind,
+        gpus=parse_gpus(gpus),
+        queue_delay_us=queue_delay_us,
+        max_pixels=max_pixels,
+        backbone_dtype=backbone_dtype,
+        search=search,
+        trust_pickled_code=trust_pickled_code,
+    )
+    options.check()
+    check_output_dir(output)
+    check_output_folder(output, name, force=force)
+    with step(f"writing {output / name}"):
+        written = write_model(model, output, options, force=force)
+    config = written.config
+    group = config.instance_group[0]
+    where = "CPU" if options.kind == "cpu" else f"GPU {','.join(map(str, group.gpus))}" if group.gpus else "each GPU"
+    batching = config.dynamic_batching
+    out.print(f"{written.folder}: {platform_of(config)}, max_batch_size {config.max_batch_size}")
+    out.print(
+        f"  dynamic batching: preferred {list(batching.preferred_batch_size)}, "
+        f"max queue delay {batching.max_queue_delay_microseconds} us; {group.count} instance(s) on {where}"
+    )
+    inputs = ", ".join(f"{t.name} {_type(t.data_type)} {list(t.dims)}" for t in config.input)
+    outputs = ", ".join(f"{t.name} {_type(t.data_type)} {list(t.dims)}" for t in config.output)
+    out.print(f"  inputs: {inputs} (batch first)\n  outputs: {outputs}")
+    for path in sorted(written.folder.rglob("*")):
+        if path.is_file():
+            err.print(f"  {path.relative_to(output)} ({human_size(path)})")
+    if written.platform == "python":
+        err.print(f"next: {program()} serve {output}")
+    else:
+        err.print(f"next: {program()} serve {output}  (prints the Triton container command that serves it)")
+
+
+def _type(data_type: int) -> str:
+    from patchcore_trt.serve.repository import model_config_pb2
+
+    return model_config_pb2().DataType.Name(data_type).removeprefix("TYPE_").lower()

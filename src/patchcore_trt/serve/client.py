@@ -1,0 +1,274 @@
+"""A Backend that runs on a Triton server: ``predict(images) -> Prediction`` through tritonclient (HTTP or gRPC).
+
+It works with every repository ``patchcore-trt triton`` writes: the Python model takes uint8 [N, H, W, 3] images,
+the ONNX and TensorRT models float32 [N, 3, H, W]; the client reads which from the model's metadata, and the
+thresholds from its config parameters. A batch goes out as up to ``concurrency`` requests in flight at once, so
+the server's dynamic batcher can merge them with other clients' requests; results come back in input order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import urlparse
+
+import numpy as np
+
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES
+from patchcore_trt.errors import UserError
+from patchcore_trt.runtime.base import Backend, NonFiniteOutputError, Prediction
+
+DEFAULT_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    protocol: str  # "http" or "grpc"
+    address: str  # host:port
+    ssl: bool = False
+
+    @property
+    def url(self) -> str:
+        scheme = {"http": "https" if self.ssl else "http", "grpc": "grpc"}[self.protocol]
+        return f"{scheme}://{self.address}"
+
+
+def parse_url(url: str) -> Endpoint:
+    """``http://host:8000``, ``https://...``, ``grpc://host:8001`` or ``host:port`` (HTTP)."""
+    parsed = urlparse(url if "://" in url else f"http://{url}")
+    protocol = {"http": "http", "https": "http", "grpc": "grpc"}.get(parsed.scheme)
+    if protocol is None or not parsed.hostname or parsed.path not in ("", "/"):
+        raise UserError(f"server {url!r} is not http://HOST:PORT, https://HOST:PORT or grpc://HOST:PORT")
+    try:
+        port = parsed.port or (8001 if protocol == "grpc" else 8000)
+    except ValueError:
+        raise UserError(f"server {url!r} has an invalid port") from None
+    return Endpoint(protocol, f"{parsed.hostname}:{port}", parsed.scheme == "https")
+
+
+def _module(protocol: str) -> Any:
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as module
+        else:
+            import tritonclient.http as module
+    except ImportError:
+        raise UserError("tritonclient is not installed; install it with: pip install 'patchcore-trt[serve]'") from None
+    return module
+
+
+class TritonBackend(Backend):
+    """A model on a Triton server, behind the backend contract.
+
+    Args:
+        url: The server (see ``parse_url``).
+        model: The model's name; None picks the server's only ready model.
+        concurrency: Requests in flight at once (each carries a share of the batch).
+        timeout_s: Per-request network timeout.
+    """
+
+    name: ClassVar[str] = "triton"
+
+    def __init__(
+        self, url: str, *, model: str | None = None, concurrency: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
+        if concurrency < 1:
+            raise UserError(f"--concurrency {concurrency} must be at least 1")
+        self.endpoint = parse_url(url)
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.module = _module(self.endpoint.protocol)
+        self.client = self._connect()
+        try:
+            self.model = model or self._only_model()
+            super().__init__(Path(self.model), self.endpoint.url)
+            self._read_model()
+        except BaseException:
+            self.close()
+            raise
+        self.quantized = 0  # images that were not exact 8-bit values and were rounded for a uint8 model
+
+    def _connect(self) -> Any:
+        kwargs: dict[str, Any] = {"url": self.endpoint.address, "ssl": self.endpoint.ssl}
+        if self.endpoint.protocol == "http":
+            kwargs.update(
+                concurrency=self.concurrency, connection_timeout=self.timeout_s, network_timeout=self.timeout_s
+            )
+        client = self.module.InferenceServerClient(**kwargs)
+        try:
+            live = client.is_server_live()
+        except Exception as exc:  # refused, DNS, TLS: each library raises its own
+            client.close()
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot reach a Triton server at {self.endpoint.url} ({reason}); is it running?") from None
+        if not live:
+            client.close()
+            raise UserError(f"the Triton server at {self.endpoint.url} is not live")
+        return client
+
+    def _only_model(self) -> str:
+        if self.endpoint.protocol == "grpc":
+            index = self.client.get_model_repository_index(as_json=True).get("models", [])
+        else:
+            index = self.client.get_model_repository_index()
+        ready = sorted({item["name"] for item in index if item.get("state") == "READY"})
+        if len(ready) != 1:
+            found = ", ".join(ready) or "none"
+            raise UserError(f"{self.endpoint.url} serves {len(ready)} ready models ({found}); name one with --model")
+        return ready[0]
+
+    def _call(self, what: str, function: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except self.module.InferenceServerException as exc:
+            raise UserError(f"{self.endpoint.url} model {self.model!r}: {what}: {_message(exc)}") from None
+
+    def _read_model(self) -> None:
+        as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
+        metadata = self._call("metadata", self.client.get_model_metadata, self.model, **as_json)
+        config = self._call("config", self.client.get_model_config, self.model, **as_json)
+        config = config.get("config", config)
+        inputs = {item["name"]: item for item in metadata.get("inputs", [])}
+        outputs = {item["name"] for item in metadata.get("outputs", [])}
+        spec = inputs.get(INPUT_NAME)
+        shape = [int(dim) for dim in spec["shape"]] if spec else []
+        if spec and spec["datatype"] == "UINT8" and len(shape) == 4 and shape[3] == 3:
+            self.layout = "nhwc_uint8"
+        elif spec and spec["datatype"] == "FP32" and len(shape) == 4 and shape[1] == 3:
+            self.layout = "nchw_float32"
+        else:
+            raise UserError(
+                f"{self.endpoint.url} model {self.model!r} takes {list(inputs.values())}; a patchcore-trt model "
+                f"takes {INPUT_NAME!r} uint8 [N, H, W, 3] or float32 [N, 3, H, W] ('patchcore-trt triton' writes one)"
+            )
+        missing = [name for name in OUTPUT_NAMES if name not in outputs]
+        if missing:
+            raise UserError(f"{self.endpoint.url} model {self.model!r} has no output(s) {missing}")
+        self.max_batch = max(int(config.get("max_batch_size", 1)), 1)
+        self.parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+        if "postprocess" not in self.parameters:
+            raise UserError(f"{self.endpoint.url} model {self.model!r} has no 'postprocess' parameter (not ours?)")
+        self.postprocess = {key: float(value) for key, value in json.loads(self.parameters["postprocess"]).items()}
+
+    def describe(self) -> dict[str, object]:
+        """What a results file records about the model: server, name, source checkpoint, thresholds."""
+        keys = ("source_file", "source_sha256", "precision", "backbone", "bank_size", "model_size", "runtime")
+        return {
+            "server": self.endpoint.url,
+            "model": self.model,
+            **{key: self.parameters[key] for key in keys if key in self.parameters},
+            "image_threshold": self.image_threshold,
+            "postprocess": self.postprocess,
+        }
+
+    def _infer(self, images: np.ndarray) -> Prediction:
+        if self.layout == "nchw_float32":
+            return self._send(images, "FP32")
+        quantized = np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+        exact = np.array_equal(quantized.astype(np.float32) / 255.0, images)
+        if not exact:  # 16-bit or float images: a uint8 model sees them rounded to 8 bits
+            self.quantized += len(images)
+        return self._send(np.ascontiguousarray(quantized.transpose(0, 2, 3, 1)), "UINT8")
+
+    def predict_uint8(self, images: np.ndarray) -> Prediction:
+        """uint8 [N, H, W, 3] images as decoded (a camera frame) -> Prediction."""
+        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            shape = getattr(images, "shape", None)
+            raise UserError(f"triton: predict_uint8 takes uint8 [N, H, W, 3] images, got {shape}")
+        if self.layout == "nchw_float32":
+            return self.predict(np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0)
+        if len(images) == 0:
+            raise UserError("triton: the batch is empty")
+        return self._checked(self._send(np.ascontiguousarray(images), "UINT8"), len(images))
+
+    def _checked(self, prediction: Prediction, count: int) -> Prediction:
+        if len(prediction) != count:
+            raise RuntimeError(f"{self.endpoint.url} returned {len(prediction)} results for {count} images")
+        bad = prediction.non_finite()
+        if bad:
+            raise NonFiniteOutputError(self.name, prediction, bad)
+        return prediction
+
+    def _chunks(self, batch: np.ndarray) -> list[np.ndarray]:
+        per_request = min(self.max_batch, max(1, -(-len(batch) // self.concurrency)))
+        return [batch[start : start + per_request] for start in range(0, len(batch), per_request)]
+
+    def _request(self, chunk: np.ndarray, datatype: str) -> tuple[list[Any], list[Any]]:
+        tensor = self.module.InferInput(INPUT_NAME, list(chunk.shape), datatype)
+        tensor.set_data_from_numpy(chunk)
+        if self.endpoint.protocol == "http":
+            outputs = [self.module.InferRequestedOutput(name, binary_data=True) for name in OUTPUT_NAMES]
+        else:
+            outputs = [self.module.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+        return [tensor], outputs
+
+    def _send(self, batch: np.ndarray, datatype: str) -> Prediction:
+        chunks = self._chunks(batch)
+        send = self._send_http if self.endpoint.protocol == "http" else self._send_grpc
+        parts = [
+            Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES])
+            for result in send(chunks, datatype)
+        ]
+        return Prediction.concat(parts)
+
+    def _send_http(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
+        if len(chunks) == 1:
+            inputs, outputs = self._request(chunks[0], datatype)
+            return [self._call("inference", self.client.infer, self.model, inputs, outputs=outputs)]
+        # The client's own pool (``concurrency`` connections) keeps at most that many requests in flight.
+        handles = []
+        for chunk in chunks:
+            inputs, outputs = self._request(chunk, datatype)
+            handles.append(self._call("inference", self.client.async_infer, self.model, inputs, outputs=outputs))
+        return [self._call("inference", handle.get_result) for handle in handles]
+
+    def _send_grpc(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
+        done: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+        slots = threading.Semaphore(self.concurrency)
+
+        def finished(index: int, result: Any, error: Any) -> None:
+            slots.release()
+            done.put((index, result, error))
+
+        for index, chunk in enumerate(chunks):
+            if not slots.acquire(timeout=self.timeout_s):
+                raise UserError(f"{self.endpoint.url} model {self.model!r}: no answer within {self.timeout_s:g} s")
+            inputs, outputs = self._request(chunk, datatype)
+            self._call(
+                "inference", self.client.async_infer, self.model, inputs,
+                callback=lambda result, error, index=index: finished(index, result, error),
+                outputs=outputs, client_timeout=self.timeout_s,
+            )  # fmt: skip
+        results: list[Any] = [None] * len(chunks)
+        for _ in chunks:
+            try:
+                index, result, error = done.get(timeout=self.timeout_s)
+            except queue.Empty:
+                raise UserError(
+                    f"{self.endpoint.url} model {self.model!r}: no answer within {self.timeout_s:g} s"
+                ) from None
+            if error is not None:
+                raise UserError(f"{self.endpoint.url} model {self.model!r}: inference: {_message(error)}")
+            results[index] = result
+        return results
+
+    def statistics(self) -> dict[str, Any]:
+        """Triton's statistics of this model (counts of inferences, executions and each batch size)."""
+        as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
+        stats = self._call("statistics", self.client.get_inference_statistics, self.model, **as_json)
+        return stats["model_stats"][0]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.client.close()
+
+
+def _message(exc: Any) -> str:
+    """The server's own words, without tritonclient's status prefix and request id."""
+    text = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
+    return str(text or exc).strip()

@@ -1,0 +1,301 @@
+"""Triton model repositories from patchcore-trt artifacts: REPO/NAME/config.pbtxt and REPO/NAME/1/<model files>.
+
+- ``.engine`` -> platform ``tensorrt_plan`` (model.plan); batch and shapes from the engine's profile (its sidecar).
+- ``.onnx`` (FP32, FP16 or INT8) -> platform ``onnxruntime_onnx`` (model.onnx plus its external data file).
+- ``.ckpt`` -> backend ``python``: model.py (python_model.py) and model.ckpt; each instance loads the checkpoint
+  once, on its GPU (the cuda backend) or on the CPU (the torch backend). Clients send uint8 [N, H, W, 3] images of
+  any size.
+
+Every config has dynamic batching (preferred sizes, a queue delay), an instance group, variable H/W where the
+artifact allows it and the model's thresholds and metadata as parameters. The config is built as Triton's own
+``ModelConfig`` protobuf (tritonclient ships model_config_pb2), written as text, then parsed back and checked before
+the model folder takes its final name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from patchcore_trt.artifact import INPUT_NAME, MAX_BATCH, MIN_SIDE, OUTPUT_NAMES
+from patchcore_trt.errors import UserError
+from patchcore_trt.images import MAX_PIXELS
+from patchcore_trt.serve.sources import CHECKPOINT_FILE, MODEL_FILES, Source, describe
+
+VERSION = "1"
+DEFAULT_NAME = "patchcore"
+DEFAULT_MAX_BATCH = 16
+DEFAULT_QUEUE_DELAY_US = 1000
+INSTANCE_KINDS = ("gpu", "cpu")
+# The cuda backend keeps one CUDA graph per input shape, 8 at most (gpu/executor.py): batches are padded to these
+# sizes so that a stream of batch sizes reuses a few graphs instead of capturing new ones.
+MAX_PYTHON_GPU_BATCH = 128
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+MODEL_PY = '''"""Triton Python backend entry point for a patchcore-trt model (written by `patchcore-trt triton`)."""
+
+from patchcore_trt.serve.python_model import TritonPythonModel  # noqa: F401
+'''
+
+
+def model_config_pb2() -> Any:
+    """Triton's ModelConfig protobuf module, as tritonclient ships it."""
+    try:
+        from tritonclient.grpc import model_config_pb2 as module
+    except ImportError:
+        raise UserError("tritonclient is not installed; install it with: pip install 'patchcore-trt[serve]'") from None
+    return module
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How a model is served. None means the default: ``max_batch`` the engine's profile maximum, else
+    DEFAULT_MAX_BATCH; ``max_pixels`` predict's own limit (images.MAX_PIXELS); ``backbone_dtype`` fp16 and
+    ``search`` exact on a GPU."""
+
+    name: str = DEFAULT_NAME
+    max_batch: int | None = None
+    instances: int = 1
+    kind: str = "gpu"
+    gpus: tuple[int, ...] = ()
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    max_pixels: int | None = None
+    backbone_dtype: str | None = None
+    search: str | None = None
+    trust_pickled_code: bool = False
+
+    def check(self) -> None:
+        if not _NAME.match(self.name):
+            raise UserError(f"model name {self.name!r} must be letters, digits, '_', '.' or '-' (not starting '.')")
+        if self.max_batch is not None and not 1 <= self.max_batch <= MAX_BATCH:
+            raise UserError(f"--max-batch {self.max_batch} must be between 1 and {MAX_BATCH}")
+        if not 1 <= self.instances <= 64:
+            raise UserError(f"--instances {self.instances} must be between 1 and 64")
+        if self.kind not in INSTANCE_KINDS:
+            raise UserError(f"--kind {self.kind!r} must be one of: {', '.join(INSTANCE_KINDS)}")
+        if self.gpus and self.kind != "gpu":
+            raise UserError("--gpus applies to --kind gpu")
+        if any(gpu < 0 for gpu in self.gpus) or len(set(self.gpus)) != len(self.gpus):
+            raise UserError(f"--gpus {','.join(map(str, self.gpus))} must be distinct GPU numbers (0, 1, ...)")
+        if not 0 <= self.queue_delay_us <= 10_000_000:
+            raise UserError(f"--queue-delay-us {self.queue_delay_us} must be between 0 and 10,000,000")
+        if self.max_pixels is not None and self.max_pixels < MIN_SIDE * MIN_SIDE:
+            raise UserError(f"--max-pixels {self.max_pixels} must be at least {MIN_SIDE * MIN_SIDE}")
+
+
+@dataclass(frozen=True)
+class WrittenModel:
+    folder: Path
+    config: Any  # model_config_pb2.ModelConfig
+    platform: str
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, ... up to ``max_batch`` (included): the preferred batch sizes, and the sizes the GPU model pads to."""
+    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch]
+    return sizes if sizes[-1] == max_batch else [*sizes, max_batch]
+
+
+def _max_batch(source: Source, options: ServeOptions) -> int:
+    if source.max_batch is None:
+        wanted = options.max_batch or DEFAULT_MAX_BATCH
+    elif options.max_batch is None:
+        wanted = source.max_batch
+    elif options.max_batch > source.max_batch:
+        raise UserError(f"--max-batch {options.max_batch} is over the engine's profile maximum of {source.max_batch}")
+    else:
+        wanted = options.max_batch
+    if source.platform == "python" and options.kind == "gpu" and wanted > MAX_PYTHON_GPU_BATCH:
+        raise UserError(f"--max-batch {wanted} is over {MAX_PYTHON_GPU_BATCH} for the GPU Python model")
+    return wanted
+
+
+def _check_source_options(source: Source, options: ServeOptions) -> None:
+    if source.platform != "python":
+        flags = (("--backbone-dtype", options.backbone_dtype), ("--search", options.search))
+        flags += (("--max-pixels", options.max_pixels),)
+        given = [flag for flag, value in flags if value is not None]
+        if given:
+            raise UserError(f"{', '.join(given)}: for .ckpt models only (an .onnx or .engine carries its own limits)")
+    if source.platform == "tensorrt_plan" and options.kind == "cpu":
+        raise UserError("a TensorRT engine runs on a GPU; use --kind gpu, or serve the .onnx with --kind cpu")
+    if source.platform == "python":
+        if options.kind == "cpu" and (options.backbone_dtype or options.search):
+            raise UserError("--backbone-dtype and --search apply to --kind gpu (the CPU model is the FP32 reference)")
+        # Checked here rather than when an instance loads; imported only when given (the fast path pulls in timm).
+        if options.backbone_dtype is not None:
+            from patchcore_trt.gpu.fast_model import BACKBONE_DTYPES
+
+            if options.backbone_dtype not in BACKBONE_DTYPES:
+                choices = ", ".join(BACKBONE_DTYPES)
+                raise UserError(f"--backbone-dtype {options.backbone_dtype!r} is not one of {choices}")
+        if options.search is not None:
+            from patchcore_trt.gpu.knn import SEARCH_MODES
+
+            if options.search not in SEARCH_MODES:
+                raise UserError(f"--search {options.search!r} is not one of {', '.join(SEARCH_MODES)}")
+
+
+def build_config(source: Source, options: ServeOptions) -> Any:
+    """The ModelConfig protobuf for ``source`` served as ``options`` say."""
+    pb = model_config_pb2()
+    max_batch = _max_batch(source, options)
+    config = pb.ModelConfig(name=options.name, max_batch_size=max_batch)
+    height, width = (side if side is not None else -1 for side in source.input_size)
+    if source.platform == "python":
+        config.backend = "python"
+        config.input.add(name=INPUT_NAME, data_type=pb.TYPE_UINT8, dims=[-1, -1, 3])
+    else:
+        config.platform = source.platform
+        config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, height, width])
+    map_dims = [1, -1, -1] if source.map_at_input_size else [1, *source.model_size]
+    score, label, anomaly_map, mask = OUTPUT_NAMES
+    config.output.add(name=score, data_type=pb.TYPE_FP32, dims=[1], reshape=pb.ModelTensorReshape(shape=[]))
+    config.output.add(name=label, data_type=pb.TYPE_BOOL, dims=[1], reshape=pb.ModelTensorReshape(shape=[]))
+    config.output.add(name=anomaly_map, data_type=pb.TYPE_FP32, dims=map_dims)
+    config.output.add(name=mask, data_type=pb.TYPE_BOOL, dims=map_dims)
+    buckets = batch_buckets(max_batch)
+    config.dynamic_batching.preferred_batch_size.extend(size for size in buckets if size > 1)
+    config.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
+    kind = pb.ModelInstanceGroup.KIND_GPU if options.kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(kind=kind, count=options.instances, gpus=list(options.gpus))
+    parameters = dict(source.parameters)
+    if source.platform == "python":
+        gpu = options.kind == "gpu"
+        parameters.update(
+            artifact=CHECKPOINT_FILE,
+            runtime="cuda" if gpu else "torch",
+            precision=(options.backbone_dtype or "fp16") if gpu else "fp32",
+            backbone_dtype=(options.backbone_dtype or "fp16") if gpu else "fp32",
+            search=(options.search or "exact") if gpu else "exact",
+            max_pixels=str(options.max_pixels or MAX_PIXELS),
+            batch_buckets=",".join(map(str, buckets)),
+            trust_pickled_code=str(options.trust_pickled_code).lower(),
+        )
+        if gpu:  # capture every bucket's CUDA graph at load, not on a client's first request
+            h, w = source.model_size
+            for size in buckets:
+                warmup = config.model_warmup.add(name=f"batch{size}_{h}x{w}", batch_size=size, count=1)
+                warmup.inputs[INPUT_NAME].CopyFrom(
+                    pb.ModelWarmup.Input(data_type=pb.TYPE_UINT8, dims=[h, w, 3], random_data=True)
+                )
+    for key, value in sorted(parameters.items()):
+        config.parameters[key].string_value = value
+    return config
+
+
+def parse_config(path: Path) -> Any:
+    """Parse a config.pbtxt with Triton's ModelConfig protobuf; a UserError names the file and the problem."""
+    from google.protobuf import text_format
+
+    pb = model_config_pb2()
+    try:
+        return text_format.Parse(Path(path).read_text(), pb.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UserError(f"{path}: not a valid Triton model config ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+
+
+def platform_of(config: Any) -> str:
+    """``python``, ``tensorrt_plan``, ``onnxruntime_onnx`` (or whatever else the config names)."""
+    if config.backend:
+        return {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}.get(config.backend, config.backend)
+    return config.platform
+
+
+def check_model_folder(folder: Path, *, name: str | None = None) -> Any:
+    """Parse and check REPO/NAME (config.pbtxt and version 1); returns the config."""
+    path = folder / "config.pbtxt"
+    if not path.is_file():
+        raise UserError(f"{folder}: no config.pbtxt; write the model with 'patchcore-trt triton'")
+    config = parse_config(path)
+    problems = []
+    if config.name != (name or folder.name):
+        problems.append(f"name {config.name!r} differs from its folder {name or folder.name!r}")
+    if config.max_batch_size < 1:
+        problems.append("max_batch_size must be at least 1 (patchcore-trt models batch)")
+    big = [size for size in config.dynamic_batching.preferred_batch_size if size > config.max_batch_size]
+    if big:
+        problems.append(f"preferred batch sizes {big} exceed max_batch_size {config.max_batch_size}")
+    if not config.instance_group or any(group.count < 1 for group in config.instance_group):
+        problems.append("every instance group needs a count of at least 1")
+    for tensor in [*config.input, *config.output]:
+        if not tensor.dims or any(dim == 0 or dim < -1 for dim in tensor.dims):
+            problems.append(f"tensor {tensor.name!r} has invalid dims {list(tensor.dims)}")
+    names = [tensor.name for tensor in [*config.input, *config.output]]
+    if len(set(names)) != len(names):
+        problems.append(f"tensor names repeat: {names}")
+    expected = MODEL_FILES.get(platform_of(config))
+    if expected and not (folder / VERSION / expected).is_file():
+        problems.append(f"version {VERSION} has no {expected}")
+    if problems:
+        raise UserError(f"{path}: {'; '.join(problems)}")
+    return config
+
+
+def check_output_folder(repository: Path, name: str, *, force: bool) -> Path:
+    """Where the model goes, checked before any work: REPO must be a folder, REPO/NAME new unless ``force``."""
+    for folder in (repository, *repository.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise UserError(f"{folder}: is a file, not a folder")
+            break
+    final = repository / name
+    if final.exists() and not force:
+        raise UserError(f"{final}: already exists; pass --force to replace it")
+    return final
+
+
+def write_model(artifact: Path, repository: Path, options: ServeOptions, *, force: bool = False) -> WrittenModel:
+    """Write REPO/NAME for ``artifact``; the folder appears under its name only once its config checks pass."""
+    from google.protobuf import text_format
+
+    options.check()
+    repository = Path(repository)
+    final = check_output_folder(repository, options.name, force=force)
+    source = describe(Path(artifact), trust_pickled_code=options.trust_pickled_code)
+    _check_source_options(source, options)
+    config = build_config(source, options)
+    repository.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{options.name}.", suffix=".part", dir=repository))
+    try:
+        version = staged / VERSION
+        version.mkdir()
+        for file_name, origin in source.files.items():
+            shutil.copyfile(origin, version / file_name)
+        if source.platform == "python":
+            (version / MODEL_FILES["python"]).write_text(MODEL_PY)
+        (staged / "config.pbtxt").write_text(text_format.MessageToString(config, use_short_repeated_primitives=True))
+        if check_model_folder(staged, name=options.name) != config:
+            raise RuntimeError(f"{staged / 'config.pbtxt'} does not parse back to the config that was written")
+        staged.chmod(0o755)
+        _replace(staged, final)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    return WrittenModel(final, config, source.platform)
+
+
+def _replace(staged: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(staged, final)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".old", dir=final.parent))
+    os.rename(final, old / final.name)
+    os.rename(staged, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_repository(repository: Path) -> dict[str, Any]:
+    """Every model of a repository, name -> checked config; a UserError for anything Triton would not load."""
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise UserError(f"{repository}: no such folder")
+    folders = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise UserError(f"{repository}: holds no model; write one with 'patchcore-trt triton MODEL -o {repository}'")
+    return {folder.name: check_model_folder(folder) for folder in folders}
