@@ -46,8 +46,11 @@ def predict_command(
     map_at_input_size: bool = typer.Option(
         False, "--map-at-input-size", help="(.ckpt) Return maps at the input resolution."
     ),
+    mode: str | None = typer.Option(
+        None, help="(--backend cuda) exact (default: anomalib's FP32 results) or fast (FP16 backbone)."
+    ),
     backbone_dtype: str | None = typer.Option(
-        None, help="(--backend cuda) Backbone arithmetic: fp16 (default), fp32, tf32, bf16."
+        None, help="(--backend cuda) Override the mode's backbone arithmetic: fp32, tf32, fp16, bf16."
     ),
     search: str | None = typer.Option(None, help="(--backend cuda) Nearest-neighbour search: exact or fast."),
     trust_pickled_code: bool = typer.Option(
@@ -67,6 +70,7 @@ def predict_command(
     given = {
         "map_at_input_size": map_at_input_size or None,
         "trust_pickled_code": trust_pickled_code or None,
+        "mode": mode,
         "backbone_dtype": backbone_dtype,
         "search": search,
     }

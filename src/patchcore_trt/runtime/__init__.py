@@ -45,7 +45,7 @@ REGISTRY: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "cuda", "patchcore_trt.runtime.cuda_backend:CudaBackend", (".ckpt",), ("cuda",),
-            (*_CHECKPOINT_OPTIONS, "backbone_dtype", "search", "graphs"),
+            (*_CHECKPOINT_OPTIONS, "mode", "backbone_dtype", "search", "graphs"),
         ),
         BackendInfo(
             "onnxruntime", "patchcore_trt.runtime.onnxruntime_backend:OnnxRuntimeBackend", (".onnx",), ("cpu", "cuda"),

@@ -1,4 +1,8 @@
-"""The CUDA fast path behind the backend contract: gpu/executor.CudaPatchCore on one NVIDIA GPU."""
+"""The CUDA fast path behind the backend contract: gpu/executor.CudaPatchCore on one NVIDIA GPU.
+
+Two modes: ``exact`` (the default) computes anomalib's FP32 results within the parity bar; ``fast`` runs the
+backbone in FP16 (|d score| about 1e-3). ``backbone_dtype`` and ``search`` override a mode's choices.
+"""
 
 from __future__ import annotations
 
@@ -13,9 +17,11 @@ from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.executor import CudaPatchCore, require_cuda
 from patchcore_trt.runtime.base import Backend, Prediction
 
+MODES = {"exact": {"backbone_dtype": "fp32", "search": "exact"}, "fast": {"backbone_dtype": "fp16", "search": "exact"}}
+
 
 class CudaBackend(Backend):
-    """``predict`` on an NVIDIA GPU (FP16 backbone and exact search by default; see gpu/fast_model.py)."""
+    """``predict`` on an NVIDIA GPU (see gpu/fast_model.py for what each setting computes)."""
 
     name: ClassVar[str] = "cuda"
 
@@ -24,20 +30,23 @@ class CudaBackend(Backend):
         artifact: Path,
         *,
         device: str = "cuda",
-        backbone_dtype: str = "fp16",
-        search: str = "exact",
+        mode: str = "exact",
+        backbone_dtype: str | None = None,
+        search: str | None = None,
         trust_pickled_code: bool = False,
         map_at_input_size: bool = False,
         graphs: bool = True,
     ) -> None:
         super().__init__(artifact, device)
+        if mode not in MODES:
+            raise UserError(f"cuda: mode {mode!r} is not one of {', '.join(MODES)}")
         require_cuda()
         self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code)
         self.postprocess = asdict(self.spec.postprocess)
         self.executor = CudaPatchCore(
             self.spec,
-            backbone_dtype=backbone_dtype,
-            search=search,
+            backbone_dtype=backbone_dtype or MODES[mode]["backbone_dtype"],
+            search=search or MODES[mode]["search"],
             device=device,
             graphs=graphs,
             map_at_input_size=map_at_input_size,
