@@ -62,7 +62,7 @@ class TritonPythonModel:
             try:
                 images = self._images(request)
             except RequestError as exc:
-                responses[index] = _error(str(exc))
+                responses[index] = _error(str(exc), invalid_request=True)
                 continue
             groups[images.shape[1:3]].append((index, images))
         for items in groups.values():
@@ -138,5 +138,7 @@ class TritonPythonModel:
         self.backend.close()
 
 
-def _error(message: str) -> Any:
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def _error(message: str, *, invalid_request: bool = False) -> Any:
+    """An error response: INVALID_ARG (HTTP 400) for the client's mistake, INTERNAL (500) for the model's."""
+    code = pb_utils.TritonError.INVALID_ARG if invalid_request else pb_utils.TritonError.INTERNAL
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
