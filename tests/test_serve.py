@@ -100,6 +100,16 @@ def test_an_onnx_repository_keeps_the_graph_and_needs_triton_full_build(resnet18
     assert "tritonserver --model-repository=/models" in served.stdout
 
 
+def test_an_engine_tensorrt_rtx_built_is_refused_with_the_way_out(resnet18_onnx, tmp_path):
+    from patchcore_trt.engine import Profile, Shape, build_engine
+
+    profile = Profile(Shape.parse("1x256x256"), Shape.parse("2x256x256"), Shape.parse("2x256x256"))
+    engine = build_engine(resnet18_onnx, tmp_path / "model.fp32.engine", profile).engine
+    message = error_line(run_cli("triton", engine, "-o", tmp_path / "repo"))
+    assert "built by TensorRT-RTX" in message and "serve the .onnx" in message
+    assert not (tmp_path / "repo" / MODEL).exists()
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
