@@ -13,7 +13,7 @@ One self-contained run (from the repository root; every step logged, results wri
 
 Usage:
   python3 benchmarks/serve_gpu.py --out $OUT [--wheels .whl/serve] [--gpus 0] [--clients 1,4,16] [--seconds 15]
-      [--instances 2] [--max-batch 16] [--queue-delay-us 500] [--bank 16384] [--size 256] [--backbone-dtype fp16]
+      [--instances 2] [--max-batch 16] [--queue-delay-us 500] [--bank 16384] [--size 256] [--mode fast|exact]
       [--protocol http|grpc] [--budget-s 540]
 Writes OUT/serve_gpu.json, OUT/serve_gpu.md, OUT/serve_gpu.log and OUT/tritonserver.log.
 """
@@ -145,7 +145,7 @@ def time_in_process(checkpoint: Path, batches: list[int], args: argparse.Namespa
     from patchcore_trt.runtime import open_backend
 
     if args.kind == "gpu":
-        backend = open_backend(checkpoint, "cuda", device=f"cuda:{args.gpus[0]}", backbone_dtype=args.backbone_dtype)
+        backend = open_backend(checkpoint, "cuda", device=f"cuda:{args.gpus[0]}", mode=args.mode)
         call = backend.predict_uint8
     else:  # the CPU model, as the served CPU instance runs it (a smoke test of this script without a GPU)
         backend = open_backend(checkpoint, "torch")
@@ -180,7 +180,7 @@ def write_repository(checkpoint: Path, repo: Path, args: argparse.Namespace) -> 
     options = ["triton", str(checkpoint), "-o", str(repo), "--kind", args.kind, "--instances", str(args.instances),
                "--max-batch", str(args.max_batch), "--queue-delay-us", str(args.queue_delay_us)]  # fmt: skip
     if args.kind == "gpu":
-        options += ["--gpus", ",".join(map(str, args.gpus)), "--backbone-dtype", args.backbone_dtype]
+        options += ["--gpus", ",".join(map(str, args.gpus)), "--mode", args.mode]
     # Registered commands run as `python -m patchcore_trt`; the import form also works before registration.
     runner = "import patchcore_trt.cli.triton, patchcore_trt.cli.serve; from patchcore_trt.cli import main; main()"
     done = subprocess.run([sys.executable, "-c", runner, *options], capture_output=True, text=True, timeout=300)
@@ -312,7 +312,7 @@ def main() -> None:
     parser.add_argument("--queue-delay-us", type=int, default=500)
     parser.add_argument("--bank", type=int, default=16384)
     parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--backbone-dtype", default="fp16")
+    parser.add_argument("--mode", choices=("fast", "exact"), default="fast", help="the cuda backend's mode")
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--kind", choices=("gpu", "cpu"), default="gpu", help="cpu: a smoke test without a GPU")
     parser.add_argument("--protocol", choices=("http", "grpc"), default="http")

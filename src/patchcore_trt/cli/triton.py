@@ -38,8 +38,11 @@ def triton_command(
     max_pixels: int | None = typer.Option(
         None, "--max-pixels", help="(.ckpt) Largest image a request may carry (default: predict's limit, 64 MP)."
     ),
+    mode: str | None = typer.Option(
+        None, "--mode", help="(.ckpt, gpu) exact (default: anomalib's FP32 results) or fast (FP16 backbone)."
+    ),
     backbone_dtype: str | None = typer.Option(
-        None, "--backbone-dtype", help="(.ckpt, gpu) Backbone arithmetic: fp16 (default), fp32, tf32, bf16."
+        None, "--backbone-dtype", help="(.ckpt, gpu) Override the mode's backbone arithmetic: fp32, tf32, fp16, bf16."
     ),
     search: str | None = typer.Option(None, "--search", help="(.ckpt, gpu) Nearest-neighbour search: exact or fast."),
     trust_pickled_code: bool = typer.Option(
@@ -58,6 +61,7 @@ def triton_command(
         gpus=parse_gpus(gpus),
         queue_delay_us=queue_delay_us,
         max_pixels=max_pixels,
+        mode=mode,
         backbone_dtype=backbone_dtype,
         search=search,
         trust_pickled_code=trust_pickled_code,

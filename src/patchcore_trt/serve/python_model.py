@@ -44,15 +44,16 @@ class TritonPythonModel:
         trust = params.get("trust_pickled_code") == "true"
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
-            options = {"backbone_dtype": params["backbone_dtype"], "search": params["search"]}
+            options = {key: params[key] for key in ("mode", "backbone_dtype", "search") if params.get(key)}
             self.backend = open_backend(artifact, "cuda", device=device, trust_pickled_code=trust, **options)
             where = f"{device} ({torch.cuda.get_device_name(int(args['model_instance_device_id']))})"
+            precision = ", ".join(f"{key} {value}" for key, value in options.items())
         else:
             self.backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust)
-            where = "cpu"
+            where, precision = "cpu", "fp32"
         pb_utils.Logger.log_info(
             f"patchcore-trt: {args['model_instance_name']} loaded {artifact.name} with the {self.backend.name} "
-            f"backend on {where} (precision {params.get('precision')}, batch buckets {self.buckets})"
+            f"backend on {where} ({precision}; batch buckets {self.buckets})"
         )
 
     def execute(self, requests: list[Any]) -> list[Any]:

@@ -54,8 +54,8 @@ def model_config_pb2() -> Any:
 @dataclass(frozen=True)
 class ServeOptions:
     """How a model is served. None means the default: ``max_batch`` the engine's profile maximum, else
-    DEFAULT_MAX_BATCH; ``max_pixels`` predict's own limit (images.MAX_PIXELS); ``backbone_dtype`` fp16 and
-    ``search`` exact on a GPU."""
+    DEFAULT_MAX_BATCH; ``max_pixels`` predict's own limit (images.MAX_PIXELS); on a GPU ``mode`` the cuda backend's
+    default (exact), and ``backbone_dtype`` / ``search`` the mode's choices."""
 
     name: str = DEFAULT_NAME
     max_batch: int | None = None
@@ -64,6 +64,7 @@ class ServeOptions:
     gpus: tuple[int, ...] = ()
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
     max_pixels: int | None = None
+    mode: str | None = None
     backbone_dtype: str | None = None
     search: str | None = None
     trust_pickled_code: bool = False
@@ -116,7 +117,7 @@ def _max_batch(source: Source, options: ServeOptions) -> int:
 
 def _check_source_options(source: Source, options: ServeOptions) -> None:
     if source.platform != "python":
-        flags = (("--backbone-dtype", options.backbone_dtype), ("--search", options.search))
+        flags = (("--mode", options.mode), ("--backbone-dtype", options.backbone_dtype), ("--search", options.search))
         flags += (("--max-pixels", options.max_pixels),)
         given = [flag for flag, value in flags if value is not None]
         if given:
@@ -124,9 +125,16 @@ def _check_source_options(source: Source, options: ServeOptions) -> None:
     if source.platform == "tensorrt_plan" and options.kind == "cpu":
         raise UserError("a TensorRT engine runs on a GPU; use --kind gpu, or serve the .onnx with --kind cpu")
     if source.platform == "python":
-        if options.kind == "cpu" and (options.backbone_dtype or options.search):
-            raise UserError("--backbone-dtype and --search apply to --kind gpu (the CPU model is the FP32 reference)")
+        if options.kind == "cpu" and (options.mode or options.backbone_dtype or options.search):
+            raise UserError(
+                "--mode, --backbone-dtype and --search apply to --kind gpu (the CPU model is the reference)"
+            )
         # Checked here rather than when an instance loads; imported only when given (the fast path pulls in timm).
+        if options.mode is not None:
+            from patchcore_trt.runtime.cuda_backend import MODES
+
+            if options.mode not in MODES:
+                raise UserError(f"--mode {options.mode!r} is not one of {', '.join(MODES)}")
         if options.backbone_dtype is not None:
             from patchcore_trt.gpu.fast_model import BACKBONE_DTYPES
 
@@ -169,9 +177,10 @@ def build_config(source: Source, options: ServeOptions) -> Any:
         parameters.update(
             artifact=CHECKPOINT_FILE,
             runtime="cuda" if gpu else "torch",
-            precision=(options.backbone_dtype or "fp16") if gpu else "fp32",
-            backbone_dtype=(options.backbone_dtype or "fp16") if gpu else "fp32",
-            search=(options.search or "exact") if gpu else "exact",
+            # The cuda backend's mode and overrides as given ("" = the mode's own choice).
+            mode=(options.mode or "exact") if gpu else "",
+            backbone_dtype=(options.backbone_dtype or "") if gpu else "fp32",
+            search=(options.search or "") if gpu else "exact",
             max_pixels=str(options.max_pixels or MAX_PIXELS),
             batch_buckets=",".join(map(str, buckets)),
             trust_pickled_code=str(options.trust_pickled_code).lower(),
