@@ -374,6 +374,10 @@ def main() -> None:
             results["loads"].append(load)
             log(f"{clients} clients: {load}")
             save()
+    except Exception as exc:  # recorded with what was measured so far, then raised
+        results["serving_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"serving failed: {results['serving_error']}")
+        raise
     finally:
         code = server.stop()
         results["server_exit"] = {"code": code, "processes_left": server.group_alive()}
