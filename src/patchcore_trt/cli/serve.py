@@ -49,7 +49,7 @@ def _repository(target: Path, kind: str | None, work: Path) -> Path:
     return written.folder.parent
 
 
-def _check_backends(repository: Path, configs: dict[str, Any], distribution: Any, ports: tuple[int, int, int]) -> None:
+def _check_backends(target: Path, repository: Path, configs: dict[str, Any], distribution: Any, ports: tuple) -> None:
     from patchcore_trt.serve.repository import platform_of
 
     available = distribution.backend_names()
@@ -57,6 +57,9 @@ def _check_backends(repository: Path, configs: dict[str, Any], distribution: Any
     missing = {name: kind for name, kind in missing.items() if _BACKEND_OF.get(kind, kind) not in available}
     if not missing:
         return
+    if target.is_file():  # the repository written for it is temporary: write a lasting one first
+        repository = Path("repo")
+        out.print(f"write its repository first: {program()} triton {target} -o {repository}")
     out.print(f"Triton's full build serves it, e.g. NGC's container:\n  {container_command(repository, ports)}")
     listed = ", ".join(f"{name} ({kind})" for name, kind in sorted(missing.items()))
     build = "the bundled tritonserver (nvidia-pytriton) has the Python backend only" if distribution.bundled else (
@@ -92,7 +95,7 @@ def serve_command(
         repository = _repository(target, kind, Path(work))
         configs = read_repository(repository)
         distribution = find_distribution(tritonserver)
-        _check_backends(repository, configs, distribution, ports)
+        _check_backends(target, repository, configs, distribution, ports)
         server = TritonServer(
             repository, ports, host=host, distribution=distribution, log_file=log_file, verbose=verbose
         )
