@@ -39,7 +39,8 @@ def test_the_setup_and_test_commands_are_what_ci_runs():
 @pytest.fixture()
 def examples(resnet18_checkpoint, dataset, tmp_path) -> Path:
     """A folder with the files the README's examples name, and the repository's virtual environment."""
-    (tmp_path / ".venv").symlink_to(ROOT / ".venv")
+    for environment in (".venv", ".venv-triton", ".ci"):  # the venvs .ci/run made, and the serving set-up
+        (tmp_path / environment).symlink_to(ROOT / environment)
     shutil.copy(resnet18_checkpoint, tmp_path / "model.ckpt")
     shutil.copytree(dataset.root / "test", tmp_path / "images")
     shutil.copytree(dataset.root, tmp_path / "labelled")

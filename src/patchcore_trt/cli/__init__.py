@@ -38,7 +38,7 @@ def _options(debug: bool = typer.Option(False, "--debug", help="Show tracebacks 
 
 def _register_commands() -> None:
     # Each module adds its command to ``app``; importing them is cheap (heavy imports happen inside commands).
-    from patchcore_trt.cli import bench, build, demo, export, predict, verify  # noqa: F401
+    from patchcore_trt.cli import bench, build, demo, export, predict, serve, triton, verify  # noqa: F401
 
 
 def _error(message: str, exit_code: int) -> None:

@@ -27,8 +27,17 @@ from patchcore_trt.errors import UserError
 
 @app.command("predict")
 def predict_command(
-    model: Path = typer.Argument(..., help="A .ckpt (torch), .onnx (onnxruntime/openvino) or .engine (tensorrt)."),
-    inputs: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or glob patterns."),
+    arguments: list[str] = typer.Argument(
+        ...,
+        metavar="[MODEL] INPUTS...",
+        help="MODEL: a .ckpt (torch), .onnx (onnxruntime/openvino) or .engine (tensorrt); none with --server. "
+        "INPUTS: image files, folders (searched recursively) or glob patterns.",
+    ),
+    server: str | None = typer.Option(
+        None, "--server", help="Score on a Triton server (http://HOST:8000 or grpc://HOST:8001) instead of a MODEL."
+    ),
+    model_name: str | None = typer.Option(None, "--model", help="(--server) The served model; default: its only one."),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, max=256, help="(--server) Requests in flight at once."),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
@@ -56,25 +65,52 @@ def predict_command(
     trust_pickled_code: bool = typer.Option(
         False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
     ),
+    anomalib_version: str | None = typer.Option(
+        None,
+        "--anomalib-version",
+        help="(.ckpt) The anomalib release that trained it; needed only for 2.0-2.2 files with default components "
+        "when the file cannot tell.",
+    ),
 ) -> None:
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
     from patchcore_trt.images import collect_images, short_names
     from patchcore_trt.runtime import open_backend
 
-    paths, unmatched = collect_images(inputs)
-    for output in (json_path, csv_path, report):
-        check_output_file(output, protected=[model, *paths])
-    check_distinct(json_path, csv_path, report)
-    check_output_dir(visuals)
     # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
     given = {
         "map_at_input_size": map_at_input_size or None,
         "trust_pickled_code": trust_pickled_code or None,
+        "anomalib_version": anomalib_version,
         "mode": mode,
         "backbone_dtype": backbone_dtype,
         "search": search,
     }
-    loaded = open_backend(model, backend, device=device, **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in given.items() if v is not None}
+    if server is None:
+        if len(arguments) < 2:
+            raise UserError("predict needs a MODEL and at least one input (or --server URL and inputs)")
+        model, inputs = Path(arguments[0]), arguments[1:]
+        if model_name is not None or concurrency != 1:
+            raise UserError("--model and --concurrency apply to --server")
+    else:
+        model, inputs = None, arguments
+        local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]
+        if local or given:
+            flags = ", ".join(local + ["--" + k.replace("_", "-") for k in given])
+            raise UserError(f"{flags}: for a local MODEL; the server's model carries its own settings")
+    paths, unmatched = collect_images(inputs)
+    for output in (json_path, csv_path, report):
+        check_output_file(output, protected=[p for p in (model, *paths) if p is not None])
+    check_distinct(json_path, csv_path, report)
+    check_output_dir(visuals)
+    if server is None:
+        loaded = open_backend(model, backend, device=device, **given)
+    else:
+        from patchcore_trt.serve.client import TritonBackend
+
+        loaded = TritonBackend(server, model=model_name, concurrency=concurrency)
+        model = Path(loaded.model)
+        batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     for item in unmatched:
         warn(f"{item}: no image files found")
     if not paths:
@@ -82,6 +118,8 @@ def predict_command(
     with loaded:
         names = short_names(paths, inputs)
         _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path, visuals, report, top)
+        if getattr(loaded, "quantized", 0):
+            warn(f"{loaded.quantized} image(s) were not 8-bit and were rounded to 8 bits for the server's uint8 model")
 
 
 def _header(loaded: object, model: Path, device: str) -> dict[str, object]:
@@ -97,17 +135,21 @@ def _header(loaded: object, model: Path, device: str) -> dict[str, object]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             continue
-    return {
-        "tool": {"name": "patchcore-trt", "version": patchcore_trt.__version__, "python": platform.python_version()},
-        "versions": versions,
-        "model": {
+    if hasattr(loaded, "describe"):  # a model on a Triton server: its file is there, described by the server
+        described = {"file": model, **loaded.describe(), "backend": loaded.name, "device": device}
+    else:
+        described = {
             "file": model,
             "sha256": sha256_of(model),
             "backend": loaded.name,
             "device": device,
             "image_threshold": loaded.image_threshold,
             "postprocess": loaded.postprocess,
-        },
+        }
+    return {
+        "tool": {"name": "patchcore-trt", "version": patchcore_trt.__version__, "python": platform.python_version()},
+        "versions": versions,
+        "model": described,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
