@@ -101,14 +101,6 @@ def test_never_validated(resnet18_checkpoint, tmp_path):
     assert "never validated" in _error(_modified(resnet18_checkpoint, tmp_path, "raw.ckpt", drop_stats))
 
 
-def test_anomalib_1x_checkpoint_is_named(resnet18_checkpoint, tmp_path):
-    def as_1x(raw):
-        raw["state_dict"]["image_threshold.value"] = torch.tensor(1.0)
-        raw["state_dict"]["normalization_metrics.min"] = torch.tensor(0.0)
-
-    assert "anomalib 1.x" in _error(_modified(resnet18_checkpoint, tmp_path, "v1.ckpt", as_1x))
-
-
 def test_pickled_code_is_refused_by_default(resnet18_checkpoint, tmp_path):
     path = _modified(
         resnet18_checkpoint, tmp_path, "pickled.ckpt", lambda raw: raw.update(extra=fractions.Fraction(1, 3))

@@ -29,7 +29,9 @@ from patchcore_trt.files import write_text_atomic
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
 METADATA_KEY = "patchcore_trt"
-METADATA_FORMAT = 1
+METADATA_FORMAT = 2
+# Format 1 (before the post-processing rules were recorded) computed anomalib 2.7's rules; it reads as such.
+READABLE_FORMATS = (1, 2)
 SIDECAR_FORMAT = 1
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -48,7 +50,9 @@ class ArtifactMetadata:
     """What an exported graph computes, stored inside the ONNX file.
 
     ``transform`` is the pre-processing the graph itself applies (resize without antialiasing, optional centre
-    crop, normalisation): what a caller must reproduce to feed the backbone directly.
+    crop, normalisation): what a caller must reproduce to feed the backbone directly. ``postprocess`` holds the
+    statistics and the release's rules (``normalize``, ``threshold_inclusive``, ``zero_range``: see
+    spec.Postprocess); ``written_by`` the anomalib release that wrote the source checkpoint and the evidence.
     """
 
     precision: str
@@ -65,6 +69,7 @@ class ArtifactMetadata:
     producer: str
     versions: dict[str, str]
     details: dict[str, Any] = field(default_factory=dict)
+    written_by: dict[str, str] = field(default_factory=dict)
     format: int = METADATA_FORMAT
 
     @property
@@ -87,7 +92,13 @@ class ArtifactMetadata:
     def to_json(self) -> str:
         document = asdict(self)
         document.update(input=_INPUT_SPEC, outputs=list(OUTPUT_NAMES))
-        return json.dumps(document)
+        # Strict JSON has no NaN (a zero range before 2.7, statistics never computed without normalisation); null
+        # reads back as NaN.
+        document["postprocess"] = {
+            key: None if isinstance(value, float) and math.isnan(value) else value
+            for key, value in document["postprocess"].items()
+        }
+        return json.dumps(document, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> ArtifactMetadata:
@@ -99,7 +110,7 @@ class ArtifactMetadata:
         if not isinstance(raw, dict):
             raise UserError(f"{where}: its patchcore-trt metadata is not a JSON object; export it again")
         version = raw.get("format")
-        if version != METADATA_FORMAT:
+        if version not in READABLE_FORMATS:
             newer = isinstance(version, int) and version > METADATA_FORMAT
             reason = "a newer patchcore-trt; upgrade patchcore-trt" if newer else "an unknown writer; export it again"
             raise UserError(
@@ -121,6 +132,7 @@ class ArtifactMetadata:
                 producer=str(raw["producer"]),
                 versions=dict(raw["versions"]),
                 details=dict(raw.get("details", {})),
+                written_by={str(key): str(value) for key, value in dict(raw.get("written_by", {})).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             problem = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
@@ -158,8 +170,26 @@ _POSTPROCESS_KEYS = (
 )
 
 
-def _postprocess(value: Any) -> dict[str, float]:
-    return {key: _number(value[key]) for key in _POSTPROCESS_KEYS}
+def _flag(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def _number_or_nan(value: Any) -> float:
+    return math.nan if value is None else _number(value)
+
+
+def _postprocess(value: Any) -> dict[str, Any]:
+    post: dict[str, Any] = {key: _number_or_nan(value[key]) for key in _POSTPROCESS_KEYS}
+    post["normalize"] = _flag(value.get("normalize", True))
+    post["threshold_inclusive"] = _flag(value.get("threshold_inclusive", False))
+    post["zero_range"] = _number_or_nan(value.get("zero_range", 0.5))
+    needed = ("image_sensitivity", "pixel_sensitivity") + (_POSTPROCESS_KEYS if post["normalize"] else ())
+    unset = [key for key in needed if math.isnan(post[key])]
+    if unset:
+        raise ValueError(f"postprocess {unset[0]} is not set")
+    return post
 
 
 def _size(value: Any) -> tuple[int, int]:

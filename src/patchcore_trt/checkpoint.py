@@ -1,228 +1,165 @@
-"""anomalib's PatchCore checkpoint layout: read one into a PatchCoreSpec without running pickled code, and write one.
+"""anomalib's PatchCore checkpoints of every release read into a PatchCoreSpec without running pickled code; and
+written, in the 2.7 layout, for tests and synthetic models.
 
-Checkpoints are pickles. By default they load with ``torch.load(weights_only=True)`` and an allowlist of the
-few non-tensor types anomalib writes (its ``PrecisionType`` enum and numpy scalars), so anomalib itself need
-not be installed and no code from the file runs. ``trust_pickled_code=True`` is the explicit opt-in for
-trusted legacy files that pickled whole objects.
-
-``write_checkpoint`` writes the same layout from a spec (synthetic benchmark models, tests), so reader and
-writer of the format sit side by side.
+Reading goes: the archive is checked from its zip directory (pickled.check_archive), unpickled with inert
+stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and then every value the spec needs
+is checked once, completely: a malformed file is one UserError listing each problem, never a traceback later.
+``trust_pickled_code=True`` is the opt-in for files that pickle objects patchcore-trt does not know; it runs them.
 """
 
 from __future__ import annotations
 
-import enum
-import math
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from patchcore_trt import checks
+from patchcore_trt.checks import BLUR_KERNEL_KEY
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import atomic_path, sha256_of
-from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
+from patchcore_trt.layouts import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LAYOUT_27,
+    POST_PREFIX,
+    Leaf,
+    Reading,
+    Written,
+    check_version,
+    default_leaves,
+    read_layout,
+    resolve_default_release,
+    shown,
+)
+from patchcore_trt.pickled import ArchiveError, UnknownGlobalsError, check_archive, enum_value, safe_load, trusted_load
+from patchcore_trt.spec import PatchCoreSpec, Postprocess
 
 BACKBONE_PREFIX = "model.feature_extractor.feature_extractor."
 MEMORY_BANK_KEY = "model.memory_bank"
-BLUR_KERNEL_KEY = "model.anomaly_map_generator.blur.kernel"
-POST_PREFIX = "post_processor."
 TRUST_OPTION = "--trust-pickled-code"
+_MALFORMED_FIX = "the file was changed after anomalib saved it or comes from another tool; use the file anomalib saved"
 
 
-class PrecisionType(str, enum.Enum):
-    """Stand-in for ``anomalib.PrecisionType``, the one anomalib class a 2.x checkpoint pickles."""
-
-    FLOAT16 = "float16"
-    FLOAT32 = "float32"
-
-
-def _numpy_reduce(value: Any) -> Any:
-    return value.__reduce__()[0]
-
-
-# The same list anomalib allowlists (anomalib.utils.serialization), under the names the pickle refers to.
-_SAFE_GLOBALS: list[Any] = [
-    (PrecisionType, "anomalib.PrecisionType"),
-    (PrecisionType, "anomalib.utils.types.PrecisionType"),
-    (_numpy_reduce(np.float64(0)), "numpy.core.multiarray.scalar"),
-    (_numpy_reduce(np.float64(0)), "numpy._core.multiarray.scalar"),
-    (_numpy_reduce(np.empty(0)), "numpy.core.multiarray._reconstruct"),
-    (_numpy_reduce(np.empty(0)), "numpy._core.multiarray._reconstruct"),
-    np.dtype,
-    np.ndarray,
-    np.dtypes.Float64DType,
-]
-
-
-def _load_raw(path: Path, trust_pickled_code: bool) -> dict[str, Any]:
+def _load_raw(path: Path, trust_pickled_code: bool) -> Any:
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if not path.is_file():
         raise UserError(f"{path}: not a file (expected an anomalib .ckpt)")
-    if not zipfile.is_zipfile(path):
-        head = path.read_bytes()[:4]
-        if head.startswith(b"PK"):
-            raise UserError(f"{path}: the checkpoint archive is truncated or corrupt; copy it again")
-        raise UserError(f"{path}: not a PyTorch checkpoint (expected a Lightning .ckpt from anomalib)")
     try:
-        if trust_pickled_code:
-            return torch.load(path, map_location="cpu", weights_only=False)  # nosec B614 - explicit opt-in
-        with torch.serialization.safe_globals(_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        message = str(exc)
-        if "Unsupported global" in message or "weights_only" in message.lower():
-            name = message.split("GLOBAL", 1)[-1].split("was not", 1)[0].strip() if "GLOBAL" in message else "?"
-            raise UserError(
-                f"{path}: the checkpoint pickles Python objects ({name}) that could run code when loaded; "
-                f"if you trust where it came from, pass {TRUST_OPTION}"
-            ) from None
-        raise UserError(f"{path}: the checkpoint is corrupt ({message.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path}: the checkpoint is truncated or corrupt ({first_line})") from None
-
-
-def _scalar(state: dict[str, torch.Tensor], key: str) -> float:
-    value = state.get(key)
-    return float("nan") if value is None else float(value.reshape(-1)[0])
-
-
-def _postprocess(path: Path, state: dict[str, torch.Tensor], config: dict[str, Any]) -> Postprocess:
-    """Resolve anomalib's PostProcessor exactly as its properties do (threshold matching, NaN fallbacks)."""
-    image_threshold = _scalar(state, POST_PREFIX + "_image_threshold")
-    pixel_threshold = _scalar(state, POST_PREFIX + "_pixel_threshold")
-    matching = bool(config.get("enable_threshold_matching", True))
-    if math.isnan(image_threshold) and matching:
-        image_threshold = pixel_threshold
-    if math.isnan(pixel_threshold) and matching:
-        pixel_threshold = image_threshold
-    stats = {name: _scalar(state, POST_PREFIX + name) for name in ("image_min", "image_max", "pixel_min", "pixel_max")}
-    if not config.get("enable_normalization", True) or not config.get("enable_thresholding", True):
+        check_archive(path)
+    except ArchiveError as exc:
+        reason = str(exc)
+        if reason == "not a zip archive":
+            raise UserError(f"{path}: not a PyTorch checkpoint (expected a Lightning .ckpt from anomalib)") from None
+        if reason.startswith("truncated"):
+            raise UserError(f"{path}: the checkpoint archive is truncated or corrupt; copy it again") from None
         raise UserError(
-            f"{path}: the checkpoint's post-processor has normalisation or thresholding disabled; "
-            "patchcore-trt exports anomalib's default post-processing only"
-        )
-    if any(math.isnan(value) for value in stats.values()):
-        raise UserError(
-            f"{path}: the checkpoint has no normalisation statistics (it was never validated); "
-            "run anomalib's Engine.fit with a validation split, or Engine.validate, and save it again"
-        )
-    # anomalib normalises with the midpoint of min and max when no threshold was learned.
-    if math.isnan(image_threshold):
-        image_threshold = (stats["image_min"] + stats["image_max"]) / 2
-    if math.isnan(pixel_threshold):
-        pixel_threshold = (stats["pixel_min"] + stats["pixel_max"]) / 2
-    return Postprocess(
-        image_threshold=image_threshold,
-        pixel_threshold=pixel_threshold,
-        image_sensitivity=float(config.get("image_sensitivity", 0.5)),
-        pixel_sensitivity=float(config.get("pixel_sensitivity", 0.5)),
-        **stats,
-    )
-
-
-def _transform_spec(raw: dict[str, Any]) -> dict[str, Any] | None:
-    config = raw.get("anomalib_pre_processor_config") or {}
-    spec = config.get("transform")
-    if spec is not None:
-        return spec
-    # Checkpoints before anomalib 2.7 keep the transform only as a pickled object (trusted loads only).
-    pre_processor = raw.get("hyper_parameters", {}).get("pre_processor")
-    transform = getattr(pre_processor, "transform", None)
-    if transform is not None:
-        from anomalib.pre_processing.utils.spec import transform_to_spec
-
-        return transform_to_spec(transform)
-    return None
-
-
-def _flatten_transforms(spec: dict[str, Any]) -> list[dict[str, Any]]:
-    if spec["class_path"].endswith(".Compose"):
-        return [leaf for child in spec["init_args"]["transforms"] for leaf in _flatten_transforms(child)]
-    return [spec]
-
-
-def _pair(value: Any) -> tuple[int, int] | None:
-    """(height, width) of a fixed-size Resize/CenterCrop; None for torchvision's shorter-side form (int or [n])."""
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        return (int(value[0]), int(value[1]))
-    return None
-
-
-def _preprocess(path: Path, raw: dict[str, Any], image_size: tuple[int, int] | None) -> Preprocess:
-    spec = _transform_spec(raw)
-    if spec is None:
-        size = image_size or (256, 256)
-        return Preprocess(resize=size)
-    fields: dict[str, Any] = {}
-    for leaf in _flatten_transforms(spec):
-        name = leaf["class_path"].rsplit(".", 1)[-1]
-        args = leaf["init_args"]
-        if name == "Resize":
-            size = _pair(args.get("size"))
-            if size is None:
+            f"{path}: refused before unpacking: {reason}, but torch.save stores every entry uncompressed, so the "
+            "archive was re-packed or crafted; use the .ckpt file anomalib saved"
+        ) from None
+    try:
+        try:
+            return safe_load(path)
+        except UnknownGlobalsError as exc:
+            names = ", ".join(exc.names[:5]) + (", ..." if len(exc.names) > 5 else "")
+            if not trust_pickled_code:
                 raise UserError(
-                    f"{path}: the pre-processor resizes the shorter side to {args.get('size')}; "
-                    "only a fixed (height, width) resize is supported"
-                )
-            fields.update(resize=size, interpolation=str(args.get("interpolation", "bilinear")).lower())
-            fields["antialias"] = bool(args.get("antialias", True))
-        elif name in ("CenterCrop", "ExportableCenterCrop"):
-            # Unlike Resize, a one-number crop size means a square.
-            size = args.get("size")
-            side = size if isinstance(size, int) else size[0]
-            fields["center_crop"] = _pair(size) or (int(side), int(side))
-        elif name == "Normalize":
-            fields.update(mean=tuple(float(v) for v in args["mean"]), std=tuple(float(v) for v in args["std"]))
-        else:
-            raise UserError(f"{path}: the pre-processor uses {name}, which patchcore-trt does not reproduce")
-    if "resize" not in fields:
-        raise UserError(f"{path}: the pre-processor has no Resize; patchcore-trt needs a fixed model resolution")
-    if image_size is not None:
-        fields["resize"] = image_size
-    crop = fields.get("center_crop")
-    if crop is not None and (crop[0] > fields["resize"][0] or crop[1] > fields["resize"][1]):
-        raise UserError(f"{path}: the centre crop {crop} is larger than the resize {fields['resize']}; not supported")
-    if fields["interpolation"] not in ("bilinear", "nearest", "bicubic"):
-        raise UserError(f"{path}: resize interpolation {fields['interpolation']!r} is not supported")
-    return Preprocess(**fields)
+                    f"{path}: the checkpoint pickles objects patchcore-trt does not know ({names}) that could run "
+                    f"code when loaded; if you trust where it came from, pass {TRUST_OPTION}"
+                ) from None
+            return _trusted(path, names)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+        raise UserError(
+            f"{path}: the checkpoint's pickle has a structure patchcore-trt does not read "
+            f"({detail[0] if detail else 'unreadable'}); use the .ckpt file anomalib saved"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path}: the checkpoint is truncated or corrupt ({first_line}); copy it again") from None
 
 
-def _separable_taps(path: Path, kernel: torch.Tensor | None) -> torch.Tensor:
-    if kernel is None:
-        raise UserError(f"{path}: the checkpoint has no anomaly-map blur kernel ({BLUR_KERNEL_KEY})")
-    kernel_2d = kernel.reshape(kernel.shape[-2], kernel.shape[-1]).double()
-    taps = kernel_2d.sum(dim=1)
-    if not torch.allclose(torch.outer(taps, taps), kernel_2d, atol=1e-9):
-        raise UserError(f"{path}: the anomaly-map blur kernel is not a separable Gaussian")
-    return taps.float()
+def _trusted(path: Path, names: str) -> Any:
+    try:
+        return trusted_load(path)
+    except Exception as exc:  # the user's pickled code may raise anything; it is reported, not re-raised
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(
+            f"{path}: unpickling its objects ({names}) failed even with {TRUST_OPTION} ({type(exc).__name__}: "
+            f"{first_line}); install the packages that define them, or use the .ckpt file anomalib saved"
+        ) from None
 
 
-def _check_patchcore(path: Path, raw: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _state(path: Path, raw: Any) -> dict[str, Any]:
     state = raw.get("state_dict") if isinstance(raw, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"{path}: not a Lightning checkpoint (it has no state_dict)")
-    if any(key.startswith(("image_threshold.", "normalization_metrics.")) for key in state):
-        raise UserError(
-            f"{path}: this is an anomalib 1.x checkpoint; patchcore-trt reads anomalib 2.0 to 2.7 checkpoints "
-            "(load it in anomalib 1.x, retrain or re-fit with anomalib 2.x, and save again)"
-        )
-    if MEMORY_BANK_KEY not in state or not any(key.startswith(BACKBONE_PREFIX) for key in state):
-        hint = (
-            raw.get("hyper_parameters", {}).get("backbone") if isinstance(raw.get("hyper_parameters"), dict) else None
-        )
-        kind = "an anomalib model" if any(key.startswith("model.") for key in state) else "a Lightning model"
+    bank = state.get(MEMORY_BANK_KEY)
+    if not isinstance(bank, torch.Tensor) or not any(key.startswith(BACKBONE_PREFIX) for key in state):
+        hyper = raw.get("hyper_parameters")
+        hint = hyper.get("backbone") if isinstance(hyper, dict) else None
+        kind = "an anomalib model" if any(str(key).startswith("model.") for key in state) else "a Lightning model"
         raise UserError(f"{path}: not a PatchCore checkpoint (it is {kind} without a memory bank; backbone={hint})")
-    bank = state[MEMORY_BANK_KEY]
-    if bank.ndim != 2 or bank.shape[0] == 0:
+    if bank.numel() == 0:  # anomalib registers torch.empty(0) and fills it at the end of Engine.fit
         raise UserError(f"{path}: the PatchCore memory bank is empty: the model was never fitted (run Engine.fit)")
-    if not torch.isfinite(bank).all():
-        raise UserError(f"{path}: the PatchCore memory bank holds NaN or infinite values")
+    if bank.ndim != 2:
+        raise UserError(
+            f"{path}: the PatchCore memory bank has shape {list(bank.shape)}, expected [rows, features]; "
+            + _MALFORMED_FIX
+        )
+    if not bank.is_floating_point() or not torch.isfinite(bank).all():
+        raise UserError(f"{path}: the PatchCore memory bank holds NaN, infinite or non-float values; " + _MALFORMED_FIX)
     return state
+
+
+def _precision(path: Path, hyper: dict[str, Any]) -> None:
+    value = hyper.get("precision")
+    name = str(enum_value(value)).lower().rsplit(".", 1)[-1]
+    if value is not None and name not in ("float32", "fp32", "32"):
+        raise UserError(
+            f"{path}: the model was trained with precision={name} (anomalib runs it in half precision); "
+            "patchcore-trt reproduces float32 PatchCore only: retrain with precision float32"
+        )
+
+
+def _leaves(
+    path: Path,
+    reading: Reading,
+    hyper: dict[str, Any],
+    bank: torch.Tensor,
+    network: torch.nn.Module | None,
+    image_size: tuple[int, int] | None,
+    version: str | None,
+) -> tuple[list[Leaf], Written]:
+    written = reading.written
+    check_version(path, written, version)
+    if reading.leaves is not None:
+        return reading.leaves, written
+    if written.layout == LAYOUT_27:
+        if image_size is None:
+            raise UserError(
+                f"{path}: the checkpoint records no pre-processor transform (anomalib 2.7 saves none for a transform "
+                "it cannot store safely, or a custom pre-processor); pass --image-size HxW if the model used "
+                "anomalib's default Resize to that size with ImageNet normalisation"
+            )
+        normalize = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        return [("Resize", {"size": list(image_size)}), ("Normalize", normalize)], written
+    if written.low == (2, 0) and written.high == (2, 2):
+        ratio = hyper.get("coreset_sampling_ratio", 0.1)
+        if network is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise UserError(f"{path}: cannot tell anomalib 2.0 from 2.1-2.2 (no usable backbone or coreset ratio)")
+        rows = int(bank.shape[0])
+        written = resolve_default_release(path, written, rows, float(ratio), checks.patches_at(network), version)
+    return default_leaves(written), written
+
+
+def _raise_problems(path: Path, problems: list[str]) -> None:
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
+        raise UserError(f"{path}: the checkpoint has {count}: {'; '.join(problems)}; {_MALFORMED_FIX}")
 
 
 def read_checkpoint(
@@ -230,40 +167,61 @@ def read_checkpoint(
     *,
     trust_pickled_code: bool = False,
     image_size: tuple[int, int] | None = None,
+    anomalib_version: str | None = None,
 ) -> PatchCoreSpec:
-    """Read an anomalib 2.x PatchCore ``.ckpt`` into a PatchCoreSpec.
+    """Read a PatchCore ``.ckpt`` of anomalib 1.0-1.2 or 2.0-2.7 into a PatchCoreSpec, without running pickled code.
 
     Args:
         path: The Lightning checkpoint anomalib's Engine saved.
-        trust_pickled_code: Allow arbitrary pickled objects (only for files you trust).
-        image_size: Override the model resolution (for checkpoints that do not record their transform).
+        trust_pickled_code: Unpickle objects patchcore-trt does not know (this runs their code).
+        image_size: Override the model resolution.
+        anomalib_version: The release that trained the file; needed only for 2.0-2.2 files saved with the default
+            pre-processor when the file cannot tell; checked against the file otherwise.
 
     Raises:
         UserError: with a one-line reason for anything that is not a usable PatchCore checkpoint.
     """
     path = Path(path)
     raw = _load_raw(path, trust_pickled_code)
-    state = _check_patchcore(path, raw)
-    hyper = raw.get("hyper_parameters") or {}
-    backbone = hyper.get("backbone")
-    if not isinstance(backbone, str):
-        raise UserError(f"{path}: the checkpoint does not name its backbone (hyper_parameters.backbone)")
-    layers = tuple(str(layer) for layer in hyper.get("layers", ("layer2", "layer3")))
-    backbone_state = {
-        key[len(BACKBONE_PREFIX) :]: value.float() for key, value in state.items() if key.startswith(BACKBONE_PREFIX)
-    }
-    post_config = raw.get("anomalib_post_processor_config") or {}
+    state = _state(path, raw)
+    problems: list[str] = []
+    hyper = raw.get("hyper_parameters", {})
+    backbone, layers, num_neighbors = None, None, None
+    if isinstance(hyper, dict):
+        _precision(path, hyper)
+        backbone, layers, num_neighbors = checks.model_fields(hyper, problems)
+    else:
+        problems.append(f"hyper_parameters is {shown(hyper)}, expected a dict of the model's settings")
+        hyper = {}
+    reading = read_layout(path, raw, state, hyper, problems)
+    bank = state[MEMORY_BANK_KEY]
+    network = checks.meta_backbone(backbone, layers, problems) if backbone and layers else None
+    weights = {key[len(BACKBONE_PREFIX) :]: value for key, value in state.items() if key.startswith(BACKBONE_PREFIX)}
+    if network is not None:
+        checks.check_weights(network, str(backbone), weights, bank, problems)
+    postprocess = checks.postprocess(path, state, reading, problems)
+    taps = checks.separable_taps(state.get(BLUR_KERNEL_KEY), problems)
+    if reading.leaves is None:  # the release's default transform is settled from values that must be sound
+        _raise_problems(path, problems)
+    leaves, written = _leaves(path, reading, hyper, bank, network, image_size, anomalib_version)
+    preprocess = checks.preprocess(path, leaves, image_size, problems)
+    _raise_problems(path, problems)
+    if not (backbone and layers and num_neighbors and preprocess) or taps is None:  # each None came with a problem
+        raise RuntimeError("a checkpoint value was refused without a problem line")
     return PatchCoreSpec(
         backbone=backbone,
         layers=layers,
-        backbone_state=backbone_state,
-        memory_bank=state[MEMORY_BANK_KEY].float().contiguous(),
-        num_neighbors=int(hyper.get("num_neighbors", 9)),
-        blur_kernel=_separable_taps(path, state.get(BLUR_KERNEL_KEY)),
-        preprocess=_preprocess(path, raw, image_size),
-        postprocess=_postprocess(path, state, post_config),
+        # Copies: the loaded tensors map the file, which may be replaced while the spec is in use.
+        backbone_state={key: value.float().clone() for key, value in weights.items()},
+        memory_bank=bank.float().clone().contiguous(),
+        num_neighbors=num_neighbors,
+        blur_kernel=taps,
+        preprocess=preprocess,
+        postprocess=postprocess,
         source_sha256=sha256_of(path),
         source_name=path.name,
+        written_by=f"anomalib {written.release}",
+        written_by_evidence=written.evidence,
     )
 
 
@@ -280,9 +238,16 @@ def post_processor_buffers(post: Postprocess) -> dict[str, float]:
 
 
 def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
-    """Save ``spec`` as an anomalib 2.7-layout Lightning checkpoint that ``read_checkpoint`` reads back."""
-    taps = spec.blur_kernel.float()
+    """Save ``spec`` as an anomalib 2.7-layout Lightning checkpoint that ``read_checkpoint`` reads back.
+
+    Raises:
+        ValueError: ``spec`` follows post-processing rules the 2.7 layout cannot record (1.x labels, a NaN zero
+            range).
+    """
     post = spec.postprocess
+    if post.threshold_inclusive or post.zero_range != 0.5:
+        raise ValueError("the anomalib 2.7 layout records 2.7's post-processing rules only")
+    taps = spec.blur_kernel.float()
     state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}
     state[MEMORY_BANK_KEY] = spec.memory_bank
     state[BLUR_KERNEL_KEY] = torch.outer(taps, taps)[None, None]
@@ -314,7 +279,7 @@ def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
             "transform": {"class_path": "torchvision.transforms.v2.Compose", "init_args": {"transforms": transforms}}
         },
         "anomalib_post_processor_config": {
-            "enable_normalization": True,
+            "enable_normalization": post.normalize,
             "enable_thresholding": True,
             "enable_threshold_matching": True,
             "image_sensitivity": post.image_sensitivity,

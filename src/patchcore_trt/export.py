@@ -78,6 +78,7 @@ def build_metadata(spec: PatchCoreSpec, *, map_at_input_size: bool) -> ArtifactM
         producer=f"patchcore-trt {patchcore_trt.__version__}",
         versions={"torch": torch.__version__, "onnx": onnx.__version__},
         details={"training_transform": asdict(spec.preprocess)},
+        written_by={"release": spec.written_by, "evidence": spec.written_by_evidence} if spec.written_by else {},
     )
 
 

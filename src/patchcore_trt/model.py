@@ -2,7 +2,8 @@
 
 Input: float32 images [N, 3, H, W], RGB in [0, 1], any H and W (anomalib's own input convention).
 Outputs: pred_score [N], pred_label [N] (bool), anomaly_map [N, 1, h, w], pred_mask [N, 1, h, w] (bool),
-normalised with the checkpoint's thresholds and min/max exactly as anomalib's PostProcessor does.
+normalised with the checkpoint's thresholds and min/max and labelled exactly as the anomalib release that wrote
+the checkpoint does (spec.Postprocess: the normalisation switch, the label rule, the zero-range value).
 
 Differences from anomalib's code are in how, never in what:
 - the nearest-neighbour search walks the memory bank in fixed chunks, so activation memory is
@@ -15,7 +16,7 @@ Differences from anomalib's code are in how, never in what:
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -180,11 +181,18 @@ class AnomalyMap(nn.Module):
         return F.conv2d(F.conv2d(padded, self.taps_h), self.taps_v)
 
 
-def normalize(values: torch.Tensor, threshold: float, low: float, high: float) -> torch.Tensor:
-    """anomalib's PostProcessor._normalize, including its guard for a zero min-max range."""
+def normalize(values: torch.Tensor, threshold: float, low: float, high: float, zero_range: float = 0.5) -> torch.Tensor:
+    """anomalib's min-max normalisation around the threshold; ``zero_range`` at the threshold when max == min
+    (anomalib 2.7's guard gives 0.5; earlier releases divide 0 by 0)."""
     if high == low:
-        return torch.where(values > threshold, 1.0, torch.where(values < threshold, 0.0, 0.5))
+        return torch.where(values > threshold, 1.0, torch.where(values < threshold, 0.0, zero_range))
     return (((values - threshold) / (high - low)) + 0.5).clamp(min=0, max=1)
+
+
+def over_threshold(values: Any, threshold: Any, inclusive: bool) -> Any:
+    """The label rule on the outputs (torch tensors or numpy arrays): anomalous above ``threshold``, or at it too
+    when ``inclusive`` (anomalib 1.x; see Postprocess.threshold_inclusive). Every backend labels through this."""
+    return values >= threshold if inclusive else values > threshold
 
 
 class PatchCoreDeploy(nn.Module):
@@ -239,11 +247,12 @@ class PatchCoreDeploy(nn.Module):
         if self.map_at_input_size:
             anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
         post = self.post
-        pred_score = normalize(score, post.image_threshold, post.image_min, post.image_max)
-        norm_map = normalize(anomaly_map, post.pixel_threshold, post.pixel_min, post.pixel_max)
+        if post.normalize:
+            score = normalize(score, post.image_threshold, post.image_min, post.image_max, post.zero_range)
+            anomaly_map = normalize(anomaly_map, post.pixel_threshold, post.pixel_min, post.pixel_max, post.zero_range)
         return DeployOutput(
-            pred_score=pred_score,
-            pred_label=pred_score > post.normalized_image_threshold,
-            anomaly_map=norm_map,
-            pred_mask=norm_map > post.normalized_pixel_threshold,
+            pred_score=score,
+            pred_label=over_threshold(score, post.normalized_image_threshold, post.threshold_inclusive),
+            anomaly_map=anomaly_map,
+            pred_mask=over_threshold(anomaly_map, post.normalized_pixel_threshold, post.threshold_inclusive),
         )

@@ -1,9 +1,17 @@
 """anomalib's own PatchCore module, run as anomalib runs it: the reference every backend is compared against.
 
-Two ways to get one: from a checkpoint (``from_checkpoint``: anomalib's own loader, for ``verify``) or from a
-PatchCoreSpec (``from_spec``: anomalib's module created with ``pre_trained=False`` and given the spec's backbone
-weights, memory bank, blur kernel and statistics, so a synthetic model needs no checkpoint file; the baseline
-row of every benchmark).
+Two ways to get one: from a checkpoint (``from_checkpoint``: anomalib's own loader) or from a PatchCoreSpec
+(``from_spec``: anomalib's module created with ``pre_trained=False`` and given the spec's transform, backbone
+weights, memory bank, blur kernel, statistics and post-processor switches, so a synthetic model needs no checkpoint
+file; the baseline row of every benchmark). ``for_checkpoint`` picks the one that reproduces the release that
+wrote a checkpoint, and says which in one line.
+
+Why anomalib 2.7's loader is not the reference for older files: it cannot load pickled-component files without
+running their code, it rebuilds 2.7's default pre-processor (Resize 256, no crop) for 2.0.x files that relied on
+2.0's default (Resize 256 + CenterCrop 224), and it cannot load 1.x files at all. The PatchCore model itself
+computes the same in 1.2 to 2.7 (torch_model.py differs only in return type, query chunking and the order of the
+distance terms), so anomalib 2.7's module built from the checkpoint as read computes what the release computed;
+for 1.x its raw outputs get anomalib 1.2's inference post-processing (``anomalib_1x_post``), which 2.7 no longer has.
 
 Two anomalib paths exist and they differ on purpose:
 - ``AnomalibModule.forward`` (what anomalib exports and what patchcore-trt reproduces): the pre-processor's
@@ -22,7 +30,7 @@ import torch
 from patchcore_trt.checkpoint import post_processor_buffers
 from patchcore_trt.errors import MissingDependencyError, UserError
 from patchcore_trt.model import DeployOutput
-from patchcore_trt.spec import PatchCoreSpec
+from patchcore_trt.spec import PatchCoreSpec, Postprocess
 
 
 def anomalib_available() -> bool:
@@ -44,11 +52,36 @@ def _patchcore_class() -> type:
     return Patchcore
 
 
-class AnomalibReference:
-    """An eval-mode anomalib PatchCore module (on the CPU; move ``module`` to run it elsewhere)."""
+def anomalib_1x_post(raw_score: torch.Tensor, raw_map: torch.Tensor, post: Postprocess) -> DeployOutput:
+    """anomalib 1.2's inference post-processing, batched: labels raw >= threshold
+    (deploy/inferencers/torch_inferencer.py:286-292), then min-max normalisation around the threshold
+    (utils/normalization/min_max.py:14-30)."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def normalize(values: torch.Tensor, threshold: float, low: float, high: float) -> torch.Tensor:
+        normalized = ((values - threshold) / (high - low)) + 0.5
+        return torch.maximum(torch.minimum(normalized, torch.tensor(1)), torch.tensor(0))
+
+    return DeployOutput(
+        pred_score=normalize(raw_score, post.image_threshold, post.image_min, post.image_max),
+        pred_label=raw_score >= post.image_threshold,
+        anomaly_map=normalize(raw_map, post.pixel_threshold, post.pixel_min, post.pixel_max),
+        pred_mask=raw_map >= post.pixel_threshold,
+    )
+
+
+class AnomalibReference:
+    """An eval-mode anomalib PatchCore module (on the CPU; move ``module`` to run it elsewhere).
+
+    Args:
+        module: anomalib's Patchcore.
+        post_1x: The statistics to post-process with anomalib 1.2's rule instead of the module's PostProcessor.
+        description: What this reference is, in one line.
+    """
+
+    def __init__(self, module: torch.nn.Module, post_1x: Postprocess | None = None, description: str = "") -> None:
         self.module = module.eval()
+        self.post_1x = post_1x
+        self.description = description or f"anomalib {_anomalib_version()}'s PatchCore"
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Path, *, trust_pickled_code: bool = False) -> AnomalibReference:
@@ -59,7 +92,37 @@ class AnomalibReference:
             module = patchcore.load_from_checkpoint(
                 str(checkpoint), map_location="cpu", pre_trained=False, weights_only=not trust_pickled_code
             )
-        return cls(module)
+        return cls(module, description=f"anomalib {_anomalib_version()}'s own loader on the checkpoint")
+
+    @classmethod
+    def for_checkpoint(
+        cls, checkpoint: Path, spec: PatchCoreSpec, *, trust_pickled_code: bool = False
+    ) -> AnomalibReference:
+        """The reference that reproduces the release that wrote ``checkpoint`` (read as ``spec``).
+
+        A file in anomalib 2.7's own layout, readable without running pickled code, is loaded by anomalib's own
+        loader; every other file (older layouts, or pickled objects the user had to trust) is anomalib's module
+        built from the checkpoint as read. No Lightning error reaches the user: a loader failure is one line.
+        """
+        if spec.written_by.startswith("anomalib 2.7") and not trust_pickled_code:
+            try:
+                return cls.from_checkpoint(checkpoint)
+            except MissingDependencyError:
+                raise
+            except Exception as exc:  # Lightning and anomalib raise many types while loading
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise UserError(
+                    f"{checkpoint}: anomalib {_anomalib_version()}'s own loader cannot load it "
+                    f"({type(exc).__name__}: {first[:200]}); patchcore-trt read it as {spec.written_by}"
+                ) from None
+        reference = cls.from_spec(spec)
+        post = spec.postprocess
+        rule = "anomalib 1.2's inference post-processing" if post.threshold_inclusive else "its PostProcessor"
+        reference.description = (
+            f"anomalib {_anomalib_version()}'s PatchCore built from the checkpoint as read (written by "
+            f"{spec.written_by}: {spec.written_by_evidence}), with {rule}"
+        )
+        return reference
 
     @classmethod
     def from_spec(cls, spec: PatchCoreSpec) -> AnomalibReference:
@@ -85,7 +148,9 @@ class AnomalibReference:
                 num_neighbors=spec.num_neighbors,
                 pre_processor=PreProcessor(transform=v2.Compose(transforms)),
                 post_processor=PostProcessor(
-                    image_sensitivity=post.image_sensitivity, pixel_sensitivity=post.pixel_sensitivity
+                    enable_normalization=post.normalize,
+                    image_sensitivity=post.image_sensitivity,
+                    pixel_sensitivity=post.pixel_sensitivity,
                 ),
                 evaluator=False,
                 visualizer=False,
@@ -103,19 +168,36 @@ class AnomalibReference:
         kernel.copy_(torch.outer(taps, taps).expand_as(kernel))
         for name, value in post_processor_buffers(post).items():
             getattr(module.post_processor, name).fill_(value)
-        return cls(module)
+        return cls(module, post_1x=post if post.threshold_inclusive else None)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> DeployOutput:
         """``AnomalibModule.forward``: pre-processor (export transform) -> model -> post-processor."""
+        if self.post_1x is not None:
+            return self._post_1x(self.module.model(self.module.pre_processor(images)), len(images))
         return _as_deploy_output(self.module(images), len(images))
 
     @torch.no_grad()
     def lightning_predict(self, images: torch.Tensor) -> DeployOutput:
         """What ``Engine.predict`` computes: the training transform (antialiased resize), model, post-processor."""
         module = self.module
-        transformed = module.pre_processor.transform(images)
-        return _as_deploy_output(module.post_processor(module.model(transformed)), len(images))
+        raw = module.model(module.pre_processor.transform(images))
+        if self.post_1x is not None:
+            return self._post_1x(raw, len(images))
+        return _as_deploy_output(module.post_processor(raw), len(images))
+
+    def _post_1x(self, raw: object, batch: int) -> DeployOutput:
+        raw_map = raw.anomaly_map.reshape(batch, 1, *raw.anomaly_map.shape[-2:])
+        return anomalib_1x_post(raw.pred_score.reshape(-1), raw_map, self.post_1x)
+
+
+def _anomalib_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("anomalib")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def _as_deploy_output(out: object, batch: int) -> DeployOutput:

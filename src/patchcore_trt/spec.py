@@ -26,7 +26,17 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Postprocess:
-    """anomalib's PostProcessor statistics, with its NaN fallbacks already resolved."""
+    """anomalib's post-processing: statistics (NaN fallbacks already resolved) and the rules of the release.
+
+    Attributes:
+        normalize: anomalib's ``enable_normalization``; False: scores and maps stay raw and are still labelled
+            against ``1 - sensitivity``, as anomalib does.
+        threshold_inclusive: A value equal to the label threshold is anomalous. anomalib 1.x labels raw >=
+            threshold; its min-max normalisation puts the threshold at exactly 0.5 and is monotonic, so on the
+            outputs that is normalised >= 0.5. anomalib 2.x labels normalised > 1 - sensitivity.
+        zero_range: The normalised value at the threshold when max == min: 0.5 in anomalib 2.7 (an explicit
+            guard), NaN in 1.x-2.6 (0 / 0).
+    """
 
     image_threshold: float
     pixel_threshold: float
@@ -36,6 +46,9 @@ class Postprocess:
     pixel_max: float
     image_sensitivity: float = 0.5
     pixel_sensitivity: float = 0.5
+    normalize: bool = True
+    threshold_inclusive: bool = False
+    zero_range: float = 0.5
 
     @property
     def normalized_image_threshold(self) -> float:
@@ -58,6 +71,8 @@ class PatchCoreSpec:
         num_neighbors: anomalib's k for the image-score re-weighting.
         blur_kernel: 1-D Gaussian taps whose outer product is anomalib's 2-D blur kernel.
         source_sha256: Hash of the checkpoint file this spec was read from.
+        written_by: The anomalib release (range) that writes the checkpoint's layout, e.g. ``anomalib 2.0.x``.
+        written_by_evidence: What in the file says so.
     """
 
     backbone: str
@@ -70,6 +85,8 @@ class PatchCoreSpec:
     postprocess: Postprocess
     source_sha256: str = ""
     source_name: str = ""
+    written_by: str = ""
+    written_by_evidence: str = ""
 
     @property
     def bank_size(self) -> int:

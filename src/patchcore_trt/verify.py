@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -15,6 +16,9 @@ from patchcore_trt.artifact import read_onnx_metadata
 from patchcore_trt.compare import PARITY_BAR, Parity, compare
 from patchcore_trt.runtime import backend_info, open_backend
 from patchcore_trt.runtime.base import Backend, Prediction
+
+if TYPE_CHECKING:
+    from patchcore_trt.reference import AnomalibReference
 
 REFERENCE_ROW = "anomalib forward"
 LIGHTNING_ROW = "anomalib predict*"
@@ -35,13 +39,30 @@ class BackendParity:
         return self.figures.within(PARITY_BAR)
 
 
-def anomalib_predictions(
-    checkpoint: Path, images: Sequence[np.ndarray], *, trust_pickled_code: bool = False
-) -> tuple[Prediction, Prediction, float]:
-    """anomalib's forward (the parity reference), its Lightning predict path, and forward's median ms per image."""
+def release_reference(
+    checkpoint: Path, *, trust_pickled_code: bool = False, anomalib_version: str | None = None
+) -> AnomalibReference:
+    """anomalib's module reproducing the release that wrote ``checkpoint`` (see AnomalibReference.for_checkpoint)."""
+    from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.reference import AnomalibReference
 
-    reference = AnomalibReference.from_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code)
+    spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
+    return AnomalibReference.for_checkpoint(checkpoint, spec, trust_pickled_code=trust_pickled_code)
+
+
+def anomalib_predictions(
+    checkpoint: Path,
+    images: Sequence[np.ndarray],
+    *,
+    trust_pickled_code: bool = False,
+    anomalib_version: str | None = None,
+    reference: AnomalibReference | None = None,
+) -> tuple[Prediction, Prediction, float]:
+    """anomalib's forward (the parity reference), its Lightning predict path, and forward's median ms per image."""
+    if reference is None:
+        reference = release_reference(
+            checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version
+        )
     reference.forward(torch.from_numpy(images[0][None]))  # warm-up, as for every backend
     forward, lightning, times = [], [], []
     for image in images:
@@ -70,13 +91,22 @@ def backend_parity(
     backends: Sequence[str] = CPU_BACKENDS,
     *,
     trust_pickled_code: bool = False,
+    anomalib_version: str | None = None,
+    reference: AnomalibReference | None = None,
 ) -> tuple[list[BackendParity], Prediction]:
     """Run ``backends`` on ``images`` and compare each with anomalib's forward.
 
     The first rows are anomalib itself: its forward (the reference, timed like the backends) and its Lightning
     predict path (antialiased resize) measured against it, which shows how far anomalib's own paths are apart.
+    ``reference``: the anomalib module to compare against (default: ``release_reference`` of the checkpoint).
     """
-    reference, lightning, reference_ms = anomalib_predictions(checkpoint, images, trust_pickled_code=trust_pickled_code)
+    reference, lightning, reference_ms = anomalib_predictions(
+        checkpoint,
+        images,
+        trust_pickled_code=trust_pickled_code,
+        anomalib_version=anomalib_version,
+        reference=reference,
+    )
     threshold = read_onnx_metadata(onnx_path).image_threshold
     rows = [
         BackendParity(REFERENCE_ROW, compare(reference, reference, threshold=threshold), reference_ms, checked=False),
@@ -84,7 +114,11 @@ def backend_parity(
     ]
     for name in backends:
         reads_checkpoint = backend_info(name).suffixes == (".ckpt",)
-        options = {"trust_pickled_code": True} if reads_checkpoint and trust_pickled_code else {}
+        options: dict[str, object] = {}
+        if reads_checkpoint and trust_pickled_code:
+            options["trust_pickled_code"] = True
+        if reads_checkpoint and anomalib_version is not None:
+            options["anomalib_version"] = anomalib_version
         with open_backend(checkpoint if reads_checkpoint else onnx_path, name, **options) as backend:
             backend.predict(images[0][None])  # warm-up: first-call allocation and kernel selection
             prediction, ms = run_each(backend, images)

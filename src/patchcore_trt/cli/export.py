@@ -19,6 +19,15 @@ from patchcore_trt.cli._common import (
 )
 from patchcore_trt.errors import UserError
 
+TRUST_HELP = (
+    "DANGER: unpickle objects patchcore-trt does not know (it names them), running their code. Only for "
+    "checkpoints you trust; no anomalib release's own layout needs it."
+)
+VERSION_HELP = (
+    "The anomalib release that trained the checkpoint (e.g. 2.0.0); needed only for 2.0-2.2 files saved with the "
+    "default pre-processor when the file cannot tell; checked against the file otherwise."
+)
+
 
 @app.command("export")
 def export_command(
@@ -35,9 +44,8 @@ def export_command(
     check: bool = typer.Option(
         True, help="Check the graph (checker, ONNX Runtime vs the deploy model) before naming it."
     ),
-    trust_pickled_code: bool = typer.Option(
-        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
-    ),
+    trust_pickled_code: bool = typer.Option(False, "--trust-pickled-code", help=TRUST_HELP),
+    anomalib_version: str | None = typer.Option(None, "--anomalib-version", help=VERSION_HELP),
 ) -> None:
     """Export an anomalib PatchCore checkpoint to ONNX with dynamic batch, height and width."""
     if not name or name.startswith(".") or Path(name).name != name or "\\" in name:
@@ -48,16 +56,21 @@ def export_command(
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: {'is a folder' if checkpoint.is_dir() else 'no such file'}")
     size = parse_size(image_size)
-    # torch loads only once the cheap checks have passed: a typo is answered at once.
+    # torch loads only once the cheap checks have passed, the exporter once the checkpoint has: a typo is answered
+    # at once.
     from patchcore_trt.checkpoint import read_checkpoint
-    from patchcore_trt.export import export_onnx
 
     with step(f"reading {checkpoint}"):
-        spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, image_size=size)
+        spec = read_checkpoint(
+            checkpoint, trust_pickled_code=trust_pickled_code, image_size=size, anomalib_version=anomalib_version
+        )
+    err.print(f"  written by {spec.written_by} ({spec.written_by_evidence})")
     err.print(
         f"  {spec.backbone} {list(spec.layers)}, bank {spec.bank_size} x {spec.embedding_dim}, "
         f"k={spec.num_neighbors}, model size {spec.preprocess.model_size}",
     )
+    from patchcore_trt.export import export_onnx
+
     target = output_dir / f"{name}.onnx"
     with step(f"exporting {target}"):
         path, checks = export_onnx(spec, target, map_at_input_size=map_at_input_size, opset=opset, check=check)

@@ -10,6 +10,7 @@ import typer
 
 from patchcore_trt.cli import app
 from patchcore_trt.cli._common import check_distinct, check_output_file, out, print_table, progress, step, warn
+from patchcore_trt.cli.export import TRUST_HELP, VERSION_HELP
 from patchcore_trt.errors import UserError
 
 
@@ -24,9 +25,8 @@ def verify_command(
     report: Path | None = typer.Option(
         None, "--report", help="Write one self-contained HTML page: the parity table, the model, a panel per image."
     ),
-    trust_pickled_code: bool = typer.Option(
-        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
-    ),
+    trust_pickled_code: bool = typer.Option(False, "--trust-pickled-code", help=TRUST_HELP),
+    anomalib_version: str | None = typer.Option(None, "--anomalib-version", help=VERSION_HELP),
 ) -> None:
     """Compare each backend with anomalib's AnomalibModule.forward; exit 1 if any misses the parity bar."""
     if checkpoint.suffix.lower() != ".ckpt":
@@ -45,11 +45,12 @@ def verify_command(
     from patchcore_trt.export import export_onnx
     from patchcore_trt.files import display_name
     from patchcore_trt.images import ImageError, collect_images, load_image
+    from patchcore_trt.reference import AnomalibReference
     from patchcore_trt.report import write_json
     from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
 
-    # Read safely first: a checkpoint that pickles code is refused here, before anomalib's own loader sees it.
-    spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code)
+    # Read safely first: a checkpoint that pickles code is refused here, before anomalib sees it.
+    spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
     paths, _ = collect_images(inputs)
     images, used, skipped = [], [], []
     for path in paths[:limit]:
@@ -66,10 +67,19 @@ def verify_command(
             with step("exporting a fresh ONNX to check"):
                 onnx_path, _ = export_onnx(spec, Path(scratch) / "model.onnx")
         started = time.perf_counter()
+        with step("building anomalib's reference"):
+            anomalib = AnomalibReference.for_checkpoint(checkpoint, spec, trust_pickled_code=trust_pickled_code)
+        out.print(f"reference: {anomalib.description}")
         with progress() as bar:
             bar.add_task(f"running anomalib and {len(names)} backends on {len(images)} images", total=None)
             rows, reference = backend_parity(
-                checkpoint, onnx_path, images, names, trust_pickled_code=trust_pickled_code
+                checkpoint,
+                onnx_path,
+                images,
+                names,
+                trust_pickled_code=trust_pickled_code,
+                anomalib_version=anomalib_version,
+                reference=anomalib,
             )
         if report is not None:
             with step(f"writing the report {report}"):

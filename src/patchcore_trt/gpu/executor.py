@@ -24,7 +24,7 @@ import torch
 from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.fast_model import BACKBONE_DTYPES, FastPatchCore
 from patchcore_trt.gpu.knn import SEARCH_MODES
-from patchcore_trt.model import DeployOutput
+from patchcore_trt.model import DeployOutput, over_threshold
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.spec import PatchCoreSpec, Postprocess
 
@@ -62,11 +62,12 @@ class HostOutput:
     def prediction(self, post: Postprocess) -> Prediction:
         """A Prediction that owns its arrays; labels and masks are the same float32 comparisons as on the GPU."""
         score, anomaly_map = self.pred_score.copy(), self.anomaly_map.copy()
+        inclusive = post.threshold_inclusive
         return Prediction(
             pred_score=score,
-            pred_label=score > np.float32(post.normalized_image_threshold),
+            pred_label=over_threshold(score, np.float32(post.normalized_image_threshold), inclusive),
             anomaly_map=anomaly_map,
-            pred_mask=anomaly_map > np.float32(post.normalized_pixel_threshold),
+            pred_mask=over_threshold(anomaly_map, np.float32(post.normalized_pixel_threshold), inclusive),
         )
 
 

@@ -35,7 +35,7 @@ class BackendInfo:
     default_for: tuple[str, ...] = ()
 
 
-_CHECKPOINT_OPTIONS = ("trust_pickled_code", "map_at_input_size")
+_CHECKPOINT_OPTIONS = ("trust_pickled_code", "map_at_input_size", "anomalib_version")
 REGISTRY: dict[str, BackendInfo] = {
     info.name: info
     for info in (

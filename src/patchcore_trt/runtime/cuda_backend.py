@@ -36,12 +36,13 @@ class CudaBackend(Backend):
         trust_pickled_code: bool = False,
         map_at_input_size: bool = False,
         graphs: bool = True,
+        anomalib_version: str | None = None,
     ) -> None:
         super().__init__(artifact, device)
         if mode not in MODES:
             raise UserError(f"cuda: mode {mode!r} is not one of {', '.join(MODES)}")
         require_cuda()
-        self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code)
+        self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
         self.postprocess = asdict(self.spec.postprocess)
         self.executor = CudaPatchCore(
             self.spec,

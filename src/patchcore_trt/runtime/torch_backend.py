@@ -18,10 +18,16 @@ class TorchBackend(Backend):
     name: ClassVar[str] = "torch"
 
     def __init__(
-        self, artifact: Path, *, device: str = "cpu", trust_pickled_code: bool = False, map_at_input_size: bool = False
+        self,
+        artifact: Path,
+        *,
+        device: str = "cpu",
+        trust_pickled_code: bool = False,
+        map_at_input_size: bool = False,
+        anomalib_version: str | None = None,
     ) -> None:
         super().__init__(artifact, device)
-        self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code)
+        self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
         self.postprocess = asdict(self.spec.postprocess)
         self.model = PatchCoreDeploy(self.spec, map_at_input_size=map_at_input_size).eval()
 
