@@ -278,7 +278,14 @@ def markdown(results: dict) -> str:
     rows = {row["batch"]: row for row in results.get("in_process", [])}
     one = rows.get(1, {})
     lines = [
-        f"Served: {results['settings']}",
+        f"# Triton serving on {', '.join(results.get('environment', {}).get('gpus', ['?']))}",
+        "",
+        "Served: {mode} mode, {backbone}, {size}x{size}, M={bank}, {instances} instance(s) on GPUs {gpus}, max batch "
+        "{max_batch}, queue delay {queue_delay_us} us, {protocol}, {seconds:.0f} s per load".format(
+            **results["settings"]
+        ),
+        "Environment: " + ", ".join(f"{key} {value}" for key, value in results.get("environment", {}).items()),
+        f"Served vs in-process: {results.get('served_vs_in_process')}",
         f"In-process batch 1 (host in/out): p50 {one.get('p50_ms', float('nan')):.3f} ms, "
         f"p99 {one.get('p99_ms', float('nan')):.3f} ms",
         "",

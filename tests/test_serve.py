@@ -86,6 +86,23 @@ def test_the_repository_is_what_triton_reads(repository, resnet18_checkpoint):
     assert (repository / MODEL / "1" / "model.ckpt").read_bytes() == resnet18_checkpoint.read_bytes()
 
 
+def test_a_gpu_repository_spreads_instances_over_the_listed_gpus(resnet18_checkpoint, tmp_path):
+    written = run_cli(
+        "triton", resnet18_checkpoint, "-o", tmp_path, "--kind", "gpu", "--gpus", "0,1", "--instances", 2,
+        "--mode", "fast", "--max-batch", 16,
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    config = parse_config(tmp_path / MODEL / "config.pbtxt")
+    (group,) = config.instance_group
+    assert group.kind == group.KIND_GPU and group.count == 2 and list(group.gpus) == [0, 1]
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters["runtime"] == "cuda" and parameters["mode"] == "fast"
+    # Every batch size the batcher may form is captured as a CUDA graph at load, not on a client's request.
+    h, w = read_checkpoint(resnet18_checkpoint).preprocess.model_size
+    assert [warmup.batch_size for warmup in config.model_warmup] == [1, 2, 4, 8, 16]
+    assert all(list(warmup.inputs["image"].dims) == [h, w, 3] for warmup in config.model_warmup)
+
+
 def test_an_onnx_repository_keeps_the_graph_and_needs_triton_full_build(resnet18_onnx, tmp_path):
     result = run_cli("triton", resnet18_onnx, "-o", tmp_path / "repo", "--kind", "cpu", "--name", "onnx")
     assert result.returncode == 0, result.stderr
