@@ -8,7 +8,7 @@ their own metadata.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import patchcore_trt
@@ -140,23 +140,10 @@ def _onnx(path: Path) -> Source:
 
 def _checkpoint(path: Path, trust_pickled_code: bool) -> Source:
     from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.export import build_metadata
 
     spec = read_checkpoint(path, trust_pickled_code=trust_pickled_code)
-    metadata = ArtifactMetadata(
-        precision="fp32",
-        model_size=spec.preprocess.model_size,
-        map_at_input_size=False,
-        backbone=spec.backbone,
-        layers=spec.layers,
-        bank_size=spec.bank_size,
-        embedding_dim=spec.embedding_dim,
-        num_neighbors=spec.num_neighbors,
-        transform={},
-        postprocess=asdict(spec.postprocess),
-        source_checkpoint={"name": path.name, "sha256": spec.source_sha256},
-        producer=f"patchcore-trt {patchcore_trt.__version__}",
-        versions={},
-    )
+    metadata = build_metadata(spec, map_at_input_size=False)
     parameters = _common(metadata, path, spec.source_sha256)
     del parameters["precision"]  # the instance kind and backbone_dtype decide it (repository.py)
     return Source("python", spec.preprocess.model_size, False, (None, None), None, {CHECKPOINT_FILE: path}, parameters)
