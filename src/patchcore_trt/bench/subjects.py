@@ -197,7 +197,8 @@ def _onnxruntime_cuda_subject(onnx_path: Path, case: Case, batches: list[np.ndar
     from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES
     from patchcore_trt.errors import UserError
 
-    if hasattr(onnxruntime, "preload_dlls"):  # CUDA and cuDNN from the wheels torch loaded already
+    cuda_build = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if cuda_build and hasattr(onnxruntime, "preload_dlls"):  # CUDA and cuDNN from the wheels torch loaded already
         onnxruntime.preload_dlls()
     session = ort_session(onnx_path, device="cuda", provider_options={"use_tf32": int(case.precision == "tf32")})
     if session.get_providers()[0] != "CUDAExecutionProvider":  # ONNX Runtime falls back to the CPU silently
@@ -211,7 +212,7 @@ def _onnxruntime_cuda_subject(onnx_path: Path, case: Case, batches: list[np.ndar
     return Subject(
         run=run,
         outputs=lambda i: Prediction.from_outputs(run(i)),
-        uses_cuda=True,
+        uses_cuda=torch.cuda.is_available(),  # session.run returns host arrays: it has waited for the GPU already
         extra={"onnxruntime": onnxruntime.__version__},
     )
 
