@@ -436,6 +436,7 @@ class Table:
         chunks = batches_of(images, batch)
         used = len(chunks) * batch
         log(f"{row_id}: measuring")
+        held_before = torch.cuda.memory_allocated() / MIB if torch.cuda.is_available() else float("nan")
         try:
             figures = measure(
                 lambda: factory(chunks),
@@ -464,6 +465,7 @@ class Table:
             "reference": kind,
             "label_flips": figures["labels_compared"] - figures["labels_equal"],
             "bank_fp32_mib": spec.memory_bank.numel() * 4 / MIB,
+            "gpu_held_before_row_mib": held_before,
             **figures,
             **(extra or {}),
         }
@@ -478,6 +480,12 @@ class Table:
     # --- phases -------------------------------------------------------------------------------------------------
 
     def cuda(self, workload: Workload) -> None:
+        try:
+            self._cuda(workload)
+        finally:  # also when the budget ends the phase early: no backend may stay on the GPU for later rows
+            self.backends.close()
+
+    def _cuda(self, workload: Workload) -> None:
         _, ckpt, images, _, _ = self.models.get(workload)
         for mode in MODES:
             plan = [(1, "host"), (1, "device")] if workload.latency else []
@@ -505,7 +513,6 @@ class Table:
                     dict(built),
                 )
             self.profile_misses(workload, mode, images)
-        self.backends.close()
 
     def profile_misses(self, workload: Workload, mode: str, images: np.ndarray) -> None:
         rows = [
