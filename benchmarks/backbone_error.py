@@ -5,28 +5,41 @@
    relative feature error and max |delta score| / |delta map| (normalised).
 2. Time: CudaPatchCore's graph replay per precision, activation layout (NCHW / NHWC) and with timm's folded
    backbone or fused_resnet's, per workload.
+3. Exact (``exact``): the cuda backend's modes (exact = split TF32 backbone, the former exact = IEEE FP32
+   backbone, fast = FP16) against an FP64 deploy model computed on the GPU and against the FP32 one: the split
+   convolution alone, model-size and raw other-size inputs at 256^2 (M=16384) and 512^2 (M=32768), batch-1
+   latency (host arrays in and out) and device throughput, a per-stage profile of the exact mode, and the
+   search at M=1,048,576 (distances and bank rows against FP64, with more re-ranked candidates).
 
-Usage: python benchmarks/backbone_error.py OUT.json [errors,timing]
+Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import os
 import sys
+import time
+import traceback
+import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
-from patchcore_trt.bench.matrix import device_ms, input_pool, reference_predictions
+from patchcore_trt.bench.matrix import device_ms, input_pool, percentile, reference_predictions
 from patchcore_trt.bench.subjects import as_float_nchw
 from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import synthetic_spec
 from patchcore_trt.gpu.executor import CudaPatchCore
-from patchcore_trt.gpu.fast_model import fold_batchnorm
-from patchcore_trt.gpu.knn import float32_matmul
-from patchcore_trt.model import PatchCoreDeploy
+from patchcore_trt.gpu.fast_model import FastPatchCore, fold_batchnorm
+from patchcore_trt.gpu.knn import BankIndex, candidates, float32_matmul, nearest
+from patchcore_trt.gpu.split_tf32 import split_activations, split_parts, split_weight
+from patchcore_trt.model import MemoryBankSearch, PatchCoreDeploy, squared_distances
 from patchcore_trt.runtime.base import Prediction
+from patchcore_trt.runtime.cuda_backend import MODES
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 STAGES = ("stem", "layer1", "layer2", "layer3")
@@ -93,6 +106,7 @@ def errors(spec, images, reference: Prediction) -> list[dict]:
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 TIMED = [
+    ("split_tf32", "nhwc", True),
     ("fp16", "nhwc", True),
     ("fp16", "nhwc", False),
     ("tf32", "nhwc", True),
@@ -125,10 +139,221 @@ def fusion_times(spec, size: tuple[int, int], batches: tuple[int, ...]) -> list[
     return rows
 
 
+# The cuda backend's modes, and the IEEE FP32 backbone that was the exact mode before split TF32.
+EXACT_MODES = {**MODES, "fp32 backbone": {"backbone_dtype": "fp32", "search": "exact"}}
+
+
+def split_conv_errors() -> list[dict]:
+    """One layer3-sized 3x3 convolution: split TF32, plain TF32 and IEEE FP32 against FP64 (relative norm)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(4, 256, 32, 32, device="cuda", generator=generator).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device="cuda", generator=generator).contiguous(memory_format=torch.channels_last)
+    want = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
+    hi, lo = split_parts(x)
+    spec_split = torch.cat([hi, lo, hi], dim=1)
+    rows = [{"split_kernel_equals_torch_spec": bool(torch.equal(split_activations(x), spec_split))}]
+    xs, ws = split_activations(x), split_weight(w).contiguous(memory_format=torch.channels_last)
+    for name, tf32, a, b in (("split_tf32", True, xs, ws), ("tf32", True, x, w), ("fp32", False, x, w)):
+        with float32_matmul(conv_tf32=tf32):
+            got = torch.nn.functional.conv2d(a, b, padding=1)
+        rows.append({"conv": name, "rel_error_vs_fp64": float((got.double() - want).norm() / want.norm())})
+    return rows
+
+
+@torch.no_grad()
+def deploy_outputs(spec, floats: np.ndarray, dtype: torch.dtype, chunk: int = 4) -> tuple[np.ndarray, ...]:
+    """(score, label, map, mask) of the deploy model run in ``dtype`` on the GPU (IEEE: TF32 off), numpy."""
+    model = PatchCoreDeploy(spec).eval().cuda().to(dtype)
+    parts = []
+    with float32_matmul():
+        for i in range(0, len(floats), chunk):
+            parts.append([v.cpu().numpy() for v in model(torch.from_numpy(floats[i : i + chunk]).cuda().to(dtype))])
+    del model
+    return tuple(np.concatenate(values) for values in zip(*parts, strict=True))
+
+
+def _against(prediction: Prediction, score64: np.ndarray, map64: np.ndarray, reference: Prediction, threshold) -> dict:
+    fp32 = compare(prediction, reference, threshold=threshold)
+    return {
+        "max_score_error_vs_fp64": float(np.abs(prediction.pred_score.astype(np.float64) - score64).max()),
+        "max_map_error_vs_fp64": float(np.abs(prediction.anomaly_map.astype(np.float64) - map64).max()),
+        "labels_vs_fp64": f"{int((prediction.pred_label == (score64 > threshold)).sum())}/{len(score64)}",
+        "max_score_error_vs_fp32": fp32.max_score_error,
+        "max_map_error_vs_fp32": fp32.max_map_error,
+        "labels_vs_fp32": f"{fp32.labels_equal}/{fp32.labels_compared}",
+    }
+
+
+def mode_parity(spec, inputs: dict[str, np.ndarray]) -> list[dict]:
+    """Each mode on each input set (uint8 NHWC or float32 NCHW of any size), host arrays in and out."""
+    rows = []
+    threshold = spec.postprocess.normalized_image_threshold
+    for label, images in inputs.items():
+        floats = images if images.dtype == np.float32 else as_float_nchw(images)
+        score64, _, map64, _ = deploy_outputs(spec, floats, torch.float64)
+        reference = Prediction.from_outputs(deploy_outputs(spec, floats, torch.float32))
+        for mode, settings in EXACT_MODES.items():
+            runner = CudaPatchCore(spec, **settings)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                parts = [
+                    runner.run_host(images[i : i + 1]).prediction(spec.postprocess) for i in range(min(8, len(images)))
+                ]
+                parts.append(runner.run_host(images).prediction(spec.postprocess))
+            one_by_one, batched = Prediction.concat(parts[:-1]), parts[-1]
+            row = {"inputs": label, "mode": mode, **_against(batched, score64, map64, reference, threshold)}
+            n = len(one_by_one)
+            row["batch1"] = _against(one_by_one, score64[:n], map64[:n], _first(reference, n), threshold)
+            row["warnings"] = [str(w.message) for w in caught]
+            rows.append(row)
+            print(row, flush=True)
+            del runner
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _first(prediction: Prediction, n: int) -> Prediction:
+    return Prediction(*(getattr(prediction, f)[:n] for f in Prediction.__dataclass_fields__))
+
+
+def mode_times(spec, size: tuple[int, int], throughput_batches: tuple[int, ...]) -> list[dict]:
+    """Batch 1 with host arrays (upload, graph, download: wall clock) and device-resident throughput."""
+    rows = []
+    for mode, settings in EXACT_MODES.items():
+        runner = CudaPatchCore(spec, **settings)
+        one = input_pool(size, 1)
+        runner.run_host(one)
+        walls = []
+        for _ in range(100):
+            start = time.perf_counter()
+            runner.run_host(one)
+            walls.append((time.perf_counter() - start) * 1e3)
+        row = {"size": size[0], "mode": mode, "batch1_host_ms": percentile(walls, 50)}
+        row["batch1_device_ms"] = device_ms(functools.partial(runner.run, torch.from_numpy(one).cuda()))
+        for batch in throughput_batches:
+            images = torch.from_numpy(input_pool(size, batch)).cuda()
+            row[f"b{batch}_img_per_s"] = batch / device_ms(functools.partial(runner.run, images), reps=20) * 1e3
+        rows.append(row)
+        print(row, flush=True)
+        del runner
+        torch.cuda.empty_cache()
+    return rows
+
+
+def exact_profile(spec, size: tuple[int, int], batch: int) -> list[str]:
+    """profile_cuda.py's per-stage and per-kernel GPU time of the exact mode's eager forward."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from profile_cuda import kernel_times
+    from torch.profiler import ProfilerActivity, profile
+
+    runner = CudaPatchCore(spec, **MODES["exact"])
+    images = torch.from_numpy(input_pool(size, batch)).cuda()
+    runner.run(images)
+    for _ in range(3):
+        runner.model.forward_uint8(images)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            runner.model.forward_uint8(images)
+        torch.cuda.synchronize()
+    stages, kernels = kernel_times(prof, 5)
+    lines = [f"== exact {size[0]}^2 batch {batch}: GPU kernel time {sum(stages.values()):.3f} ms per eager run"]
+    lines += [f"   stage {name:15s} {ms:8.3f} ms" for name, ms in stages.items()]
+    lines += [f"   {ms:8.3f} ms {count:4d}x  {name[:110]}" for name, ms, count in kernels[:25]]
+    print("\n".join(lines), flush=True)
+    return lines
+
+
+@torch.no_grad()
+def large_bank_search(bank_size: int, images: int = 4) -> dict:
+    """The exact search at a large bank: per patch, distance and row against FP64, with C re-ranked candidates."""
+    # One neighbour: no support table to build (an M x M search); the patch distances are what is measured.
+    spec = dataclasses.replace(synthetic_spec(bank_size, (256, 256), device="cuda"), num_neighbors=1)
+    model = FastPatchCore(spec, backbone_dtype=MODES["exact"]["backbone_dtype"], device="cuda").eval()
+    floats = torch.from_numpy(as_float_nchw(input_pool((256, 256), images))).cuda()
+    with float32_matmul(conv_tf32=model.conv_tf32):
+        embedding = model.embed(model.preprocess(floats))
+    queries = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).contiguous()
+    bank = spec.memory_bank.cuda().float()
+    bank64 = bank.double()
+    nearest64 = [torch.cdist(queries[i : i + 256].double(), bank64).min(dim=1) for i in range(0, len(queries), 256)]
+    exact64 = torch.cat([best.values for best in nearest64])
+    rows64 = torch.cat([best.indices for best in nearest64])
+    with float32_matmul():
+        fp32_distances, fp32_rows = MemoryBankSearch(bank).nearest(queries)
+    index: BankIndex = model.index
+    values, rows = candidates(queries, index, 2)
+    post = spec.postprocess
+    # A distance error divided by these is the normalised score / map error it makes.
+    result = {"bank_size": bank_size, "patches": len(queries), "score_range": post.image_max - post.image_min}
+    result["map_range"] = post.pixel_max - post.pixel_min
+    result["kernels_exact"] = _search_errors(*nearest(queries, index, "exact"), exact64, fp32_rows)
+    result["fp32_reference"] = _search_errors(fp32_distances, fp32_rows, exact64, fp32_rows)
+    result["fp32_reference_rows_differing_from_fp64"] = int((fp32_rows != rows64).sum())
+    for count in (2, 4, 8, 16, 64):
+        picked = rows.gather(1, values.topk(count, dim=1, largest=False).indices).long()
+        with float32_matmul():
+            squared = squared_distances(queries[:, None, :], index.bank[picked], index.bank_sq[picked][:, None, :])
+        best, column = squared.squeeze(1).min(dim=1)
+        result[f"candidates_{count}"] = _search_errors(
+            best.sqrt(), picked.gather(1, column[:, None])[:, 0], exact64, fp32_rows
+        )
+        print(count, result[f"candidates_{count}"], flush=True)
+    return result
+
+
+def _search_errors(distances, rows, exact64, fp32_rows) -> dict:
+    error = (distances.double() - exact64).abs()
+    return {
+        "max_abs_distance_error_vs_fp64": float(error.max()),
+        "max_rel_distance_error_vs_fp64": float((error / exact64.clamp_min(1e-12)).max()),
+        "rows_differing_from_fp32_reference": int((rows != fp32_rows).sum()),
+    }
+
+
+def exact(results: dict, out: str) -> None:
+    """Part 3, each step saved as it ends (a run stopped at its limit keeps what it measured)."""
+
+    def step(name, run):
+        start = time.perf_counter()
+        try:
+            results[name] = run()
+        except Exception:  # record and go on: one failure must not cost the other figures
+            results[name] = {"error": traceback.format_exc()[-3000:]}
+            print(results[name]["error"], flush=True)
+        results.setdefault("seconds", {})[name] = time.perf_counter() - start
+        with open(out, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+    results["device"] = torch.cuda.get_device_name()
+    results["versions"] = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    step("split_conv", split_conv_errors)
+    rng = np.random.default_rng(5)
+    workloads = [
+        ((256, 256), 16384, 32, (333, 250), (16, 64), (1, 64)),
+        ((512, 512), 32768, 16, (600, 480), (16,), (1,)),
+    ]
+    for size, bank, count, odd_size, batches, profiled in workloads:
+        spec = synthetic_spec(bank, size, device="cuda")
+        inputs = {
+            f"{size[0]}x{size[1]} uint8": input_pool(size, count),
+            f"{odd_size[0]}x{odd_size[1]} float": rng.random((count // 4, 3, *odd_size), np.float32),
+        }
+        step(f"parity_{size[0]}", functools.partial(mode_parity, spec, inputs))
+        step(f"times_{size[0]}", functools.partial(mode_times, spec, size, batches))
+        for batch in profiled:
+            step(f"profile_{size[0]}_b{batch}", functools.partial(exact_profile, spec, size, batch))
+        del spec
+        torch.cuda.empty_cache()
+    step("search_1M", functools.partial(large_bank_search, 1 << 20))
+
+
 def main() -> None:
     out = sys.argv[1]
     parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["errors", "timing"]
     results = {}
+    if "exact" in parts:
+        exact(results, out)
     spec = synthetic_spec(16384, (256, 256), device="cuda")
     if "errors" in parts:
         images = input_pool((256, 256), 32)

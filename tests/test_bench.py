@@ -197,3 +197,91 @@ def test_unknown_backends_are_refused_before_any_work(tmp_path):
         run_cli("bench", "--synthetic", "--backends", "tensorflow")
     )
     assert not (tmp_path / "runs").exists()
+
+
+def test_peer_rows_skip_with_their_reason_where_they_cannot_run(monkeypatch):
+    """anomalib-compile needs a GPU (its CUDA graphs) and anomalib; onnxruntime-cuda needs the CUDA EP and a GPU."""
+    import onnxruntime
+
+    from patchcore_trt.bench import subjects
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    settings = BenchSettings(backends=("torch", "anomalib-compile", "onnxruntime-cuda"), baseline=False)
+    cases, notices = matrix_cases(settings, batch=1)
+    assert [case.backend for case in cases] == ["torch"]
+    if anomalib_available():
+        assert "anomalib-compile: not benchmarked (torch.compile(mode='reduce-overhead') replays CUDA graphs" in (
+            "\n".join(notices)
+        )
+    else:
+        assert any(text.startswith("anomalib-compile: not benchmarked (anomalib is not installed") for text in notices)
+    assert any(
+        text.startswith("onnxruntime-cuda: not benchmarked (onnxruntime")
+        and "has no CUDAExecutionProvider (it offers CPUExecutionProvider): pip install onnxruntime-gpu" in text
+        for text in notices
+    )
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+    assert subjects.peer_unavailable("onnxruntime-cuda") == "torch sees no CUDA GPU here"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert subjects.peer_unavailable("onnxruntime-cuda") is None
+    assert subjects.peer_unavailable("anomalib-compile") is None or not anomalib_available()
+
+
+def test_peer_rows_appear_where_they_can_run(monkeypatch, tmp_path):
+    """Both peers as rows, on the CPU: torch.compile stood in for by the eager module (its mode recorded), the CUDA
+    EP by the CPU one (its options recorded); both are checked against the FP32 deploy model like any row."""
+    if not anomalib_available():
+        pytest.skip("anomalib is not installed")
+    from patchcore_trt.bench import matrix, subjects
+
+    compiled_modes, sessions = [], []
+    monkeypatch.setattr(matrix, "peer_unavailable", lambda name: None)
+    monkeypatch.setattr(torch, "compile", lambda module, mode, dynamic: compiled_modes.append(mode) or module)
+
+    original = subjects.ort_session
+
+    def cpu_session(path, *, device, provider_options):
+        sessions.append((device, provider_options))
+        return original(path, device="cpu")
+
+    monkeypatch.setattr(subjects, "ort_session", cpu_session)
+    settings = BenchSettings(
+        backends=("anomalib-compile", "onnxruntime-cuda"),
+        precisions=("fp32", "tf32", "fp16"),
+        batches=(2,),
+        copies=("host",),
+        baseline=False,
+        **TOY,
+    )
+    notices = []
+    with pytest.MonkeyPatch.context() as patch:
+        import onnxruntime
+
+        # The CUDA EP check: the stand-in session runs on the CPU, so report the provider the real one would.
+        patch.setattr(onnxruntime.InferenceSession, "get_providers", lambda self: ["CUDAExecutionProvider"])
+        rows = run_matrix(settings, on_notice=notices.append)
+    assert [(r["backend"], r["precision"]) for r in rows] == [
+        ("anomalib-compile", "fp32"), ("anomalib-compile", "tf32"), ("onnxruntime-cuda", "fp32"),
+        ("onnxruntime-cuda", "tf32"),
+    ]  # fmt: skip
+    assert compiled_modes == ["reduce-overhead", "reduce-overhead"]
+    assert sessions == [("cuda", {"use_tf32": 0}), ("cuda", {"use_tf32": 1})]
+    for row in rows:
+        assert row["max_score_error"] < 1e-5 and row["max_map_error"] < 1e-4
+        assert row["labels_equal"] == row["labels_compared"]
+    assert all(r["compile_s"] >= 0 for r in rows if r["backend"] == "anomalib-compile")
+    assert any("anomalib-compile fp16: not benchmarked" in text for text in notices)
+
+
+def test_an_onnxruntime_that_falls_back_to_the_cpu_is_refused(monkeypatch, toy_spec, tmp_path):
+    """ONNX Runtime drops to the CPU provider silently when CUDA fails to load: that is no CUDA EP row."""
+    from patchcore_trt.bench import subjects
+    from patchcore_trt.export import export_onnx
+
+    onnx_path = export_onnx(toy_spec, tmp_path / "toy.onnx", check=False)[0]
+    original = subjects.ort_session
+    monkeypatch.setattr(subjects, "ort_session", lambda path, **options: original(path, device="cpu"))
+    case = subjects.Case("onnxruntime-cuda", "fp32", "-", "host", 1)
+    with pytest.raises(UserError, match="ran on CPUExecutionProvider, not the CUDA execution provider"):
+        subjects.make_subject(case, toy_spec, [np.zeros((1, 64, 64, 3), np.uint8)], True, lambda name: onnx_path)

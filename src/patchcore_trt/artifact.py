@@ -268,8 +268,16 @@ def save_onnx(proto: Any, path: Path) -> None:
         write_onnx(proto, staged)
 
 
-def ort_session(path: Path, *, device: str = "cpu", threads: int = 0, config: dict[str, str] | None = None) -> Any:
-    """A quiet ONNX Runtime session on ``cpu`` or ``cuda[:N]``, or an install hint."""
+def ort_session(
+    path: Path,
+    *,
+    device: str = "cpu",
+    threads: int = 0,
+    config: dict[str, str] | None = None,
+    provider_options: dict[str, Any] | None = None,
+) -> Any:
+    """A quiet ONNX Runtime session on ``cpu`` or ``cuda[:N]``, or an install hint; ``provider_options`` go to the
+    CUDA execution provider (e.g. ``{"use_tf32": 0}``)."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -285,7 +293,8 @@ def ort_session(path: Path, *, device: str = "cpu", threads: int = 0, config: di
     options.intra_op_num_threads = threads
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
-    providers: list[Any] = [provider] if kind == "cpu" else [(provider, {"device_id": int(index or 0)})]
+    cuda_options = {"device_id": int(index or 0), **(provider_options or {})}
+    providers: list[Any] = [provider] if kind == "cpu" else [(provider, cuda_options)]
     data = external_data_path(path)
     try:
         return ort.InferenceSession(str(path), options, providers=providers)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -176,6 +177,21 @@ class AnomalibReference:
         if self.post_1x is not None:
             return self._post_1x(self.module.model(self.module.pre_processor(images)), len(images))
         return _as_deploy_output(self.module(images), len(images))
+
+    def compiled(self, mode: str = "reduce-overhead") -> Callable[[torch.Tensor], DeployOutput]:
+        """``forward`` through ``torch.compile(module, mode=mode)``, one static graph per input shape (compiled on
+        the first call of each shape). With ``reduce-overhead`` the outputs live in CUDA-graph memory that the next
+        call overwrites: read them before calling again."""
+        compiled = torch.compile(self.module, mode=mode, dynamic=False)
+        new_step = getattr(torch.compiler, "cudagraph_mark_step_begin", None)
+
+        @torch.no_grad()
+        def forward(images: torch.Tensor) -> DeployOutput:
+            if new_step is not None and mode == "reduce-overhead":
+                new_step()  # each call is a new inference step: its graph may reuse the last call's outputs
+            return _as_deploy_output(compiled(images), len(images))
+
+        return forward
 
     @torch.no_grad()
     def lightning_predict(self, images: torch.Tensor) -> DeployOutput:

@@ -26,8 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from patchcore_trt.bench.settings import DEFAULT_PRECISION, BenchSettings
-from patchcore_trt.bench.subjects import Case, Subject, artifact_maker, as_float_nchw, make_subject
+from patchcore_trt.bench.settings import DEFAULT_PRECISION, PEERS, BenchSettings
+from patchcore_trt.bench.subjects import (
+    Case,
+    Subject,
+    artifact_maker,
+    as_float_nchw,
+    make_subject,
+    peer_unavailable,
+)
 from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import texture_images
 from patchcore_trt.errors import UserError
@@ -135,6 +142,7 @@ def measure(
             torch.cuda.reset_peak_memory_stats()
         times = time_subject(subject, rotation, settings)
         peak = torch.cuda.max_memory_allocated() / MIB if cuda else float("nan")
+        extra = dict(subject.extra)
     finally:
         subject.close()
     median = percentile(times, 50)
@@ -151,6 +159,7 @@ def measure(
         "labels_equal": figures.labels_equal,
         "labels_compared": figures.labels_compared,
         "mask_agreement": figures.mask_agreement,
+        **extra,
     }
 
 
@@ -167,7 +176,7 @@ def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[
     from patchcore_trt.runtime import backend_names
 
     backends = list(settings.backends)
-    known = [*backend_names(), "anomalib"]
+    known = [*backend_names(), *PEERS]
     unknown = [name for name in backends if name not in known]
     if unknown:
         raise UserError(f"bench: unknown backend(s) {unknown}; choose from: {', '.join(known)}")
@@ -181,7 +190,18 @@ def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[
     if "cuda" in backends and not gpu:
         backends.remove("cuda")
         notices.append("cuda: not benchmarked (torch sees no CUDA GPU here)")
-    runs_precision = {"cuda": tuple(BACKBONE_DTYPES), "anomalib": ("fp32", "fp16")}
+    for peer in PEERS:
+        reason = peer_unavailable(peer) if peer in backends else None
+        if reason is not None:
+            backends.remove(peer)
+            notices.append(f"{peer}: not benchmarked ({reason})")
+    runs_precision = {
+        "cuda": tuple(BACKBONE_DTYPES),
+        "anomalib": ("fp32", "tf32", "fp16"),
+        "anomalib-compile": ("fp32", "tf32"),
+        "onnxruntime-cuda": ("fp32", "tf32"),
+    }
+    device_rows = ("cuda", "anomalib", "anomalib-compile")  # the others take host arrays only
     cases = []
     for backend in backends:
         for precision in settings.precisions or (DEFAULT_PRECISION.get(backend, "fp32"),):
@@ -194,7 +214,7 @@ def matrix_cases(settings: BenchSettings, batch: int) -> tuple[list[Case], list[
                 continue
             searches = settings.searches if backend == "cuda" else ("-",)
             # Host and device rows differ only where a GPU holds the inputs.
-            copies = settings.copies if backend in runs_precision and gpu else ("host",)
+            copies = settings.copies if backend in device_rows and gpu else ("host",)
             cases += [Case(backend, precision, s, c, batch) for s in searches for c in copies]
     return cases, notices
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_PRECISION = {"cuda": "fp16"}  # every other backend: fp32
-GPU_BACKENDS = ("cuda", "tensorrt")
+# Peers the bench times beside the registry's backends: anomalib's own module, eager and under
+# torch.compile(mode="reduce-overhead"), and ONNX Runtime's CUDA execution provider on patchcore-trt's export.
+PEERS = ("anomalib", "anomalib-compile", "onnxruntime-cuda")
+GPU_BACKENDS = ("cuda", "tensorrt", "anomalib-compile", "onnxruntime-cuda")
 MAX_BANK = 1 << 24  # 16.8M rows x 1536 floats is 100 GB: beyond any GPU's memory
 MAX_IMAGES = 4096
 

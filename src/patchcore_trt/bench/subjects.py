@@ -1,4 +1,10 @@
-"""The systems under test of the benchmark: the CUDA backend, anomalib's own module, and registry backends.
+"""The systems under test of the benchmark: the CUDA backend, its peers and the registry backends.
+
+Peers (bench/settings.PEERS): anomalib's own module, eager (``anomalib``) and under
+``torch.compile(mode="reduce-overhead")`` (``anomalib-compile``), and ONNX Runtime's CUDA execution provider on
+patchcore-trt's ONNX export (``onnxruntime-cuda``). Their precision ``fp32`` is IEEE FP32 throughout (TF32 off
+in cuDNN, cuBLAS and ONNX Runtime: the parity setting); ``tf32`` is each framework's default (PyTorch: TF32
+convolutions, IEEE matrix products; ONNX Runtime: TF32 for both).
 
 Each is a Subject: ``run(i)`` processes batch ``i`` of a rotation of input batches the way a caller would
 (host arrays in and out, or tensors that stay on the GPU), ``outputs(i)`` returns its results for the
@@ -8,7 +14,9 @@ made on first use by ``artifact_maker``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from patchcore_trt.artifact import ort_session
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.spec import PatchCoreSpec
 
@@ -39,6 +48,55 @@ class Subject:
     outputs: Callable[[int], Prediction]
     uses_cuda: bool
     close: Callable[[], None] = field(default=lambda: None)
+    extra: dict[str, Any] = field(default_factory=dict)  # figures the row records beside the timings
+
+
+COMPILE_MODE = "reduce-overhead"
+
+
+def peer_unavailable(name: str) -> str | None:
+    """Why the peer ``name`` cannot run here (None: it can): the reason every skip notice gives."""
+    from patchcore_trt.reference import anomalib_available
+
+    if name in ("anomalib", "anomalib-compile") and not anomalib_available():
+        return "anomalib is not installed: pip install 'patchcore-trt[anomalib]'"
+    if name == "anomalib-compile" and not torch.cuda.is_available():
+        return f"torch.compile(mode={COMPILE_MODE!r}) replays CUDA graphs and torch sees no CUDA GPU here"
+    if name == "onnxruntime-cuda":
+        try:
+            import onnxruntime
+        except ImportError:
+            return "onnxruntime is not installed: pip install onnxruntime-gpu"
+        providers = onnxruntime.get_available_providers()
+        if "CUDAExecutionProvider" not in providers:
+            return (
+                f"onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider (it offers "
+                f"{', '.join(providers)}): pip install onnxruntime-gpu"
+            )
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA GPU here"
+    return None
+
+
+@contextlib.contextmanager
+def math_mode(precision: str) -> Iterator[None]:
+    """PyTorch's math mode for a peer's ``precision``: fp32 = IEEE throughout, tf32 = PyTorch's defaults (TF32
+    cuDNN convolutions, IEEE matrix products); others run as they are set."""
+    from patchcore_trt.gpu.knn import float32_matmul
+
+    if precision in ("fp32", "tf32"):
+        with float32_matmul(conv_tf32=precision == "tf32"):
+            yield
+    else:
+        yield
+
+
+def _in_mode(function: Callable[[int], Any], precision: str) -> Callable[[int], Any]:
+    def run(i: int) -> Any:
+        with math_mode(precision):
+            return function(i)
+
+    return run
 
 
 def as_float_nchw(images: np.ndarray) -> np.ndarray:
@@ -66,13 +124,41 @@ def _cuda_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray], gr
     )
 
 
-def _anomalib_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray]) -> Subject:
+def _timing_first_call(forward: Callable[[torch.Tensor], Any], extra: dict[str, Any]) -> Callable[[torch.Tensor], Any]:
+    """``forward``, recording its first call's seconds (the compilation, for a compiled module) as compile_s."""
+
+    def timed(images: torch.Tensor) -> Any:
+        if "compile_s" in extra:
+            return forward(images)
+        start = time.perf_counter()
+        out = forward(images)
+        if images.is_cuda:
+            torch.cuda.synchronize()
+        extra["compile_s"] = round(time.perf_counter() - start, 2)
+        return out
+
+    return timed
+
+
+def _anomalib_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray], *, compiled: bool = False) -> Subject:
+    """anomalib's module, eager or (``compiled``) under torch.compile(mode="reduce-overhead"): each subject is
+    compiled afresh for its one input shape (the first ``outputs`` call pays for it: recorded as compile_s)."""
     from patchcore_trt.reference import AnomalibReference
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if case.precision == "fp16" else torch.float32
     reference = AnomalibReference.from_spec(spec)
     reference.module.to(device=device, dtype=dtype)
+    extra: dict[str, Any] = {}
+    forward: Callable[[torch.Tensor], Any] = reference.forward
+
+    def close() -> None:
+        return None
+
+    if compiled:
+        torch._dynamo.reset()  # a fresh cache: no earlier subject's graphs held, no recompile limit reached
+        forward = _timing_first_call(reference.compiled(COMPILE_MODE), extra)
+        close = torch._dynamo.reset
 
     def upload(batch: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).to(dtype) / 255
@@ -80,17 +166,54 @@ def _anomalib_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray]
     if case.copies == "host":
 
         def run(i: int) -> tuple[np.ndarray, np.ndarray]:
-            out = reference.forward(upload(batches[i]))
+            out = forward(upload(batches[i]))
             return out.pred_score.cpu().numpy(), out.anomaly_map.cpu().numpy()
 
-        return Subject(
-            run, lambda i: Prediction.from_outputs(reference.forward(upload(batches[i]))), device.type == "cuda"
-        )
-    resident = [upload(batch) for batch in batches]
+        def outputs(i: int) -> Prediction:
+            return Prediction.from_outputs(forward(upload(batches[i])))
+
+    else:
+        resident = [upload(batch) for batch in batches]
+
+        def run(i: int) -> Any:
+            return forward(resident[i])
+
+        def outputs(i: int) -> Prediction:
+            return Prediction.from_outputs(forward(resident[i]))
+
     return Subject(
-        run=lambda i: reference.forward(resident[i]),
-        outputs=lambda i: Prediction.from_outputs(reference.forward(resident[i])),
+        run=_in_mode(run, case.precision),
+        outputs=_in_mode(outputs, case.precision),
         uses_cuda=device.type == "cuda",
+        close=close,
+        extra=extra,
+    )
+
+
+def _onnxruntime_cuda_subject(onnx_path: Path, case: Case, batches: list[np.ndarray]) -> Subject:
+    """ONNX Runtime's CUDA execution provider on the FP32 export, host float32 in and out (TF32 off for fp32)."""
+    import onnxruntime
+
+    from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES
+    from patchcore_trt.errors import UserError
+
+    cuda_build = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    if cuda_build and hasattr(onnxruntime, "preload_dlls"):  # CUDA and cuDNN from the wheels torch loaded already
+        onnxruntime.preload_dlls()
+    session = ort_session(onnx_path, device="cuda", provider_options={"use_tf32": int(case.precision == "tf32")})
+    if session.get_providers()[0] != "CUDAExecutionProvider":  # ONNX Runtime falls back to the CPU silently
+        raise UserError(f"onnxruntime ran on {session.get_providers()[0]}, not the CUDA execution provider")
+    floats = [as_float_nchw(batch) for batch in batches]
+    names = list(OUTPUT_NAMES)
+
+    def run(i: int) -> list[Any]:
+        return session.run(names, {INPUT_NAME: floats[i]})
+
+    return Subject(
+        run=run,
+        outputs=lambda i: Prediction.from_outputs(run(i)),
+        uses_cuda=torch.cuda.is_available(),  # session.run returns host arrays: it has waited for the GPU already
+        extra={"onnxruntime": onnxruntime.__version__},
     )
 
 
@@ -110,8 +233,10 @@ def make_subject(
     """The system under test for ``case``: the CUDA backend, anomalib's module, or a registry backend."""
     if case.backend == "cuda":
         return _cuda_subject(spec, case, batches, graphs)
-    if case.backend == "anomalib":
-        return _anomalib_subject(spec, case, batches)
+    if case.backend in ("anomalib", "anomalib-compile"):
+        return _anomalib_subject(spec, case, batches, compiled=case.backend == "anomalib-compile")
+    if case.backend == "onnxruntime-cuda":
+        return _onnxruntime_cuda_subject(artifact("onnxruntime"), case, batches)
     from patchcore_trt.runtime import backend_info, open_backend
 
     devices = backend_info(case.backend).devices

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.artifact import MAX_BATCH
-from patchcore_trt.bench.settings import GPU_BACKENDS, MAX_BANK, MAX_IMAGES, BenchSettings
+from patchcore_trt.bench.settings import GPU_BACKENDS, MAX_BANK, MAX_IMAGES, PEERS, BenchSettings
 from patchcore_trt.cli import app
 from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, program, step, warn
 from patchcore_trt.errors import UserError
@@ -66,7 +66,9 @@ def bench_command(
     model: Path | None = typer.Argument(None, help="An anomalib PatchCore .ckpt (or use --synthetic)."),
     synthetic: bool = typer.Option(False, "--synthetic", help="Random-weight WRN50 model, bank of --bank rows."),
     backends: str = typer.Option(
-        _joined(DEFAULTS.backends), help="Comma list: cuda, torch, onnxruntime, openvino, tensorrt, anomalib."
+        _joined(DEFAULTS.backends),
+        help="Comma list: cuda, torch, onnxruntime, openvino, tensorrt, and the peers anomalib (eager), "
+        "anomalib-compile (torch.compile reduce-overhead), onnxruntime-cuda (ONNX Runtime's CUDA EP).",
     ),
     precision: str | None = typer.Option(
         None, help="Comma list of fp32, tf32, fp16, bf16. Default: each backend's own (cuda fp16, others fp32)."
@@ -109,7 +111,7 @@ def bench_command(
     from patchcore_trt.runtime import backend_names
 
     options = {
-        "backends": _names(backends, "--backends", (*backend_names(), "anomalib")),
+        "backends": _names(backends, "--backends", (*backend_names(), *PEERS)),
         "precisions": _names(precision, "--precision", ("fp32", "tf32", "fp16", "bf16")) if precision else (),
         "searches": _names(search, "--search", ("exact", "fast")),
         "sizes": tuple(parse_size(text) for text in _names(sizes, "--sizes")),
