@@ -392,6 +392,7 @@ def accumulation_study() -> list[dict]:
     return rows
 
 
+@torch.no_grad()
 def unguarded_split(spec, images: np.ndarray, size: tuple[int, int]) -> dict:
     """The split TF32 backbone with the fused-backbone check skipped: how far it really is, and how fast."""
     floats = as_float_nchw(images)
