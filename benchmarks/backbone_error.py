@@ -11,8 +11,13 @@
    latency (host arrays in and out) and device throughput, a per-stage profile of the exact mode, and the
    search at M=1,048,576 (distances and bank rows against FP64, with more re-ranked candidates).
 
-Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact]
+4. Split study (``split_study``): a GEMM of a 3x3 convolution's size in split TF32 with the tensor cores' sum cut
+   into parts, and the split backbone with its check skipped (its real error and speed).
+
+Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact,split_study]
 """
+
+# ruff: noqa: N803 - Triton compile-time constants are upper case by convention
 
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ import warnings
 
 import numpy as np
 import torch
+import triton
+import triton.language as tl
 from torch import nn
 
 from patchcore_trt.bench.matrix import device_ms, input_pool, percentile, reference_predictions
@@ -35,6 +42,7 @@ from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import synthetic_spec
 from patchcore_trt.gpu.executor import CudaPatchCore
 from patchcore_trt.gpu.fast_model import FastPatchCore, fold_batchnorm
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures
 from patchcore_trt.gpu.knn import BankIndex, candidates, float32_matmul, nearest
 from patchcore_trt.gpu.split_tf32 import split_activations, split_parts, split_weight
 from patchcore_trt.model import MemoryBankSearch, PatchCoreDeploy, squared_distances
@@ -139,8 +147,8 @@ def fusion_times(spec, size: tuple[int, int], batches: tuple[int, ...]) -> list[
     return rows
 
 
-# The cuda backend's modes, and the IEEE FP32 backbone that was the exact mode before split TF32.
-EXACT_MODES = {**MODES, "fp32 backbone": {"backbone_dtype": "fp32", "search": "exact"}}
+# The cuda backend's modes, and the split TF32 backbone (FP32-accurate in emulation; see split_study).
+EXACT_MODES = {**MODES, "split_tf32": {"backbone_dtype": "split_tf32", "search": "exact"}}
 
 
 def split_conv_errors() -> list[dict]:
@@ -311,9 +319,120 @@ def _search_errors(distances, rows, exact64, fp32_rows) -> dict:
     }
 
 
-def exact(results: dict, out: str) -> None:
-    """Part 3, each step saved as it ends (a run stopped at its limit keeps what it measured)."""
+@triton.jit
+def _study_gemm(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    M,
+    N,
+    K: tl.constexpr,
+    BM: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FRESH: tl.constexpr,
+):
+    # C = A @ B (row-major, sizes multiples of the blocks). FRESH: each BK slice is summed on the tensor cores
+    # from zero and added to the running FP32 sum by an ordinary (round-to-nearest) add.
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k in range(0, K, BK):
+        a = tl.load(a_ptr + rows[:, None] * K + (k + ks)[None, :])
+        b = tl.load(b_ptr + (k + ks)[:, None] * N + cols[None, :])
+        if FRESH:
+            acc += tl.dot(a, b, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc)
 
+
+def accumulation_study() -> list[dict]:
+    """Why split TF32 in cuDNN stays ~25x less accurate than FP32: a GEMM of a 3x3 conv's size (K = 9 x 768)
+    against FP64, by cuBLAS (IEEE, TF32, split TF32 with K cut into G separately summed parts) and by Triton
+    (IEEE, tf32x3 in one tensor-core accumulator, tf32x3 with each 32-wide K slice summed from zero)."""
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    a = torch.rand(4096, 6912, device="cuda", generator=generator)
+    b = torch.randn(6912, 256, device="cuda", generator=generator)
+    want = a.double() @ b.double()
+    a_hi, a_lo = split_parts(a)
+    b_hi, b_lo = split_parts(b)
+    a3, b3 = torch.cat([a_hi, a_lo, a_hi], dim=1), torch.cat([b_hi, b_hi, b_lo], dim=0)
+
+    def row(name, got):
+        return {"gemm": name, "rel_error_vs_fp64": float((got.double() - want).norm() / want.norm())}
+
+    rows = []
+    with float32_matmul():
+        rows.append(row("cublas ieee", a @ b))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        rows.append(row("cublas tf32", a @ b))
+        for groups in (1, 4, 16, 64):
+            parts = [x @ y for x, y in zip(a3.chunk(groups, dim=1), b3.chunk(groups, dim=0), strict=True)]
+            rows.append(row(f"cublas split tf32, K in {groups} parts", torch.stack(parts).sum(dim=0)))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    for precision, fresh in (("ieee", False), ("tf32", False), ("tf32x3", False), ("tf32x3", True)):
+        out = torch.empty(4096, 256, device="cuda")
+        grid = (4096 // 128, 256 // 128)
+        _study_gemm[grid](a, b, out, 4096, 256, K=6912, BM=128, BN=128, BK=32, PRECISION=precision, FRESH=fresh)
+        rows.append(row(f"triton {precision}{', slices summed from zero' if fresh else ''}", out))
+        ms = device_ms(
+            functools.partial(
+                _study_gemm[grid], a, b, out, 4096, 256, K=6912, BM=128, BN=128, BK=32, PRECISION=precision, FRESH=fresh
+            ),
+            reps=10,
+        )
+        rows[-1]["ms"] = ms
+    for item in rows:
+        print(item, flush=True)
+    return rows
+
+
+@torch.no_grad()
+def unguarded_split(spec, images: np.ndarray, size: tuple[int, int]) -> dict:
+    """The split TF32 backbone with the fused-backbone check skipped: how far it really is, and how fast."""
+    floats = as_float_nchw(images)
+    score64, _, map64, _ = deploy_outputs(spec, floats, torch.float64)
+    original = FusedResNetFeatures.agrees_with_plain
+    runner = CudaPatchCore(spec, backbone_dtype="split_tf32")
+    normalized = runner.model.preprocess(torch.from_numpy(floats[:4]).cuda())
+    with float32_matmul(conv_tf32=True):
+        fused = runner.model.backbone(normalized.contiguous(memory_format=torch.channels_last))
+    with float32_matmul():
+        plain = runner.model.backbone.features(normalized.contiguous(memory_format=torch.channels_last))
+    result = {"feature_rel_difference": [float((f - p).norm() / p.norm()) for f, p in zip(fused, plain, strict=True)]}
+    FusedResNetFeatures.agrees_with_plain = lambda self, x: True
+    try:
+        prediction = runner.run_host(images).prediction(spec.postprocess)
+        result["max_score_error_vs_fp64"] = float(np.abs(prediction.pred_score - score64).max())
+        result["max_map_error_vs_fp64"] = float(np.abs(prediction.anomaly_map - map64).max())
+        one = input_pool(size, 1)
+        result["batch1_device_ms"] = device_ms(functools.partial(runner.run, torch.from_numpy(one).cuda()))
+        for batch in (16, 64):
+            batch_images = torch.from_numpy(input_pool(size, batch)).cuda()
+            result[f"b{batch}_img_per_s"] = batch / device_ms(functools.partial(runner.run, batch_images), 20) * 1e3
+    finally:
+        FusedResNetFeatures.agrees_with_plain = original
+    print(result, flush=True)
+    return result
+
+
+def split_study(results: dict, out: str) -> None:
+    """Part 4 (``split_study``): the accumulation study, the unguarded split backbone and raw 333x250 inputs
+    (textures resized on the GPU) at 256^2, M=16384."""
+    step = _stepper(results, out)
+    step("accumulation", accumulation_study)
+    spec = synthetic_spec(16384, (256, 256), device="cuda")
+    step("unguarded_split_256", functools.partial(unguarded_split, spec, input_pool((256, 256), 16), (256, 256)))
+    inputs = {"333x250 float": as_float_nchw(input_pool((333, 250), 8))}
+    step("parity_333x250", functools.partial(mode_parity, spec, inputs))
+
+
+def _stepper(results: dict, out: str):
     def step(name, run):
         start = time.perf_counter()
         try:
@@ -325,10 +444,15 @@ def exact(results: dict, out: str) -> None:
         with open(out, "w") as handle:
             json.dump(results, handle, indent=2)
 
+    return step
+
+
+def exact(results: dict, out: str) -> None:
+    """Part 3, each step saved as it ends (a run stopped at its limit keeps what it measured)."""
+    step = _stepper(results, out)
     results["device"] = torch.cuda.get_device_name()
     results["versions"] = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
     step("split_conv", split_conv_errors)
-    rng = np.random.default_rng(5)
     workloads = [
         ((256, 256), 16384, 32, (333, 250), (16, 64), (1, 64)),
         ((512, 512), 32768, 16, (600, 480), (16,), (1,)),
@@ -337,7 +461,8 @@ def exact(results: dict, out: str) -> None:
         spec = synthetic_spec(bank, size, device="cuda")
         inputs = {
             f"{size[0]}x{size[1]} uint8": input_pool(size, count),
-            f"{odd_size[0]}x{odd_size[1]} float": rng.random((count // 4, 3, *odd_size), np.float32),
+            # Textures, not noise: noise saturates every normalised score and map at 1, hiding any error.
+            f"{odd_size[0]}x{odd_size[1]} float": as_float_nchw(input_pool(odd_size, count // 4)),
         }
         step(f"parity_{size[0]}", functools.partial(mode_parity, spec, inputs))
         step(f"times_{size[0]}", functools.partial(mode_times, spec, size, batches))
@@ -351,9 +476,13 @@ def exact(results: dict, out: str) -> None:
 def main() -> None:
     out = sys.argv[1]
     parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["errors", "timing"]
-    results = {}
+    results = {"device": torch.cuda.get_device_name()}
     if "exact" in parts:
         exact(results, out)
+    if "split_study" in parts:
+        split_study(results, out)
+    if not {"errors", "timing"} & set(parts):
+        return
     spec = synthetic_spec(16384, (256, 256), device="cuda")
     if "errors" in parts:
         images = input_pool((256, 256), 32)

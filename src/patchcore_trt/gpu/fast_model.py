@@ -1,8 +1,8 @@
 """FastPatchCore: the deploy model's function, re-planned for a GPU. model.PatchCoreDeploy is its reference.
 
 What changes, and why it keeps the outputs:
-- the backbone runs in FP16, BF16, TF32, split TF32 (FP32-accurate on the tensor cores: gpu/split_tf32.py)
-  or FP32 (``backbone_dtype``), channels-last, each BatchNorm folded into
+- the backbone runs in FP16, BF16, TF32, split TF32 (three TF32 products: gpu/split_tf32.py) or FP32
+  (``backbone_dtype``), channels-last, each BatchNorm folded into
   the convolution before it and, for timm ResNets on the tensor cores, bias, ReLU and residual add inside
   the convolution (fused_resnet.py); pooling, upsampling and everything after the backbone stay in FP32;
 - the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank (``exact``)
@@ -105,8 +105,9 @@ class FastPatchCore(PatchCoreDeploy):
 
     Args:
         spec: The fitted model.
-        backbone_dtype: Backbone arithmetic: fp32 (IEEE), split_tf32 (FP32-accurate on TF32 tensor cores, for
-            timm ResNets; other networks run in IEEE FP32), tf32, fp16 or bf16.
+        backbone_dtype: Backbone arithmetic: fp32 (IEEE), split_tf32 (three-term TF32 for timm ResNets, checked
+            against IEEE FP32 per input shape and falling back to it; other networks run in IEEE FP32: see
+            gpu/split_tf32.py), tf32, fp16 or bf16.
         search: ``exact`` (FP16 candidates + FP32 re-rank) or ``fast`` (FP16 distances).
         device: Where the model runs; the bank index is built there.
         map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.

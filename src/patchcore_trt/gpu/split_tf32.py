@@ -6,8 +6,14 @@ PatchCore's scores by about 1e-3, a hundred times the parity bar. Splitting each
 
     conv(x, w) ~ conv(x_hi, w_hi) + conv(x_lo, w_hi) + conv(x_hi, w_lo)
 
-with ``lo * lo`` (2^-22 relative) dropped. Every product of TF32 values is exact in FP32 and the tensor cores
-accumulate in FP32, so the sum is as accurate as an IEEE FP32 convolution. The three convolutions are one:
+with ``lo * lo`` (2^-22 relative) dropped. Every product of TF32 values is exact in FP32, so with FP32 sums
+the result is as accurate as an IEEE FP32 convolution (emulated on WRN50: 3.5e-6 of score against FP64, IEEE
+FP32 5e-7, plain TF32 8.4e-4). Measured on an H200 (cuDNN 9.19) it is not: cuDNN's and cuBLAS's TF32 tensor-core
+sums over a long K lose it (a layer3-sized split convolution 2.3e-5 from FP64, IEEE FP32 8.5e-7; the same GEMM
+cut into 64 separately summed K parts 8.2e-7; Triton's own tf32x3 dot 3.0e-7), and the backbone's scores move by
+5e-4. So FastPatchCore checks the split walk against IEEE FP32 features for each new input shape and falls back
+to IEEE FP32 where it disagrees (on that H200: every shape); the exact mode stays IEEE FP32
+(benchmarks/results/h200_exact_*.json). The three convolutions are one:
 the activations are laid out as ``[x_hi, x_lo, x_hi]`` along the channels and the weights as
 ``[w_hi, w_hi, w_lo]``, so a single cuDNN call over three times the input channels sums all three products
 and keeps the bias, residual-add and ReLU epilogue (fused_resnet.py).
