@@ -5,19 +5,21 @@
    relative feature error and max |delta score| / |delta map| (normalised).
 2. Time: CudaPatchCore's graph replay per precision, activation layout (NCHW / NHWC) and with timm's folded
    backbone or fused_resnet's, per workload.
-3. Exact (``exact``): the cuda backend's modes (exact = split TF32 backbone, the former exact = IEEE FP32
-   backbone, fast = FP16) against an FP64 deploy model computed on the GPU and against the FP32 one: the split
-   convolution alone, model-size and raw other-size inputs at 256^2 (M=16384) and 512^2 (M=32768), batch-1
-   latency (host arrays in and out) and device throughput, a per-stage profile of the exact mode, and the
-   search at M=1,048,576 (distances and bank rows against FP64, with more re-ranked candidates).
+3. Exact (``exact``): the cuda backend's modes (exact = IEEE FP32 backbone, fast = FP16) against an FP64 deploy
+   model computed on the GPU and against the FP32 one: model-size and raw other-size inputs at 256^2 (M=16384)
+   and 512^2 (M=32768), batch-1 latency (host arrays in and out) and device throughput, a per-stage profile of
+   the exact mode, and the search at M=1,048,576 (distances and bank rows against FP64, with more re-ranked
+   candidates).
 
-4. Split study (``split_study``): a GEMM of a 3x3 convolution's size in split TF32 with the tensor cores' sum cut
-   into parts, and the split backbone with its check skipped (its real error and speed).
+A split TF32 backbone (three TF32 products per convolution in one cuDNN call) was studied here as well: the
+split convolution alone against FP64, a split GEMM with the tensor cores' sum cut into parts, and the split
+backbone with its per-shape check skipped. It is not in the package (docs/benchmarks.md says why). The split
+TF32 study ran at commit b483c3b (``git checkout b483c3b`` to re-run it: parts ``exact,split_study``); its
+results are benchmarks/results/h200_exact_split_study.json and h200_exact_run1.json (where ``exact`` was the
+split backbone, falling back to IEEE FP32, and ``fp32 backbone`` the exact mode of today).
 
-Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact,split_study]
+Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact]
 """
-
-# ruff: noqa: N803 - Triton compile-time constants are upper case by convention
 
 from __future__ import annotations
 
@@ -32,8 +34,6 @@ import warnings
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 from torch import nn
 
 from patchcore_trt.bench.matrix import device_ms, input_pool, percentile, reference_predictions
@@ -42,9 +42,7 @@ from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import synthetic_spec
 from patchcore_trt.gpu.executor import CudaPatchCore
 from patchcore_trt.gpu.fast_model import FastPatchCore, fold_batchnorm
-from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures
 from patchcore_trt.gpu.knn import BankIndex, candidates, float32_matmul, nearest
-from patchcore_trt.gpu.split_tf32 import split_activations, split_parts, split_weight
 from patchcore_trt.model import MemoryBankSearch, PatchCoreDeploy, squared_distances
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.runtime.cuda_backend import MODES
@@ -114,7 +112,6 @@ def errors(spec, images, reference: Prediction) -> list[dict]:
 
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 TIMED = [
-    ("split_tf32", "nhwc", True),
     ("fp16", "nhwc", True),
     ("fp16", "nhwc", False),
     ("tf32", "nhwc", True),
@@ -144,27 +141,6 @@ def fusion_times(spec, size: tuple[int, int], batches: tuple[int, ...]) -> list[
             print(rows[-1], flush=True)
         del runner, model, backbone
         torch.cuda.empty_cache()
-    return rows
-
-
-# The cuda backend's modes, and the split TF32 backbone (FP32-accurate in emulation; see split_study).
-EXACT_MODES = {**MODES, "split_tf32": {"backbone_dtype": "split_tf32", "search": "exact"}}
-
-
-def split_conv_errors() -> list[dict]:
-    """One layer3-sized 3x3 convolution: split TF32, plain TF32 and IEEE FP32 against FP64 (relative norm)."""
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.rand(4, 256, 32, 32, device="cuda", generator=generator).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 256, 3, 3, device="cuda", generator=generator).contiguous(memory_format=torch.channels_last)
-    want = torch.nn.functional.conv2d(x.double(), w.double(), padding=1)
-    hi, lo = split_parts(x)
-    spec_split = torch.cat([hi, lo, hi], dim=1)
-    rows = [{"split_kernel_equals_torch_spec": bool(torch.equal(split_activations(x), spec_split))}]
-    xs, ws = split_activations(x), split_weight(w).contiguous(memory_format=torch.channels_last)
-    for name, tf32, a, b in (("split_tf32", True, xs, ws), ("tf32", True, x, w), ("fp32", False, x, w)):
-        with float32_matmul(conv_tf32=tf32):
-            got = torch.nn.functional.conv2d(a, b, padding=1)
-        rows.append({"conv": name, "rel_error_vs_fp64": float((got.double() - want).norm() / want.norm())})
     return rows
 
 
@@ -200,7 +176,7 @@ def mode_parity(spec, inputs: dict[str, np.ndarray]) -> list[dict]:
         floats = images if images.dtype == np.float32 else as_float_nchw(images)
         score64, _, map64, _ = deploy_outputs(spec, floats, torch.float64)
         reference = Prediction.from_outputs(deploy_outputs(spec, floats, torch.float32))
-        for mode, settings in EXACT_MODES.items():
+        for mode, settings in MODES.items():
             runner = CudaPatchCore(spec, **settings)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -227,7 +203,7 @@ def _first(prediction: Prediction, n: int) -> Prediction:
 def mode_times(spec, size: tuple[int, int], throughput_batches: tuple[int, ...]) -> list[dict]:
     """Batch 1 with host arrays (upload, graph, download: wall clock) and device-resident throughput."""
     rows = []
-    for mode, settings in EXACT_MODES.items():
+    for mode, settings in MODES.items():
         runner = CudaPatchCore(spec, **settings)
         one = input_pool(size, 1)
         runner.run_host(one)
@@ -279,7 +255,7 @@ def large_bank_search(bank_size: int, images: int = 4) -> dict:
     spec = dataclasses.replace(synthetic_spec(bank_size, (256, 256), device="cuda"), num_neighbors=1)
     model = FastPatchCore(spec, backbone_dtype=MODES["exact"]["backbone_dtype"], device="cuda").eval()
     floats = torch.from_numpy(as_float_nchw(input_pool((256, 256), images))).cuda()
-    with float32_matmul(conv_tf32=model.conv_tf32):
+    with float32_matmul(conv_tf32=model.backbone_dtype == "tf32"):
         embedding = model.embed(model.preprocess(floats))
     queries = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).contiguous()
     bank = spec.memory_bank.cuda().float()
@@ -319,119 +295,6 @@ def _search_errors(distances, rows, exact64, fp32_rows) -> dict:
     }
 
 
-@triton.jit
-def _study_gemm(
-    a_ptr,
-    b_ptr,
-    c_ptr,
-    M,
-    N,
-    K: tl.constexpr,
-    BM: tl.constexpr,
-    BN: tl.constexpr,
-    BK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    FRESH: tl.constexpr,
-):
-    # C = A @ B (row-major, sizes multiples of the blocks). FRESH: each BK slice is summed on the tensor cores
-    # from zero and added to the running FP32 sum by an ordinary (round-to-nearest) add.
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k in range(0, K, BK):
-        a = tl.load(a_ptr + rows[:, None] * K + (k + ks)[None, :])
-        b = tl.load(b_ptr + (k + ks)[:, None] * N + cols[None, :])
-        if FRESH:
-            acc += tl.dot(a, b, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc)
-
-
-def accumulation_study() -> list[dict]:
-    """Why split TF32 in cuDNN stays ~25x less accurate than FP32: a GEMM of a 3x3 conv's size (K = 9 x 768)
-    against FP64, by cuBLAS (IEEE, TF32, split TF32 with K cut into G separately summed parts) and by Triton
-    (IEEE, tf32x3 in one tensor-core accumulator, tf32x3 with each 32-wide K slice summed from zero)."""
-    generator = torch.Generator(device="cuda").manual_seed(1)
-    a = torch.rand(4096, 6912, device="cuda", generator=generator)
-    b = torch.randn(6912, 256, device="cuda", generator=generator)
-    want = a.double() @ b.double()
-    a_hi, a_lo = split_parts(a)
-    b_hi, b_lo = split_parts(b)
-    a3, b3 = torch.cat([a_hi, a_lo, a_hi], dim=1), torch.cat([b_hi, b_hi, b_lo], dim=0)
-
-    def row(name, got):
-        return {"gemm": name, "rel_error_vs_fp64": float((got.double() - want).norm() / want.norm())}
-
-    rows = []
-    with float32_matmul():
-        rows.append(row("cublas ieee", a @ b))
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        rows.append(row("cublas tf32", a @ b))
-        for groups in (1, 4, 16, 64):
-            parts = [x @ y for x, y in zip(a3.chunk(groups, dim=1), b3.chunk(groups, dim=0), strict=True)]
-            rows.append(row(f"cublas split tf32, K in {groups} parts", torch.stack(parts).sum(dim=0)))
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
-    for precision, fresh in (("ieee", False), ("tf32", False), ("tf32x3", False), ("tf32x3", True)):
-        out = torch.empty(4096, 256, device="cuda")
-        grid = (4096 // 128, 256 // 128)
-        _study_gemm[grid](a, b, out, 4096, 256, K=6912, BM=128, BN=128, BK=32, PRECISION=precision, FRESH=fresh)
-        rows.append(row(f"triton {precision}{', slices summed from zero' if fresh else ''}", out))
-        ms = device_ms(
-            functools.partial(
-                _study_gemm[grid], a, b, out, 4096, 256, K=6912, BM=128, BN=128, BK=32, PRECISION=precision, FRESH=fresh
-            ),
-            reps=10,
-        )
-        rows[-1]["ms"] = ms
-    for item in rows:
-        print(item, flush=True)
-    return rows
-
-
-@torch.no_grad()
-def unguarded_split(spec, images: np.ndarray, size: tuple[int, int]) -> dict:
-    """The split TF32 backbone with the fused-backbone check skipped: how far it really is, and how fast."""
-    floats = as_float_nchw(images)
-    score64, _, map64, _ = deploy_outputs(spec, floats, torch.float64)
-    original = FusedResNetFeatures.agrees_with_plain
-    runner = CudaPatchCore(spec, backbone_dtype="split_tf32")
-    normalized = runner.model.preprocess(torch.from_numpy(floats[:4]).cuda())
-    with float32_matmul(conv_tf32=True):
-        fused = runner.model.backbone(normalized.contiguous(memory_format=torch.channels_last))
-    with float32_matmul():
-        plain = runner.model.backbone.features(normalized.contiguous(memory_format=torch.channels_last))
-    result = {"feature_rel_difference": [float((f - p).norm() / p.norm()) for f, p in zip(fused, plain, strict=True)]}
-    FusedResNetFeatures.agrees_with_plain = lambda self, x: True
-    try:
-        prediction = runner.run_host(images).prediction(spec.postprocess)
-        result["max_score_error_vs_fp64"] = float(np.abs(prediction.pred_score - score64).max())
-        result["max_map_error_vs_fp64"] = float(np.abs(prediction.anomaly_map - map64).max())
-        one = input_pool(size, 1)
-        result["batch1_device_ms"] = device_ms(functools.partial(runner.run, torch.from_numpy(one).cuda()))
-        for batch in (16, 64):
-            batch_images = torch.from_numpy(input_pool(size, batch)).cuda()
-            result[f"b{batch}_img_per_s"] = batch / device_ms(functools.partial(runner.run, batch_images), 20) * 1e3
-    finally:
-        FusedResNetFeatures.agrees_with_plain = original
-    print(result, flush=True)
-    return result
-
-
-def split_study(results: dict, out: str) -> None:
-    """Part 4 (``split_study``): the accumulation study, the unguarded split backbone and raw 333x250 inputs
-    (textures resized on the GPU) at 256^2, M=16384."""
-    step = _stepper(results, out)
-    step("accumulation", accumulation_study)
-    spec = synthetic_spec(16384, (256, 256), device="cuda")
-    step("unguarded_split_256", functools.partial(unguarded_split, spec, input_pool((256, 256), 16), (256, 256)))
-    inputs = {"333x250 float": as_float_nchw(input_pool((333, 250), 8))}
-    step("parity_333x250", functools.partial(mode_parity, spec, inputs))
-
-
 def _stepper(results: dict, out: str):
     def step(name, run):
         start = time.perf_counter()
@@ -452,7 +315,6 @@ def exact(results: dict, out: str) -> None:
     step = _stepper(results, out)
     results["device"] = torch.cuda.get_device_name()
     results["versions"] = {"torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
-    step("split_conv", split_conv_errors)
     workloads = [
         ((256, 256), 16384, 32, (333, 250), (16, 64), (1, 64)),
         ((512, 512), 32768, 16, (600, 480), (16,), (1,)),
@@ -479,8 +341,6 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name()}
     if "exact" in parts:
         exact(results, out)
-    if "split_study" in parts:
-        split_study(results, out)
     if not {"errors", "timing"} & set(parts):
         return
     spec = synthetic_spec(16384, (256, 256), device="cuda")

@@ -141,10 +141,16 @@ def test_networks_other_than_plain_resnets_are_not_fused():
     assert fuse_resnet(unfolded) is unfolded
 
 
-def test_a_disagreeing_fused_backbone_falls_back(spec, monkeypatch):
+def _no_fused_engine(self, x):
+    raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
+
+
+@pytest.mark.parametrize("check", [lambda self, x: False, _no_fused_engine], ids=["disagrees", "no engine"])
+def test_a_disagreeing_fused_backbone_falls_back(spec, monkeypatch, check):
+    """Fused convolutions that disagree with the plain walk, or that cuDNN cannot run, cost speed only."""
     model = FastPatchCore(spec, backbone_dtype="bf16")
     assert isinstance(model.backbone, FusedResNetFeatures)
-    monkeypatch.setattr(FusedResNetFeatures, "agrees_with_plain", lambda self, x: False)
+    monkeypatch.setattr(FusedResNetFeatures, "agrees_with_plain", check)
     with pytest.warns(UserWarning, match="running unfused"):
         model.check_fused_backbone(torch.rand(1, 3, 64, 80))
     assert not isinstance(model.backbone, FusedResNetFeatures)

@@ -1,8 +1,7 @@
 """FastPatchCore: the deploy model's function, re-planned for a GPU. model.PatchCoreDeploy is its reference.
 
 What changes, and why it keeps the outputs:
-- the backbone runs in FP16, BF16, TF32, split TF32 (three TF32 products: gpu/split_tf32.py) or FP32
-  (``backbone_dtype``), channels-last, each BatchNorm folded into
+- the backbone runs in FP16, BF16, TF32 or FP32 (``backbone_dtype``), channels-last, each BatchNorm folded into
   the convolution before it and, for timm ResNets on the tensor cores, bias, ReLU and residual add inside
   the convolution (fused_resnet.py); pooling, upsampling and everything after the backbone stay in FP32;
 - the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank (``exact``)
@@ -33,13 +32,7 @@ from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, neare
 from patchcore_trt.model import DeployOutput, PatchCoreDeploy, squared_distances
 from patchcore_trt.spec import PatchCoreSpec
 
-BACKBONE_DTYPES = {
-    "fp32": torch.float32,
-    "split_tf32": torch.float32,
-    "tf32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
+BACKBONE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @torch.no_grad()
@@ -105,9 +98,7 @@ class FastPatchCore(PatchCoreDeploy):
 
     Args:
         spec: The fitted model.
-        backbone_dtype: Backbone arithmetic: fp32 (IEEE), split_tf32 (three-term TF32 for timm ResNets, checked
-            against IEEE FP32 per input shape and falling back to it; other networks run in IEEE FP32: see
-            gpu/split_tf32.py), tf32, fp16 or bf16.
+        backbone_dtype: Backbone arithmetic: fp32 (IEEE), tf32, fp16 or bf16.
         search: ``exact`` (FP16 candidates + FP32 re-rank) or ``fast`` (FP16 distances).
         device: Where the model runs; the bank index is built there.
         map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.
@@ -135,7 +126,7 @@ class FastPatchCore(PatchCoreDeploy):
         # Fused convolutions pay on the tensor cores; cuDNN's FP32 fused engines are NCHW-only and were slower
         # at batch 16 on an H100 (benchmarks/backbone_error.py), and wrong at batch 1 in NCHW.
         if backbone_dtype != "fp32":
-            backbone = fuse_resnet(backbone, split_tf32=backbone_dtype == "split_tf32")
+            backbone = fuse_resnet(backbone)
         self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
         del self.search  # the deploy model's chunked FP32 search; the index below replaces it
         self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device)
@@ -150,28 +141,21 @@ class FastPatchCore(PatchCoreDeploy):
         upsampled = [pooled[0]] + [F.interpolate(feature, size=grid, mode="bilinear") for feature in pooled[1:]]
         return torch.cat(upsampled, dim=1)
 
-    @property
-    def conv_tf32(self) -> bool:
-        """Whether cuDNN may run the backbone's FP32 convolutions on TF32 tensor cores: for ``tf32``, and for
-        ``split_tf32`` while the split backbone runs (a plain fallback runs in IEEE FP32)."""
-        split = isinstance(self.backbone, FusedResNetFeatures) and self.backbone.split_tf32
-        return self.backbone_dtype == "tf32" or split
-
     @torch.no_grad()
     def check_fused_backbone(self, images: torch.Tensor) -> None:
         """Fall back to the plain folded backbone if cuDNN's fused convolutions disagree with it on ``images``.
 
         Run once per new input shape, before capture: a fused engine that computes garbage for some shape (seen
-        for FP32 NCHW at batch 1), or a TF32 engine that loses the split's accuracy, must cost speed, never
+        for FP32 NCHW at batch 1), or that cuDNN cannot run for some shape (a RuntimeError), must cost speed, never
         correctness.
         """
         if not isinstance(self.backbone, FusedResNetFeatures):
             return
         normalized = self.preprocess(images).to(self.dtype, memory_format=torch.channels_last)
         try:
-            with float32_matmul(conv_tf32=self.conv_tf32):  # the engines forward will run
+            with float32_matmul(conv_tf32=self.backbone_dtype == "tf32"):  # the engines forward will run
                 agrees = self.backbone.agrees_with_plain(normalized)
-        except RuntimeError:  # cuDNN has no fused engine for some shape: the plain walk has
+        except RuntimeError:  # no fused engine for this shape: the plain walk has one
             agrees = False
         if not agrees:
             warnings.warn(
@@ -210,7 +194,7 @@ class FastPatchCore(PatchCoreDeploy):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> DeployOutput:
-        with float32_matmul(conv_tf32=self.conv_tf32):
+        with float32_matmul(conv_tf32=self.backbone_dtype == "tf32"):
             return super().forward(images)
 
     def forward_uint8(self, images: torch.Tensor) -> DeployOutput:

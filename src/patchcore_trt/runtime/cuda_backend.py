@@ -18,12 +18,7 @@ from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.executor import CudaPatchCore, require_cuda
 from patchcore_trt.runtime.base import Backend, Prediction
 
-MODES = {
-    # split_tf32 is FP32-accurate in emulation, but on an H200 cuDNN's tensor-core sums leave it ~25x less
-    # accurate than FP32 per convolution and its check falls back to FP32 (benchmarks/results/h200_exact_*.json).
-    "exact": {"backbone_dtype": "fp32", "search": "exact"},
-    "fast": {"backbone_dtype": "fp16", "search": "exact"},
-}
+MODES = {"exact": {"backbone_dtype": "fp32", "search": "exact"}, "fast": {"backbone_dtype": "fp16", "search": "exact"}}
 
 
 class CudaBackend(Backend):
