@@ -70,6 +70,12 @@ def squared_distances(x: torch.Tensor, y: torch.Tensor, y_sq_norm: torch.Tensor)
     return (torch.matmul(x, y.transpose(-2, -1)) * -2 + x_sq_norm + y_sq_norm).clamp_min(0)
 
 
+def row_squared_norms(rows: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """``rows.pow(2).sum(dim=-1)`` a block of rows at a time, so a bank of a million rows never has an FP32 copy
+    of its squares in memory (6 GB at 1536 features)."""
+    return torch.cat([rows[start : start + chunk].pow(2).sum(dim=-1) for start in range(0, len(rows), chunk)])
+
+
 class MemoryBankSearch(nn.Module):
     """Exact nearest-neighbour search over a memory bank held in fixed-size chunks."""
 
@@ -80,7 +86,7 @@ class MemoryBankSearch(nn.Module):
         self.bank_size = int(memory_bank.shape[0])
         self.chunk = chunk
         self.register_buffer("bank", memory_bank.float().contiguous())
-        self.register_buffer("bank_sq_norm", memory_bank.float().pow(2).sum(dim=-1)[None, :].contiguous())
+        self.register_buffer("bank_sq_norm", row_squared_norms(self.bank)[None, :].contiguous())
 
     def _chunks(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         return [

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from patchcore_trt.model import DEFAULT_BANK_CHUNK, MemoryBankSearch
+from patchcore_trt.model import DEFAULT_BANK_CHUNK, MemoryBankSearch, row_squared_norms
 
 SEARCH_MODES = ("exact", "fast")
 EXACT_CANDIDATES = 2
@@ -55,7 +55,7 @@ class BankIndex(nn.Module):
         super().__init__()
         bank = memory_bank.to(device=device, dtype=torch.float32).contiguous()
         self.register_buffer("bank", bank)
-        self.register_buffer("bank_sq", bank.pow(2).sum(dim=-1))
+        self.register_buffer("bank_sq", row_squared_norms(bank))
         self.register_buffer("bank_half", bank.to(torch.float16))
         k = min(num_neighbors, bank.shape[0]) if num_neighbors > 1 else 0
         self.register_buffer("neighbours", self._neighbour_table(bank, k))
