@@ -10,12 +10,17 @@
 #   trained  train anomalib PatchCore (WRN50, CPU) on generated data; cuda backend vs FP32 on it (trained.json)
 #   bench    the benchmark table beside anomalib's eager module (bench/bench.{md,csv,json,png})
 #   profile  torch.profiler: GPU time per stage and kernel (profile.txt)
-# Wheels for packages the machine lacks (anomalib for the baseline row) are installed from .whl/ if present.
+#   tests    the GPU tests (tests/test_gpu.py, tests/test_cuda_backend.py) with anomalib; golden checkpoints from
+#            $PATCHCORE_TRT_FIXTURES (tests.txt)
+# Wheels for packages the machine lacks (anomalib for the baseline row and the tests) are installed from .whl/ or
+# .whl/*/ if present.
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+wheels=$(compgen -G ".whl/*.whl"; compgen -G ".whl/*/*.whl")
+if [ -n "$wheels" ]; then
+  # shellcheck disable=SC2086  # one word per wheel file
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $wheels
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=1048576
@@ -33,6 +38,8 @@ torch.backends.cudnn.version(), triton.__version__, timm.__version__, torch.cuda
     bench) run python3 -m patchcore_trt bench --synthetic --backends cuda --sizes 256,512 --bank 16384,32768 \
              $BENCH_ARGS -o "$OUT/bench" ;;
     profile) run python3 benchmarks/profile_cuda.py "$OUT/profile.txt" fp16,fp32 ;;
+    tests) run python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_cuda_backend.py \
+             | tee "$OUT/tests.txt" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;
   esac
 done

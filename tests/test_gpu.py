@@ -37,7 +37,7 @@ def golden(release: str) -> tuple[Path, list[np.ndarray], Prediction]:
     return folder / "model.ckpt", images, reference
 
 
-@pytest.mark.parametrize("release", ["2.6.2-default"])
+@pytest.mark.parametrize("release", ["2.6.2-default", "1.2.0"])
 def test_exact_mode_reproduces_anomalibs_own_outputs(release):
     checkpoint, images, reference = golden(release)
     with open_backend(checkpoint, "cuda") as backend:
