@@ -193,10 +193,11 @@ def test_bench_on_a_checkpoint_records_the_models_settings(toy_spec, tmp_path):
 
 
 def test_unknown_backends_are_refused_before_any_work(tmp_path):
+    # Run where the default output (runs/bench/expN) would appear, so its absence means nothing was written.
     assert "--backends: tensorflow not one of" in error_line(
-        run_cli("bench", "--synthetic", "--backends", "tensorflow")
+        run_cli("bench", "--synthetic", "--backends", "tensorflow", cwd=tmp_path)
     )
-    assert not (tmp_path / "runs").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_peer_rows_skip_with_their_reason_where_they_cannot_run(monkeypatch):

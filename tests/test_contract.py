@@ -51,3 +51,32 @@ def test_outputs_have_one_shape_and_type(backend, batch):
 def test_bad_input_is_refused_the_same_way(backend, images, message):
     with pytest.raises(UserError, match=message):
         backend.predict(images)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [("onnxruntime", "cuda:1"), ("onnxruntime", "cuda:0"), ("cuda", "cuda:3"), ("tensorrt", "cuda:12")],
+)
+def test_the_registry_admits_cuda_n_for_gpu_backends(backend, device):
+    from patchcore_trt.runtime import check_device
+
+    # The registry's check needs no GPU: it answers from the backend's facts, before anything is imported.
+    assert check_device(backend_info(backend), device) == device
+
+
+@pytest.mark.parametrize(
+    ("backend", "device"),
+    [
+        ("onnxruntime", "cuda:x"),
+        ("onnxruntime", "cpu:0"),
+        ("onnxruntime", "cuda:"),
+        ("torch", "cuda:1"),
+        ("openvino", "gpu"),
+    ],
+)
+def test_the_registry_refuses_devices_a_backend_does_not_run_on(backend, device):
+    from patchcore_trt.runtime import check_device
+
+    info = backend_info(backend)
+    with pytest.raises(UserError, match=f"backend '{backend}' runs on {', '.join(info.devices)}, not '{device}'"):
+        check_device(info, device)

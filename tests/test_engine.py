@@ -227,3 +227,19 @@ def test_a_graph_with_other_outputs_is_not_built(resnet18_onnx, tmp_path):
     with pytest.raises(UserError, match=r"the graph's outputs are \['score'\]"):
         build_engine(tmp_path / "foreign.onnx", tmp_path / "foreign.engine", PROFILE)
     assert not (tmp_path / "foreign.engine").exists()
+
+
+def test_fp16_gated_on_an_unlabelled_folder_says_auroc_was_not_measured(resnet18_onnx, dataset, tmp_path):
+    model = tmp_path / "model.onnx"
+    model.write_bytes(resnet18_onnx.read_bytes())
+    plain = dataset.train_good  # good images only: no good/ and defect subfolders
+    result = run_cli(
+        "build", model, "--precision", "fp16", "--eval-data", plain,
+        "--shapes", "1x128x128", "1x256x256", "2x256x256",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"on {plain}" in result.stderr
+    assert "AUROC not measured (the folder has no good/ and defect labels)" in result.stderr
+    gate = read_sidecar(tmp_path / "model.fp16.engine")["accuracy_gate"]
+    assert gate["over_budget"] == [] and gate["figures"]["images"] == len(list(plain.glob("*.png")))
+    assert gate["figures"]["image_auroc_reference"] is None and gate["figures"]["pixel_auroc"] is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import onnx
 import pytest
@@ -12,6 +14,7 @@ from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.errors import UserError
 from patchcore_trt.export import export_onnx
 from patchcore_trt.files import sha256_of
+from patchcore_trt.report import json_ready
 from patchcore_trt.runtime import open_backend
 
 
@@ -35,6 +38,14 @@ def test_metadata_is_inside_the_file(resnet18_checkpoint, resnet18_onnx):
     assert list(meta.model_size) == [256, 256]
     assert meta.input == {"name": "image", "layout": "NCHW", "channels": "RGB", "dtype": "float32", "range": [0, 1]}
     assert meta.bank_size == spec.bank_size and meta.precision == "fp32"
+    # The graph resizes as anomalib's exported model does (no antialiasing), whatever the training transform did;
+    # the training transform is kept beside it.
+    training = asdict(spec.preprocess)
+    assert meta.transform["antialias"] is False
+    assert {k: v for k, v in meta.transform.items() if k != "antialias"} == json_ready(
+        {k: v for k, v in training.items() if k != "antialias"}
+    )
+    assert meta.details["training_transform"] == json_ready(training)
 
 
 def test_runs_at_any_batch_and_size(resnet18_onnx):

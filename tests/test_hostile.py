@@ -7,11 +7,13 @@ Special files and full disks are made inside the tests (a FIFO, a file-size limi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -29,29 +31,119 @@ from patchcore_trt.artifact import METADATA_KEY, read_onnx_metadata
 from patchcore_trt.checkpoint import read_checkpoint, write_checkpoint
 from patchcore_trt.errors import UserError
 from patchcore_trt.export import export_onnx
+from patchcore_trt.files import sha256_of
 from patchcore_trt.runtime import open_backend
 
 
-def _strict_json(path: Path) -> dict:
+def _strict_loads(text: str) -> dict:
     """Parse as strict JSON: NaN or Infinity tokens are refused."""
 
     def refuse(token: str) -> None:
         raise ValueError(f"non-standard JSON token {token}")
 
-    return json.loads(path.read_text(), parse_constant=refuse)
+    return json.loads(text, parse_constant=refuse)
 
 
-def test_results_to_a_fifo_are_written_into_it_not_renamed_over(resnet18_onnx, dataset, tmp_path):
+def _strict_json(path: Path) -> dict:
+    return _strict_loads(path.read_text())
+
+
+def _rows(flag: str, text: str) -> list[dict]:
+    """The result rows of a --json or --csv output."""
+    if flag == "--json":
+        return _strict_loads(text)["results"]
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv"])
+def test_results_to_a_fifo_are_written_into_it_not_renamed_over(flag, resnet18_onnx, dataset, tmp_path):
     fifo = tmp_path / "results.fifo"
     os.mkfifo(fifo)
     received: list[bytes] = []
     reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
     reader.start()
-    result = run_cli("predict", resnet18_onnx, dataset.test_good, "--json", fifo)
+    result = run_cli("predict", resnet18_onnx, dataset.test_good, flag, fifo)
     reader.join(timeout=60)
     assert result.returncode == 0, result.stderr
     assert fifo.is_fifo()  # still the pipe, not a regular file put in its place
-    assert len(json.loads(received[0])["results"]) == 3
+    assert [row["status"] for row in _rows(flag, received[0].decode())] == ["ok"] * 3
+
+
+def _stdout_link(tmp_path: Path) -> Path:
+    """A private stand-in for /dev/stdout (the system's own is never touched): a link to /proc/self/fd/1."""
+    link = tmp_path / "mystdout"
+    link.symlink_to("/proc/self/fd/1")
+    return link
+
+
+def _run_with_stdout_to(path: Path, *args: object) -> subprocess.CompletedProcess[str]:
+    """``patchcore-trt ARGS > path``, as a shell runs it: stdout is the regular file ``path``."""
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "patchcore_trt", *map(str, args)]
+    with path.open("w") as stdout:
+        return subprocess.run(command, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv"])
+def test_results_to_stdout_redirected_to_a_file_land_in_that_file(flag, resnet18_onnx, dataset, tmp_path):
+    link, captured = _stdout_link(tmp_path), tmp_path / "out.txt"
+    result = _run_with_stdout_to(captured, "predict", resnet18_onnx, dataset.test_good, flag, link)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert link.is_symlink() and os.readlink(link) == "/proc/self/fd/1"  # never renamed over
+    assert [row["status"] for row in _rows(flag, captured.read_text())] == ["ok"] * 3  # the file holds them alone
+    assert "3 scored" in result.stderr  # the summary went to stderr, out of the results' way
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mystdout", "out.txt"]  # no .part left
+
+
+def test_results_to_a_piped_stdout_are_alone_on_it(resnet18_onnx, dataset, tmp_path):
+    link = _stdout_link(tmp_path)
+    result = run_cli("predict", resnet18_onnx, dataset.test_good, "--json", link)  # stdout is a pipe: `| jq`
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert len(_strict_loads(result.stdout)["results"]) == 3
+    assert "3 scored" in result.stderr and "most anomalous" in result.stderr
+    assert link.is_symlink()
+
+
+def test_verify_json_to_stdout_is_alone_on_it(resnet18_checkpoint, resnet18_onnx, dataset, tmp_path):
+    link = _stdout_link(tmp_path)
+    result = run_cli(
+        "verify", resnet18_checkpoint, dataset.test_good, "--onnx", resnet18_onnx, "--backends", "onnxruntime",
+        "--json", link,
+    )  # fmt: skip
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    rows = [row for row in _strict_loads(result.stdout)["rows"] if row["checked"]]
+    assert [row["name"] for row in rows] == ["onnxruntime"]
+    assert "parity vs anomalib" in result.stderr and link.is_symlink()
+
+
+def test_a_symlink_to_a_results_file_stays_a_link(resnet18_onnx, dataset, tmp_path):
+    real = tmp_path / "kept" / "r.json"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "latest.json"
+    link.symlink_to(real)
+    result = run_cli("predict", resnet18_onnx, dataset.test_good, "--json", link)
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert len(_strict_json(real)["results"]) == 3
+    assert not list(tmp_path.rglob("*.part"))
+
+
+@pytest.mark.parametrize(("minor", "message"), [(3, None), (7, "No space left on device")], ids=["null", "full"])
+def test_results_to_a_character_device_are_written_into_it(minor, message, resnet18_onnx, dataset, tmp_path):
+    device = tmp_path / "device"
+    try:  # a private /dev/null (1, 3) or /dev/full (1, 7); the system's own are never touched
+        os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+        device.open("w").close()
+    except OSError as exc:
+        pytest.skip(f"cannot make a device node here: {exc}")
+    result = run_cli("predict", resnet18_onnx, dataset.test_good, "--json", device)
+    if message is None:
+        assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    else:
+        assert error_line(result) == f"error: {device}: {message}"
+    assert stat.S_ISCHR(device.lstat().st_mode)  # still the device, not a file put in its place
+    assert [path.name for path in tmp_path.iterdir()] == ["device"]
 
 
 def test_nan_pixels_and_overflowing_models_are_errors_not_normal_parts(resnet18_checkpoint, dataset, tmp_path):
@@ -187,6 +279,93 @@ def test_a_read_only_output_folder_is_refused_before_any_work(resnet18_onnx, dat
         subprocess.run(["umount", str(folder)], capture_output=True)
 
 
+WRITE_BLOCKED = [
+    ("predict", "ONNX", "IMAGES", "--csv", "BLOCKED/r.csv"),
+    ("predict", "ONNX", "IMAGES", "--report", "BLOCKED/r.html"),
+    ("predict", "ONNX", "IMAGES", "--save-visuals", "BLOCKED/visuals"),
+    ("verify", "CKPT", "IMAGES", "--onnx", "ONNX", "--backends", "onnxruntime", "--report", "BLOCKED/v.html"),
+    ("export", "CKPT", "-o", "BLOCKED/out"),
+    ("bench", "--synthetic", "--backbone", "resnet18", "--bank", "64", "--sizes", "64", "--backends", "onnxruntime",
+     "-o", "BLOCKED/bench"),
+    ("build", "ONNX", "--precision", "int8", "--calibration-cache", "BLOCKED/c.json"),
+    ("build", "ONNX", "--timing-cache", "BLOCKED/timing.cache"),
+    ("triton", "ONNX", "-o", "BLOCKED/repo"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args",
+    WRITE_BLOCKED,
+    ids=["csv", "report", "visuals", "verify-report", "export", "bench", "build-calibration", "build-timing", "triton"],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    args, resnet18_onnx, resnet18_checkpoint, dataset, tmp_path
+):
+    # Tests may run as root, whom permission bits do not stop: a path under a regular file cannot be made by anyone.
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    names = {"ONNX": resnet18_onnx, "CKPT": resnet18_checkpoint, "IMAGES": dataset.test_good}
+    args = tuple(str(names.get(arg, arg)).replace("BLOCKED", str(blocker)) for arg in args)
+    started = time.perf_counter()
+    line = error_line(run_cli(*args, cwd=tmp_path))
+    assert line == f"error: {blocker}: is a file, not a folder"
+    assert time.perf_counter() - started < 30  # answered before the model was loaded or anything ran
+    assert [path.name for path in tmp_path.iterdir()] == ["file.txt"] and blocker.read_text() == "a file, not a folder"
+
+
+def _read_only_folder_holding(tmp_path: Path, source: Path) -> Path:
+    """A read-only folder that holds a copy of ``source`` (a tmpfs remounted read-only where we are root)."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        shutil.copy(source, folder / source.name)
+        folder.chmod(0o555)
+        return folder
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot make a read-only folder here: {mounted.stderr.decode().strip()}")
+    shutil.copy(source, folder / source.name)
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+    return folder
+
+
+def test_build_beside_a_read_only_model_is_refused_before_any_work(resnet18_onnx, tmp_path):
+    folder = _read_only_folder_holding(tmp_path, resnet18_onnx)
+    try:
+        started = time.perf_counter()
+        line = error_line(run_cli("build", folder / resnet18_onnx.name, "--precision", "fp16"))
+        assert line == f"error: {folder}: this folder is not writable; choose another output location"
+        assert time.perf_counter() - started < 30
+        assert [path.name for path in folder.iterdir()] == [resnet18_onnx.name]
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment", "never"),
+    [
+        ("triton", "is a folder; expected a model file", "> writing"),
+        ("predict", "is a folder; expected a model file", ">"),
+        ("verify", "give the exported graph with --onnx", "exporting"),
+    ],
+    ids=["triton-folder", "predict-folder", "verify-onnx"],
+)
+def test_the_wrong_kind_of_model_is_one_line_before_anything_starts(
+    command, fragment, never, resnet18_onnx, dataset, tmp_path
+):
+    folder = tmp_path / "mdl"
+    folder.mkdir()
+    args = {
+        "triton": ("triton", folder, "-o", tmp_path / "repo"),
+        "predict": ("predict", folder, dataset.test_good),
+        "verify": ("verify", resnet18_onnx, dataset.test_good),
+    }[command]
+    result = run_cli(*args)
+    assert fragment in error_line(result)
+    assert never not in result.stderr and result.stdout == ""
+    assert [path.name for path in tmp_path.iterdir()] == ["mdl"]
+
+
 def _run_with_file_size_limit(limit: int, *args: object) -> subprocess.CompletedProcess[str]:
     """A full disk, seen as the writer sees it: writes past ``limit`` bytes fail (EFBIG)."""
 
@@ -253,7 +432,22 @@ def test_ctrl_c_during_export_leaves_nothing_under_the_final_name(resnet18_check
     started = lambda: any(tmp_path.glob(".model.onnx.*"))  # noqa: E731
     _, stderr = _interrupt_when(process, started)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: stopped by Ctrl-C; finished results were kept"
     assert not (tmp_path / "model.onnx").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_a_reexport_keeps_the_previous_model(resnet18_checkpoint, tmp_path):
+    assert run_cli("export", resnet18_checkpoint, "-o", tmp_path).returncode == 0
+    before = sha256_of(tmp_path / "model.onnx")
+    # A different graph (maps at the input size): had it replaced the first, the hash would differ.
+    process = _popen("export", resnet18_checkpoint, "-o", tmp_path, "--map-at-input-size")
+    written = lambda: any(path.stat().st_size > 0 for path in tmp_path.glob(".model.onnx.*.part/model.onnx"))  # noqa: E731
+    _, stderr = _interrupt_when(process, written)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: stopped by Ctrl-C; finished results were kept"
+    assert "self-check" not in stderr and "wrote" not in stderr  # stopped before the graph was checked and named
+    assert sha256_of(tmp_path / "model.onnx") == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]  # no staged folder left
 
 
 def test_float_and_gif_images_decode_as_anomalib_reads_them(resnet18_onnx, dataset, tmp_path):
@@ -324,15 +518,59 @@ def test_reexport_with_external_data_replaces_it_and_a_missing_one_is_named(
     [
         (("build", "MODEL", "--workspace", "nan"), "--workspace must be a number of GiB"),
         (("build", "MODEL", "--workspace", "1e30"), "--workspace must be a number of GiB"),
+        (("build", "MODEL", "--workspace", "inf"), "--workspace must be a number of GiB"),
+        (("bench", "--synthetic", "--batch", "1e9", "-o", "b"), "--batch takes whole numbers"),
+        (("bench", "--synthetic", "--bank", "1e9", "-o", "b"), "--bank takes whole numbers"),
         (("export", "CKPT", "-o", "out", "--opset", "99"), "opset 99 is not supported"),
         (("export", "CKPT", "-o", "out", "--image-size", "100000"), "at least 32 and at most 8192"),
         (("bench", "--synthetic", "--sizes", "100000", "-o", "b"), "at least 32 and at most 8192"),
     ],
-    ids=["workspace-nan", "workspace-huge", "opset-99", "image-size-huge", "bench-size-huge"],
+    ids=[
+        "workspace-nan",
+        "workspace-huge",
+        "workspace-inf",
+        "bench-batch-1e9",
+        "bench-bank-1e9",
+        "opset-99",
+        "image-size-huge",
+        "bench-size-huge",
+    ],
 )
 def test_out_of_range_options_are_one_line(args, fragment, resnet18_onnx, resnet18_checkpoint, tmp_path):
     args = tuple({"MODEL": str(resnet18_onnx), "CKPT": str(resnet18_checkpoint)}.get(arg, arg) for arg in args)
     assert fragment in error_line(run_cli(*args, cwd=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_synthetic_bank_larger_than_the_memory_is_refused_before_it_is_built(tmp_path):
+    from patchcore_trt.bench.settings import MAX_BANK
+    from patchcore_trt.demo.synthetic_model import BANK_BUILD_COPIES, available_memory
+
+    # The largest bank the option takes, with the default backbone (1536 features): about 350 GB to build.
+    needed = BANK_BUILD_COPIES * MAX_BANK * 1536 * 4
+    if (available_memory() or 0) >= needed:
+        pytest.skip("this machine has the memory to build the largest bank")
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "patchcore_trt", "bench", "--synthetic", "--bank", str(MAX_BANK), "--sizes",
+               "64", "--backends", "onnxruntime", "-o", "b"]  # fmt: skip
+    try:  # a regression starts the build: the timeout stops it long before it fills the memory
+        result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("bench started building a bank larger than the memory instead of refusing it")
+    line = error_line(result)
+    assert f"a synthetic bank of {MAX_BANK:,} rows x 1536 features needs about {needed / 2**30:.0f} GiB" in line
+    assert "GiB available; use a smaller --bank" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cuda_n_is_taken_as_a_device_and_answered_in_one_line(resnet18_onnx, dataset):
+    import torch
+
+    if torch.cuda.device_count() > 1:
+        pytest.skip("GPU 1 exists here: cuda:1 runs")
+    line = error_line(run_cli("predict", resnet18_onnx, dataset.test_good, "--device", "cuda:1"))
+    assert "runs on" not in line  # admitted as a device; refused for what this machine lacks (a provider, a GPU)
+    assert "CUDA" in line or "cuda:1" in line
 
 
 def test_usage_errors_are_one_line():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 
 from patchcore_trt.artifact import read_onnx_metadata
@@ -267,3 +268,47 @@ def test_browser_screenshot_is_a_real_picture_of_the_page(report, tmp_path: Path
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 60) & (pixels[..., 1] < 60)
     assert red.sum() > 100 and blue.sum() > 1000
+
+
+@pytest.fixture(scope="module")
+def command_pages(resnet18_checkpoint: Path, resnet18_onnx: Path, dataset, tmp_path_factory) -> dict[str, Path]:
+    """The pages the commands themselves write: ``predict --report`` and ``verify --report``."""
+    folder = tmp_path_factory.mktemp("command_pages")
+    pages = {"predict": folder / "predict.html", "verify": folder / "verify.html"}
+    images = (dataset.test_good, dataset.test_defect)
+    predicted = run_cli("predict", resnet18_onnx, *images, "--report", pages["predict"])
+    assert predicted.returncode == 0, predicted.stderr
+    verified = run_cli(
+        "verify", resnet18_checkpoint, *images, "--onnx", resnet18_onnx, "--backends", "onnxruntime",
+        "--report", pages["verify"],
+    )  # fmt: skip
+    assert verified.returncode == 0, verified.stderr
+    return pages
+
+
+def test_verify_report_holds_the_parity_proof_and_a_panel_per_image(command_pages) -> None:
+    page = _Page(command_pages["verify"].read_text(encoding="utf-8"))
+    text = page.visible
+    assert "PASS" in text and "onnxruntime" in text and FOOTNOTE in text
+    assert "6 images" in text and "1/1 backends passed" in text
+    assert len(page.all("img")) == 6
+    assert not any(attrs.get("src", "").startswith(("http:", "https:", "//")) for attrs in page.all("img"))
+
+
+def _settled_dom(path: Path, attempts: int = 3) -> str:
+    """The DOM once the page's script has set its marker. img.decode() settles off Chromium's virtual clock, so on a
+    busy machine the dump can come first (a bare <body>); a page whose script never runs fails every attempt."""
+    for _ in range(attempts):
+        dom = _chromium("--virtual-time-budget=10000", "--dump-dom", url=path).stdout.decode("utf-8")
+        if re.search(r"<body[^>]*data-images-loaded=", dom):
+            return dom
+    raise AssertionError(f"the page's script did not run in {attempts} loads: {dom[:500]}")
+
+
+@needs_chromium
+@pytest.mark.parametrize("command", ["predict", "verify"])
+def test_browser_decodes_every_panel_of_a_page_a_command_wrote(command, command_pages) -> None:
+    dom = _settled_dom(command_pages[command])
+    marker = re.search(r'<body[^>]*data-images-loaded="([^"]*)"', dom)
+    assert marker.group(1) == "6/6"  # every panel the command drew decodes in a real browser
+    assert ("6 scored" if command == "predict" else "PASS") in _Page(dom).visible

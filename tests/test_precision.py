@@ -10,15 +10,25 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from patchcore_trt.accuracy import BUDGETS, GateFigures, auroc, evaluate, labelled_folder, over_budget
+from patchcore_trt.accuracy import (
+    BUDGETS,
+    THRESHOLD_BAND,
+    GateFigures,
+    auroc,
+    evaluate,
+    labelled_folder,
+    over_budget,
+)
 from patchcore_trt.artifact import read_onnx_metadata
 from patchcore_trt.errors import UserError
+from patchcore_trt.images import load_image
 from patchcore_trt.precision import (
     backbone_nodes,
     calibration_images,
     write_fp16_onnx,
     write_int8_onnx,
 )
+from patchcore_trt.runtime import open_backend
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
@@ -194,3 +204,50 @@ def test_budgets_name_what_they_break():
     )
     assert over_budget(unlabelled, BUDGETS["int8"]) == []
     assert "AUROC not measured" in unlabelled.summary()
+
+
+def _with_score_shift(source: Path, path: Path, shift: float) -> Path:
+    """``source`` with ``shift`` added to its normalised image score before the clip and the threshold: a real
+    graph whose score (and so its label) drifts by a known amount."""
+    model = onnx.load(str(source))
+    nodes = list(model.graph.node)
+    clip = next(node for node in nodes if node.output[0] == "pred_score")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(shift, dtype=np.float32), "score_shift"))
+    shifted = helper.make_node("Add", [clip.input[0], "score_shift"], ["shifted_score"], name="score_shift")
+    clip.input[0] = "shifted_score"
+    del model.graph.node[:]
+    model.graph.node.extend([*nodes[: nodes.index(clip)], shifted, *nodes[nodes.index(clip) :]])
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("distance", [0.4 * THRESHOLD_BAND, 3 * THRESHOLD_BAND], ids=["inside-band", "outside"])
+def test_a_flip_at_the_threshold_is_judged_the_same_for_fp16_and_int8(distance, resnet18_onnx, dataset, tmp_path):
+    data = labelled_folder(dataset.root)
+    threshold = read_onnx_metadata(resnet18_onnx).image_threshold
+    with open_backend(resnet18_onnx) as backend:
+        scores = [float(backend.predict(load_image(path)[None]).pred_score[0]) for path in data.images]
+    target = next(index for index, score in enumerate(scores) if 0.01 < score < 0.99)  # an unclipped score
+    # The reference puts that image just above the threshold, the candidate just below: one label flips.
+    base = threshold - scores[target]
+    reference = _with_score_shift(resnet18_onnx, tmp_path / "reference.onnx", base + distance)
+    candidate = _with_score_shift(resnet18_onnx, tmp_path / "candidate.onnx", base - distance)
+    labels = []
+    for graph in (reference, candidate):
+        with open_backend(graph) as backend:
+            labels.append(bool(backend.predict(load_image(data.images[target])[None]).pred_label[0]))
+    assert labels == [True, False]
+    verdicts = {}
+    for precision in ("fp16", "int8"):
+        figures = evaluate(reference, candidate, data, precision)
+        assert figures.max_score_delta == pytest.approx(2 * distance, rel=1e-3)
+        verdicts[precision] = over_budget(figures, BUDGETS[precision])
+        if distance < THRESHOLD_BAND:  # a tie: forgiven by both gates, the same band
+            assert figures.flips_off_threshold == 0 and figures.label_agreement == 1.0
+        else:  # a real flip: counted by both
+            assert figures.flips_off_threshold == 1
+    if distance < THRESHOLD_BAND:
+        assert verdicts == {"fp16": [], "int8": []}
+    else:
+        assert "1 labels differ away from the threshold" in verdicts["fp16"]
+        assert verdicts["int8"] == [f"label agreement {100 * (1 - 1 / len(data.images)):.2f}% < 99%"]

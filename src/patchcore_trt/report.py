@@ -19,7 +19,7 @@ from PIL import Image
 from rich.table import Table
 from rich.text import Text
 
-from patchcore_trt.files import atomic_path, display_name, is_special, write_text_atomic
+from patchcore_trt.files import atomic_path, display_name, is_special, open_special, staging_target, write_text_atomic
 
 
 def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Table:
@@ -103,17 +103,22 @@ def _csv_row(row: dict[str, Any]) -> dict[str, Any]:
 class StreamedFile:
     """A text file written piece by piece to a temporary file beside ``path`` and renamed onto it by ``commit``.
 
-    A special target (``/dev/stdout``, a FIFO) is written to directly, never renamed over.
+    A special target (``/dev/stdout``, a FIFO) is written to directly, never renamed over; a symlink to a regular
+    file stays a link (the file it points to is replaced).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._staged: Path | None = None
+        self._target = staging_target(self.path)
         if is_special(self.path):
-            self.handle = self.path.open("w", encoding="utf-8", newline="")
+            try:
+                self.handle = open_special(self.path, "w")
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
             return
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+            fd, name = tempfile.mkstemp(prefix=f".{self._target.name}.", suffix=".part", dir=self._target.parent)
         except OSError as exc:
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
         self._staged = Path(name)
@@ -132,7 +137,7 @@ class StreamedFile:
         try:
             self.handle.close()
             if self._staged is not None:
-                os.replace(self._staged, self.path)
+                os.replace(self._staged, self._target)
         except OSError as exc:
             self.discard()
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None

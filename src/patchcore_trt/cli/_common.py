@@ -19,21 +19,28 @@ from rich.text import Text
 
 from patchcore_trt.artifact import MAX_SIDE, MIN_SIDE
 from patchcore_trt.errors import UserError
-from patchcore_trt.files import is_special
+from patchcore_trt.files import is_special, std_stream
 
 # soft_wrap: long lines (paths) are left to the terminal to wrap, never cut or broken into the middle of a name.
 out = Console(markup=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
 
 
-def print_table(rows: list[dict[str, object]], title: str) -> None:
+def summary_console(*outputs: Path | None) -> Console:
+    """Where a command prints its summary: stdout, or stderr when a results file is stdout itself
+    (``--json /dev/stdout | jq`` must get the JSON alone)."""
+    return err if any(path is not None and std_stream(path) == 1 for path in outputs) else out
+
+
+def print_table(rows: list[dict[str, object]], title: str, console: Console | None = None) -> None:
     """A rich table on a terminal; a Markdown table otherwise (a log or a pipe has no width to fit)."""
     from patchcore_trt.report import markdown_table, rich_table
 
-    if out.is_terminal:
-        out.print(rich_table(rows, title=title))
+    console = out if console is None else console
+    if console.is_terminal:
+        console.print(rich_table(rows, title=title))
     else:
-        out.print(f"{title}\n\n{markdown_table(rows)}")
+        console.print(f"{title}\n\n{markdown_table(rows)}")
 
 
 def human_size(path: Path) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, human_size, program, step, warn
+from patchcore_trt.cli._common import check_output_dir, check_output_file, err, human_size, program, step, warn
 
 
 @app.command("build")
@@ -33,6 +33,11 @@ def build_command(
     from patchcore_trt.engine import RTX_DEFAULT_TARGETS, Profile, Shape, load_tensorrt
 
     profile = Profile(*(Shape.parse(text) for text in shapes)) if shapes else None
+    # The engine, its sidecar and the fp16/int8 graph are written beside MODEL; fail before the build, not after.
+    if model.is_file():
+        check_output_dir(model.parent)
+    check_output_file(calibration_cache, protected=[model])
+    check_output_file(timing_cache, protected=[model])
     if model.is_file() and load_tensorrt().library == "tensorrt_rtx":
         warn(
             f"full TensorRT is not installed: building with TensorRT-RTX, whose engines run on GPUs of compute "

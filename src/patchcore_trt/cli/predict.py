@@ -18,8 +18,8 @@ from patchcore_trt.cli._common import (
     check_output_dir,
     check_output_file,
     err,
-    out,
     progress,
+    summary_console,
     warn,
 )
 from patchcore_trt.errors import UserError
@@ -190,7 +190,8 @@ def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path
                     continue
                 counts["scored"] += 1
                 counts["anomalous"] += record["label"] == "anomalous"
-                ranked = sorted([*ranked, (float(record["score"]), result.name)], reverse=True)[: max(top, 0)]
+                # Highest score first; equal scores in the inputs' natural order (img_2 before img_10).
+                ranked = sorted([*ranked, (float(record["score"]), result.name)], key=_rank)[: max(top, 0)]
                 warning = downscale_warning(result.size, result.prediction.anomaly_map.shape[-2:])
                 counts["downscaled"] += warning is not None
                 drawing = (visuals is not None and visuals_error is None) or sheet is not None
@@ -232,7 +233,8 @@ def _run(loaded, model, paths, names, unmatched, batch_size, json_path, csv_path
     }
     for sink in sinks:
         sink.close(footer)
-    _print_summary(loaded.name, model, counts, done, seconds, ranked, failures, threshold)
+    summary = summary_console(json_path, csv_path, report)
+    _print_summary(summary, loaded.name, model, counts, done, seconds, ranked, failures, threshold)
     if visuals is not None:
         err.print(f"  panels, heatmaps, overlays and masks in {visuals}")
     notes = []
@@ -302,7 +304,14 @@ def _save_visuals(folder: Path, index: int, result, image, panel, pixel_threshol
     return None
 
 
-def _print_summary(backend, model, counts, done, seconds, ranked, failures, threshold) -> None:
+def _rank(item: tuple[float, str]) -> tuple[float, list[object]]:
+    from patchcore_trt.images import natural_key
+
+    return -item[0], natural_key(Path(item[1]))
+
+
+def _print_summary(out, backend, model, counts, done, seconds, ranked, failures, threshold) -> None:
+    """The run's summary on ``out``: stdout, or stderr when a results file is stdout."""
     from patchcore_trt.report import format_score
 
     rate = f", {counts['scored'] / seconds:.1f} images/s" if seconds > 0 and counts["scored"] else ""

@@ -52,6 +52,9 @@ def triton_command(
 ) -> None:
     """Write a Triton model repository for MODEL: config.pbtxt (checked with Triton's protobuf) and version 1."""
     from patchcore_trt.serve.repository import ServeOptions, check_output_folder, platform_of, write_model
+    from patchcore_trt.serve.sources import check_artifact
+
+    check_artifact(model)  # a folder or a wrong file is named before anything is announced or written
 
     options = ServeOptions(
         name=name,

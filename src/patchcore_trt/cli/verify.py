@@ -9,7 +9,15 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_distinct, check_output_file, out, print_table, progress, step, warn
+from patchcore_trt.cli._common import (
+    check_distinct,
+    check_output_file,
+    print_table,
+    progress,
+    step,
+    summary_console,
+    warn,
+)
 from patchcore_trt.cli.export import TRUST_HELP, VERSION_HELP
 from patchcore_trt.errors import UserError
 
@@ -69,7 +77,6 @@ def verify_command(
         started = time.perf_counter()
         with step("building anomalib's reference"):
             anomalib = AnomalibReference.for_checkpoint(checkpoint, spec, trust_pickled_code=trust_pickled_code)
-        out.print(f"reference: {anomalib.description}")
         with progress() as bar:
             bar.add_task(f"running anomalib and {len(names)} backends on {len(images)} images", total=None)
             rows, reference = backend_parity(
@@ -84,8 +91,10 @@ def verify_command(
         if report is not None:
             with step(f"writing the report {report}"):
                 _write_report(report, checkpoint, onnx_path, rows, reference, images, used, skipped, started)
-    print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)")
-    out.print(FOOTNOTE)
+    summary = summary_console(json_path, report)
+    print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)", summary)
+    summary.print(FOOTNOTE)
+    summary.print(f"reference: {anomalib.description}")
     if json_path is not None:
         write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
     if not all(row.passed for row in rows if row.checked):

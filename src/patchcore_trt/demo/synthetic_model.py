@@ -14,7 +14,9 @@ near neighbours. So the synthetic model is built like a fitted one, only from ra
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -80,6 +82,36 @@ def _calibrated_backbone(
     return {key: value.detach().float().cpu() for key, value in backbone.eval().state_dict().items()}
 
 
+# Building a bank of M rows holds a pool of 1.25 M rows twice (the batches and their concatenation), then the M
+# rows drawn from it.
+BANK_BUILD_COPIES = 3.5
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give now (MemAvailable), or None where it cannot tell."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_bank_memory(bank_size: int, embedding_dim: int) -> None:
+    """Refuse a synthetic bank whose build needs more memory than the machine has, before it starts."""
+    needed = BANK_BUILD_COPIES * bank_size * embedding_dim * 4
+    available = available_memory()
+    if available is not None and needed > available:
+        raise UserError(
+            f"a synthetic bank of {bank_size:,} rows x {embedding_dim} features needs about {needed / 2**30:.0f} GiB "
+            f"of memory to build and this machine has {available / 2**30:.0f} GiB available; use a smaller --bank"
+        )
+
+
 @torch.no_grad()
 def _bank(
     deploy: PatchCoreDeploy, bank_size: int, size: tuple[int, int], seed: int, device: torch.device | str
@@ -87,6 +119,8 @@ def _bank(
     """``bank_size`` rows drawn without replacement from the patch features of a quarter more defect-free textures."""
     features: list[torch.Tensor] = []
     while sum(len(f) for f in features) < math.ceil(1.25 * bank_size):
+        if len(features) == 1:  # the feature size is known now, before a large bank fills the memory
+            check_bank_memory(bank_size, features[0].shape[1])
         images = _as_input(texture_images(8, size, seed=seed + 1000 + len(features)), device)
         embedding = deploy.embed(deploy.preprocess(images))
         features.append(embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1]).cpu())

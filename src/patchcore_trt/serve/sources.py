@@ -45,16 +45,24 @@ class Source:
     parameters: dict[str, str] = field(default_factory=dict)
 
 
-def describe(artifact: Path, *, trust_pickled_code: bool = False) -> Source:
-    """Read ``artifact`` (.engine, .onnx or .ckpt) into a Source, or raise a UserError saying why not."""
+def check_artifact(artifact: Path) -> Path:
+    """``artifact`` if it is a file Triton can serve, else a UserError: a folder is named as a folder (whatever its
+    name looks like), then a wrong suffix, then a missing file."""
     artifact = Path(artifact)
     suffix = artifact.suffix.lower()
-    if suffix not in PLATFORMS:
-        raise UserError(f"{artifact}: cannot serve a {suffix or 'suffix-less'} file; expected .engine, .onnx or .ckpt")
     if artifact.is_dir():
         raise UserError(f"{artifact}: is a folder; expected a model file (.engine, .onnx or .ckpt)")
+    if suffix not in PLATFORMS:
+        raise UserError(f"{artifact}: cannot serve a {suffix or 'suffix-less'} file; expected .engine, .onnx or .ckpt")
     if not artifact.is_file():
         raise UserError(f"{artifact}: no such file")
+    return artifact
+
+
+def describe(artifact: Path, *, trust_pickled_code: bool = False) -> Source:
+    """Read ``artifact`` (.engine, .onnx or .ckpt) into a Source, or raise a UserError saying why not."""
+    artifact = check_artifact(artifact)
+    suffix = artifact.suffix.lower()
     if suffix == ".engine":
         return _engine(artifact)
     if suffix == ".onnx":
