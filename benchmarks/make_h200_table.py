@@ -68,7 +68,13 @@ def render(data: dict[str, Any]) -> str:
     targets = {tuple(key.split("|")): value for key, value in data.get("targets", {}).items()}
     lines = ["# patchcore-trt on an NVIDIA H200: issue 12's table", ""]
     keys = ("gpu", "driver", "cuda_runtime", "cudnn", "torch", "triton", "timm", "anomalib", "onnxruntime", "python")
-    lines.append("- " + ", ".join(f"{k} {env.get(k)}" for k in keys if env.get(k) is not None))
+
+    # A version that differs between calls (onnxruntime-gpu is unpacked only for its own call) lists every value.
+    def versions_of(key: str) -> str:
+        seen = dict.fromkeys(str(c["environment"].get(key)) for c in calls if c["environment"].get(key) is not None)
+        return " / ".join(seen)
+
+    lines.append("- " + ", ".join(f"{k} {versions_of(k)}" for k in keys if env.get(k) is not None))
     lines.append(
         f"- cpu: {env.get('cpu')} ({env.get('cpu_cores')} cores); nvidia-smi at start: {env.get('nvidia_smi')}"
     )
