@@ -450,6 +450,55 @@ def test_ctrl_c_during_a_reexport_keeps_the_previous_model(resnet18_checkpoint, 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]  # no staged folder left
 
 
+def _interrupt_at_line(process: subprocess.Popen, fragment: str, limit: float = 300) -> str:
+    """SIGINT once ``fragment`` appears on the process's stderr; the whole stderr."""
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        for line in process.stderr:
+            lines.append(line)
+            if fragment in line:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    seen.wait(timeout=limit)
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=limit)
+    reader.join(timeout=limit)
+    return "".join(lines)
+
+
+def test_ctrl_c_during_an_engine_build_names_nothing_half_built(resnet18_onnx, tmp_path):
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(resnet18_onnx, onnx_path)
+    process = _popen("build", onnx_path, "--shapes", "1x256x256", "1x256x256", "2x256x256")
+    stderr = _interrupt_at_line(process, "> building model.fp32.engine")
+    assert "> building model.fp32.engine" in stderr, stderr  # interrupted while the builder ran
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "interrupted: stopped by Ctrl-C; finished results were kept"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_ctrl_c_while_saving_visuals_keeps_whole_pictures_only(resnet18_onnx, dataset, tmp_path):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    source = next(dataset.test_good.glob("*.png"))
+    for index in range(200):
+        shutil.copy(source, folder / f"{index:03d}.png")
+    visuals = tmp_path / "visuals"
+    process = _popen("predict", resnet18_onnx, folder, "--save-visuals", visuals, "--batch-size", "1")
+    _, stderr = _interrupt_when(process, lambda: len(list(visuals.glob("*.png"))) >= 8)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted: stopped by Ctrl-C" in stderr
+    pictures = list(visuals.glob("*.png"))
+    assert 8 <= len(pictures) < 4 * 200 and not list(visuals.rglob("*.part"))
+    for picture in pictures:  # every file under its final name is a whole PNG
+        with Image.open(picture) as image:
+            image.load()
+
+
 def test_float_and_gif_images_decode_as_anomalib_reads_them(resnet18_onnx, dataset, tmp_path):
     rgb = np.asarray(Image.open(next(dataset.test_good.glob("*.png"))).convert("L"), dtype=np.float32)
     Image.fromarray(rgb, mode="F").save(tmp_path / "float255.tif")  # 0..255 floats: 8-bit values
