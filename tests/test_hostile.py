@@ -410,12 +410,18 @@ def _popen(*args: object) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_ctrl_c_during_predict_keeps_what_was_scored(resnet18_checkpoint, dataset, tmp_path):
+def _many_images(dataset, tmp_path: Path, count: int = 200) -> Path:
+    """A folder of ``count`` copies of one test image: a run long enough to interrupt."""
     folder = tmp_path / "many"
     folder.mkdir()
     source = next(dataset.test_good.glob("*.png"))
-    for index in range(200):
+    for index in range(count):
         shutil.copy(source, folder / f"{index:03d}.png")
+    return folder
+
+
+def test_ctrl_c_during_predict_keeps_what_was_scored(resnet18_checkpoint, dataset, tmp_path):
+    folder = _many_images(dataset, tmp_path)
     json_path = tmp_path / "r.json"
     process = _popen("predict", resnet18_checkpoint, folder, "--json", json_path, "--batch-size", "1")
     staged = lambda: any(path.stat().st_size > 2000 for path in tmp_path.glob(".r.json.*.part"))  # noqa: E731
@@ -482,11 +488,7 @@ def test_ctrl_c_during_an_engine_build_names_nothing_half_built(resnet18_onnx, t
 
 
 def test_ctrl_c_while_saving_visuals_keeps_whole_pictures_only(resnet18_onnx, dataset, tmp_path):
-    folder = tmp_path / "many"
-    folder.mkdir()
-    source = next(dataset.test_good.glob("*.png"))
-    for index in range(200):
-        shutil.copy(source, folder / f"{index:03d}.png")
+    folder = _many_images(dataset, tmp_path)
     visuals = tmp_path / "visuals"
     process = _popen("predict", resnet18_onnx, folder, "--save-visuals", visuals, "--batch-size", "1")
     _, stderr = _interrupt_when(process, lambda: len(list(visuals.glob("*.png"))) >= 8)
