@@ -544,7 +544,7 @@ def test_an_empty_onnx_is_called_empty(dataset, tmp_path):
     assert "the file is empty" in error_line(run_cli("predict", tmp_path / "empty.onnx", dataset.test_good))
 
 
-def test_reexport_with_external_data_replaces_it_and_a_missing_one_is_named(
+def test_reexport_with_external_data_replaces_it_and_a_missing_or_truncated_one_is_named(
     resnet18_checkpoint, dataset, tmp_path, monkeypatch
 ):
     from patchcore_trt import artifact
@@ -558,8 +558,27 @@ def test_reexport_with_external_data_replaces_it_and_a_missing_one_is_named(
         sizes.append((tmp_path / "big.onnx.data").stat().st_size)
     assert sizes[0] == sizes[1]  # rewritten, never appended to
     assert (tmp_path / "big.onnx.data").stat().st_mode & 0o044  # readable by others, as a plain write would be
-    (tmp_path / "big.onnx.data").unlink()
-    assert "external data big.onnx.data is missing" in error_line(run_cli("predict", path, dataset.test_good))
+    data = tmp_path / "big.onnx.data"
+    whole = data.read_bytes()
+
+    def one_line(*command: object) -> str:
+        result = run_cli(*command)
+        line = error_line(result)
+        others = [row for row in result.stderr.splitlines() if row.strip() and row != line]
+        assert all(row.startswith((">", "✓")) for row in others), result.stderr  # the steps; no runtime's own log
+        return line
+
+    data.write_bytes(whole[: len(whole) // 2])  # cut mid-tensor: every backend and verify say so in one line
+    for command in (
+        ("predict", path, dataset.test_good),
+        ("predict", path, dataset.test_good, "--backend", "openvino"),
+        ("verify", resnet18_checkpoint, dataset.test_good, "--onnx", path, "--backends", "onnxruntime,openvino"),
+    ):
+        assert "external data big.onnx.data is truncated" in one_line(*command)
+    data.write_bytes(b"")
+    assert "external data big.onnx.data is truncated (0 of" in one_line("predict", path, dataset.test_good)
+    data.unlink()
+    assert "external data big.onnx.data is missing" in one_line("predict", path, dataset.test_good)
 
 
 @pytest.mark.parametrize(
