@@ -1,5 +1,6 @@
-"""Issue 12's GPU table in one run: the cuda backend (exact and fast modes) beside anomalib eager, anomalib under
-torch.compile(mode="reduce-overhead") and ONNX Runtime's CUDA execution provider.
+"""The GPU table in one run (latency, throughput, parity and memory against the targets): the cuda backend
+(exact and fast modes) beside anomalib eager, anomalib under torch.compile(mode="reduce-overhead") and ONNX
+Runtime's CUDA execution provider.
 
 Workloads (wide_resnet50_2 layers 2+3, the synthetic model of demo/synthetic_model.py, num_neighbors 9):
 

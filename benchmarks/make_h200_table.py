@@ -66,7 +66,7 @@ def render(data: dict[str, Any]) -> str:
     calls = data.get("calls", [])
     env = calls[-1]["environment"] if calls else {}
     targets = {tuple(key.split("|")): value for key, value in data.get("targets", {}).items()}
-    lines = ["# patchcore-trt on an NVIDIA H200: issue 12's table", ""]
+    lines = ["# patchcore-trt on an NVIDIA H200: the cuda backend beside its peers, against the targets", ""]
     keys = ("gpu", "driver", "cuda_runtime", "cudnn", "torch", "triton", "timm", "anomalib", "onnxruntime", "python")
 
     # A version that differs between calls (onnxruntime-gpu is unpacked only for its own call) lists every value.

@@ -88,6 +88,36 @@ def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProce
     return subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
 
 
+_PEAK = """
+import resource, runpy, sys
+sys.argv = ["patchcore-trt", *sys.argv[1:]]
+try:
+    runpy.run_module("patchcore_trt", run_name="__main__")
+finally:
+    with open("/proc/self/status") as status:
+        rss = [line.split()[1] for line in status if line.startswith("VmRSS:")]
+    print("peak-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, *rss, file=sys.stderr)
+"""
+
+
+def peak_run(
+    *args: object, cwd: Path | None = None, final: bool = False
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """``run_cli(*args)`` and the peak resident memory (KiB) of that process; its peak line is not in stderr.
+
+    final: the resident memory when the command returned instead; what it kept to the end, which a transient
+    peak at start-up (loading the libraries and the model) cannot hide.
+    """
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-c", _PEAK, *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600, check=False)
+    peak = [line for line in result.stderr.splitlines() if line.startswith("peak-kib")]
+    stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("peak-kib"))
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout, stderr), int(
+        peak[0].split()[2 if final else 1]
+    )
+
+
 def error_line(result: subprocess.CompletedProcess[str]) -> str:
     """The one ``error:`` line a failed command printed (exit code 1, no traceback)."""
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr

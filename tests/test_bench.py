@@ -286,3 +286,22 @@ def test_an_onnxruntime_that_falls_back_to_the_cpu_is_refused(monkeypatch, toy_s
     case = subjects.Case("onnxruntime-cuda", "fp32", "-", "host", 1)
     with pytest.raises(UserError, match="ran on CPUExecutionProvider, not the CUDA execution provider"):
         subjects.make_subject(case, toy_spec, [np.zeros((1, 64, 64, 3), np.uint8)], True, lambda name: onnx_path)
+
+
+def test_verify_and_bench_show_no_library_warnings(resnet18_checkpoint, resnet18_onnx, dataset, tmp_path):
+    """anomalib's, timm's and torch's own FutureWarnings and DeprecationWarnings stay out of what
+    ``verify`` and ``bench`` print (the user can do nothing about them)."""
+    runs = {
+        "verify": run_cli(
+            "verify", resnet18_checkpoint, dataset.test_good, "--onnx", resnet18_onnx,
+            "--backends", "torch,onnxruntime,openvino",
+        ),
+        "bench": run_cli(
+            "bench", resnet18_checkpoint, "--backends", "anomalib,torch,onnxruntime,openvino",
+            "--warmup", "1", "--iters", "2", "-o", tmp_path / "bench",
+        ),
+    }  # fmt: skip
+    for command, result in runs.items():
+        assert result.returncode == 0, result.stderr
+        for text in (result.stderr, result.stdout):
+            assert "Warning" not in text and "warnings.warn" not in text, f"{command}:\n{text}"

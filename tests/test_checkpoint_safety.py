@@ -8,7 +8,6 @@ slot); plain ``torch.load`` runs it (the positive control, in a subprocess), the
 from __future__ import annotations
 
 import fractions
-import os
 import pickle
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import error_line, run_cli
+from conftest import error_line, peak_run, run_cli
 from golden import (
     FIXTURES,
     checkpoint,
@@ -112,24 +111,7 @@ def test_export_of_a_planted_file_is_one_error_line(planted, tmp_path):
 
 # ---- memory: refused from the zip directory or the first bytes, before anything is unpacked or read whole
 
-_PEAK = """
-import resource, runpy, sys
-sys.argv = ["patchcore-trt", *sys.argv[1:]]
-try:
-    runpy.run_module("patchcore_trt", run_name="__main__")
-finally:
-    print("peak-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
-"""
 CLAIMED = 2 << 30  # what the hostile files would cost if unpacked or read whole
-
-
-def _peak_run(*args: object) -> tuple[subprocess.CompletedProcess[str], int]:
-    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-c", _PEAK, *map(str, args)]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-    peak = [line for line in result.stderr.splitlines() if line.startswith("peak-kib")]
-    stderr = "\n".join(line for line in result.stderr.splitlines() if not line.startswith("peak-kib"))
-    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout, stderr), int(peak[0].split()[1])
 
 
 class _Storage:
@@ -172,7 +154,7 @@ def baseline_kib(tmp_path_factory):
     """The peak memory of the same refusal on a tiny file: what the command costs without the hostile bytes."""
     tiny = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
     tiny.write_bytes(b"NOTAZIP")
-    result, peak_kib = _peak_run("export", tiny, "-o", tiny.parent / "out")
+    result, peak_kib = peak_run("export", tiny, "-o", tiny.parent / "out")
     assert "not a PyTorch checkpoint" in error_line(result)
     return peak_kib
 
@@ -180,7 +162,7 @@ def baseline_kib(tmp_path_factory):
 def test_a_zip_bomb_is_refused_from_its_directory(tmp_path, baseline_kib):
     bomb = _zip_bomb(tmp_path / "bomb.ckpt")
     assert bomb.stat().st_size < CLAIMED // 100
-    result, peak_kib = _peak_run("export", bomb, "-o", tmp_path / "out")
+    result, peak_kib = peak_run("export", bomb, "-o", tmp_path / "out")
     line = error_line(result)
     assert "refused before unpacking: entry bomb/data/0 is compressed" in line and "torch.save stores" in line
     assert (peak_kib - baseline_kib) * 1024 < CLAIMED // 8
@@ -191,7 +173,7 @@ def test_a_large_file_that_is_no_zip_is_refused_from_its_first_bytes(tmp_path, b
     with big.open("wb") as handle:
         handle.write(b"NOTAZIP")
         handle.truncate(CLAIMED)  # sparse: no disk used
-    result, peak_kib = _peak_run("export", big, "-o", tmp_path / "out")
+    result, peak_kib = peak_run("export", big, "-o", tmp_path / "out")
     assert "not a PyTorch checkpoint" in error_line(result)
     assert (peak_kib - baseline_kib) * 1024 < CLAIMED // 8
 

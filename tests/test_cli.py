@@ -112,7 +112,7 @@ def _strict(text: str) -> dict:
 
 @pytest.fixture(scope="module")
 def readable_run(resnet18_onnx, dataset, tmp_path_factory):
-    """One predict run as issue 10 reads it: equal images named img_1, img_2, img_10 in a long folder name, a broken
+    """One predict run as a user reads it: equal images named img_1, img_2, img_10 in a long folder name, a broken
     file, --top 2, JSON and CSV, in a 40-column pipe."""
     root = tmp_path_factory.mktemp("readable")
     folder = root / "in" / "a_rather_long_folder_name_of_parts_from_line_seven"
@@ -221,5 +221,5 @@ def test_a_shown_score_is_never_rounded_across_or_onto_the_threshold(score, thre
 
 
 def test_a_score_just_under_the_threshold_keeps_its_digits():
-    assert format_score(0.4999996, 0.5) == "0.4999996"  # the issue's example: not "0.5000 normal"
+    assert format_score(0.4999996, 0.5) == "0.4999996"  # just under the threshold: not "0.5000 normal"
     assert format_score(0.61234, 0.5) == "0.6123"  # far from it: four decimals

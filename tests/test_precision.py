@@ -251,3 +251,49 @@ def test_a_flip_at_the_threshold_is_judged_the_same_for_fp16_and_int8(distance, 
     else:
         assert "1 labels differ away from the threshold" in verdicts["fp16"]
         assert verdicts["int8"] == [f"label agreement {100 * (1 - 1 / len(data.images)):.2f}% < 99%"]
+
+
+def test_the_gates_pixel_auroc_is_anomalibs_on_its_own_raw_maps(tmp_path):
+    """The gate's pixel AUROC on a golden release's labelled set equals the figure anomalib's evaluator computes:
+    torchmetrics' AUROC over that release's own raw (unnormalised) maps, with the masks resized as anomalib's
+    pre-processor resizes them (torchvision's Resize of a Mask)."""
+    torchmetrics = pytest.importorskip("torchmetrics.classification")
+    import torch
+    from golden import FIXTURES, checkpoint
+    from PIL import Image
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.export import export_onnx
+
+    reference, _ = export_onnx(read_checkpoint(checkpoint("2.6.2")), tmp_path / "model.onnx")
+    candidate = write_fp16_onnx(reference, tmp_path / "model.fp16.onnx")
+    data = labelled_folder(FIXTURES / "data")
+    figures = evaluate(reference, candidate, data, "fp16")
+
+    golden = np.load(FIXTURES / "2.6.2" / "forward.npz")
+    order = [str(path.relative_to(FIXTURES)) for path in data.images]
+    assert sorted(order) == sorted(golden["files"])
+    raw_maps, truth = [], []
+    for path, mask in zip(data.images, data.masks, strict=True):
+        index = list(golden["files"]).index(str(path.relative_to(FIXTURES)))
+        raw = torch.from_numpy(golden["raw_map"][index])  # [1, h, w], before anomalib's normalisation
+        if mask is None:
+            pixels = torch.zeros(raw.shape, dtype=torch.bool)
+        else:
+            full = tv_tensors.Mask(torch.from_numpy(np.asarray(Image.open(mask).convert("L")) > 127)[None])
+            pixels = v2.Resize(list(raw.shape[-2:]))(full)
+        raw_maps.append(raw.reshape(-1))
+        truth.append(pixels.reshape(-1).int())
+    anomalib_pixel_auroc = torchmetrics.BinaryAUROC()(torch.cat(raw_maps), torch.cat(truth)).item()
+    assert torch.cat(truth).any() and 0.5 < anomalib_pixel_auroc < 1.0
+    assert figures.pixel_auroc_reference == pytest.approx(anomalib_pixel_auroc, abs=1e-5)
+    # FP16 moves the maps by ~1e-4 at most, far too little to move the AUROC off anomalib's by a tenth of a point
+    assert figures.pixel_auroc == pytest.approx(anomalib_pixel_auroc, abs=1e-3)
+    assert figures.image_auroc_reference == pytest.approx(
+        torchmetrics.BinaryAUROC()(
+            torch.from_numpy(golden["raw_score"]), torch.tensor(["defect" in name for name in golden["files"]]).int()
+        ).item(),
+        abs=1e-6,
+    )

@@ -212,6 +212,7 @@ def read_onnx_metadata(path: Path | str) -> ArtifactMetadata:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends with no common base
         raise UserError(f"{path}: not a readable ONNX file ({type(exc).__name__})") from None
+    check_external_data(path, model)
     for prop in model.metadata_props:
         if prop.key == METADATA_KEY:
             return ArtifactMetadata.from_json(prop.value, path)
@@ -220,6 +221,33 @@ def read_onnx_metadata(path: Path | str) -> ArtifactMetadata:
 
 def external_data_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name + ".data")
+
+
+def check_external_data(path: Path, model: Any) -> None:
+    """Refuse a graph whose external data file is missing or shorter than its tensors need, in one line.
+
+    Every backend would otherwise fail in its own words: ONNX Runtime logs a C++ exception, OpenVINO says only
+    "Exception from src/inference/src/cpp/core.cpp".
+    """
+    import onnx
+
+    needed: dict[str, int] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        end = int(entries.get("offset") or 0) + int(entries.get("length") or 0)
+        location = entries.get("location", "")
+        needed[location] = max(needed.get(location, 0), end)
+    for location, end in needed.items():
+        data = path.parent / location
+        if not data.is_file():
+            raise UserError(f"{path}: its external data {location} is missing; export it again")
+        size = data.stat().st_size
+        if size < end:
+            raise UserError(
+                f"{path}: its external data {location} is truncated ({size:,} of {end:,} bytes); export it again"
+            )
 
 
 @contextlib.contextmanager
@@ -289,7 +317,7 @@ def ort_session(
             f"onnxruntime: {provider} is not available in this onnxruntime build (pip install onnxruntime-gpu)"
         )
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: its errors are raised, and shown below in one line
     options.intra_op_num_threads = threads
     for key, value in (config or {}).items():
         options.add_session_config_entry(key, value)
