@@ -555,47 +555,45 @@ class Table:
         return ([1] if workload.latency else []) + ([workload.peer_batch] if workload.peer_batch else [])
 
     def anomalib(self, workload: Workload) -> None:
-        reason = peer_unavailable("anomalib")
         plan = [("fp32", b) for b in self.peer_batches(workload)] + [("tf32", 1)] * workload.latency
-        for precision, batch in plan:
-            row_id = f"{workload.key}|anomalib|{precision}|host|b{batch}"
-            if self.results.done(row_id):
-                continue
-            if reason is not None:
-                self.results.notice(f"{row_id}: skipped ({reason})")
-                continue
-            if not self.affordable("anomalib", workload, row_id, False):
-                return
-            self.peer_row(row_id, workload, "anomalib", precision, batch)
+        self.peer_rows(workload, "anomalib", "anomalib", plan)
 
     def compile(self, workload: Workload) -> None:
-        reason = peer_unavailable("anomalib-compile")
-        for batch in self.peer_batches(workload):
-            row_id = f"{workload.key}|anomalib-compile|fp32|host|b{batch}"
-            if self.results.done(row_id):
-                continue
-            if reason is not None:
-                self.results.notice(f"{row_id}: skipped ({reason})")
-                continue
-            if workload.key == "256-1M" and not self.args.compile_1m:
-                self.results.notice(f"{row_id}: skipped (compile at M=1M left out: --no-compile-1m)")
-                continue
-            if not self.affordable("compile", workload, row_id, False):
-                return
-            self.peer_row(row_id, workload, "anomalib-compile", "fp32", batch)
+        left_out = workload.key == "256-1M" and not self.args.compile_1m
+        plan = [("fp32", b) for b in self.peer_batches(workload)]
+        self.peer_rows(
+            workload, "anomalib-compile", "compile", plan,
+            skip="compile at M=1M left out: --no-compile-1m" if left_out else None,
+        )  # fmt: skip
 
     def onnxruntime(self, workload: Workload) -> None:
-        reason = peer_unavailable("onnxruntime-cuda")
-        for batch in self.peer_batches(workload):
-            row_id = f"{workload.key}|onnxruntime-cuda|fp32|host|b{batch}"
+        plan = [("fp32", b) for b in self.peer_batches(workload)]
+        self.peer_rows(workload, "onnxruntime-cuda", "onnxruntime", plan, exports=True)
+
+    def peer_rows(
+        self,
+        workload: Workload,
+        peer: str,
+        phase: str,
+        plan: list[tuple[str, int]],
+        *,
+        skip: str | None = None,
+        exports: bool = False,
+    ) -> None:
+        """``peer``'s rows for ``plan`` [(precision, batch)]: each one done already is kept, each one that cannot run
+        (the peer unavailable, or ``skip``) says why, and the phase stops when the budget cannot afford the next.
+        ``exports``: the peer runs the ONNX export, whose first build the budget must include."""
+        reason = peer_unavailable(peer) or skip
+        for precision, batch in plan:
+            row_id = f"{workload.key}|{peer}|{precision}|host|b{batch}"
             if self.results.done(row_id):
                 continue
             if reason is not None:
                 self.results.notice(f"{row_id}: skipped ({reason})")
                 continue
-            if not self.affordable("onnxruntime", workload, row_id, workload.key not in self.artifacts):
+            if not self.affordable(phase, workload, row_id, exports and workload.key not in self.artifacts):
                 return
-            self.peer_row(row_id, workload, "onnxruntime-cuda", "fp32", batch)
+            self.peer_row(row_id, workload, peer, precision, batch)
 
     def onnx_export(self, workload: Workload) -> Path:
         if workload.key not in self.artifacts:
