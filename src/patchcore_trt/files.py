@@ -128,6 +128,25 @@ def staging_target(path: Path) -> Path:
 
 
 @contextlib.contextmanager
+def naming(path: Path | str) -> Iterator[None]:
+    """OS errors raised in the block name ``path``, the user's file, never a temporary one."""
+    try:
+        yield
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
+
+
+def staged_beside(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``target``, open (descriptor, path), with the permissions a plain open() gives
+    (mkstemp makes it 0600)."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, Path(name)
+
+
+@contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
@@ -135,22 +154,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     target = staging_target(path)
-    try:
+    with naming(path):
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+        fd, tmp = staged_beside(target)
     os.close(fd)
-    tmp = Path(tmp_name)
-    # mkstemp creates 0600; give the artifact the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
     try:
-        yield tmp
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(path)) from None
+        with naming(path):
+            yield tmp
+            os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -158,11 +169,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
     if is_special(path):
-        try:
-            with open_special(path, "wb") as handle:
-                handle.write(data)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        with naming(path), open_special(path, "wb") as handle:
+            handle.write(data)
         return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

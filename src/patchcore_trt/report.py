@@ -8,7 +8,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,16 @@ from PIL import Image
 from rich.table import Table
 from rich.text import Text
 
-from patchcore_trt.files import atomic_path, display_name, is_special, open_special, staging_target, write_text_atomic
+from patchcore_trt.files import (
+    atomic_path,
+    display_name,
+    is_special,
+    naming,
+    open_special,
+    staged_beside,
+    staging_target,
+    write_text_atomic,
+)
 
 
 def rich_table(rows: Sequence[dict[str, Any]], title: str | None = None) -> Table:
@@ -112,26 +120,16 @@ class StreamedFile:
         self._staged: Path | None = None
         self._target = staging_target(self.path)
         if is_special(self.path):
-            try:
+            with naming(self.path):
                 self.handle = open_special(self.path, "w")
-            except OSError as exc:
-                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
             return
-        try:
-            fd, name = tempfile.mkstemp(prefix=f".{self._target.name}.", suffix=".part", dir=self._target.parent)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
-        self._staged = Path(name)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
+        with naming(self.path):
+            fd, self._staged = staged_beside(self._target)
         self.handle = os.fdopen(fd, "w", encoding="utf-8", newline="")
 
     def write(self, text: str) -> None:
-        try:
+        with naming(self.path):
             self.handle.write(text)
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def commit(self) -> None:
         try:
