@@ -24,6 +24,7 @@ from patchcore_trt.layouts import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     LAYOUT_27,
+    POST_BUFFERS,
     POST_PREFIX,
     Leaf,
     Reading,
@@ -227,14 +228,7 @@ def read_checkpoint(
 
 def post_processor_buffers(post: Postprocess) -> dict[str, float]:
     """The statistics as anomalib's PostProcessor keeps them: buffer name -> value."""
-    return {
-        "_image_threshold": post.image_threshold,
-        "_pixel_threshold": post.pixel_threshold,
-        "image_min": post.image_min,
-        "image_max": post.image_max,
-        "pixel_min": post.pixel_min,
-        "pixel_max": post.pixel_max,
-    }
+    return {buffer: getattr(post, field) for field, buffer in POST_BUFFERS.items()}
 
 
 def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:

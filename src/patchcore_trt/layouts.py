@@ -45,14 +45,16 @@ _STATS_1X = {
     "image_threshold": "image_threshold.value",
     "pixel_threshold": "pixel_threshold.value",
 }
-_STATS_2X = {
-    "image_min": POST_PREFIX + "image_min",
-    "image_max": POST_PREFIX + "image_max",
-    "pixel_min": POST_PREFIX + "pixel_min",
-    "pixel_max": POST_PREFIX + "pixel_max",
-    "image_threshold": POST_PREFIX + "_image_threshold",
-    "pixel_threshold": POST_PREFIX + "_pixel_threshold",
+# anomalib 2.x's PostProcessor buffers: Postprocess field -> buffer name (read here, written by checkpoint.py).
+POST_BUFFERS = {
+    "image_min": "image_min",
+    "image_max": "image_max",
+    "pixel_min": "pixel_min",
+    "pixel_max": "pixel_max",
+    "image_threshold": "_image_threshold",
+    "pixel_threshold": "_pixel_threshold",
 }
+_STATS_2X = {field: POST_PREFIX + buffer for field, buffer in POST_BUFFERS.items()}
 _SWITCHES = (
     "enable_normalization",
     "enable_thresholding",
