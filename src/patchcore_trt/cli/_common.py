@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
@@ -24,6 +25,26 @@ from patchcore_trt.files import is_special, std_stream
 # soft_wrap: long lines (paths) are left to the terminal to wrap, never cut or broken into the middle of a name.
 out = Console(markup=False, highlight=False, soft_wrap=True)
 err = Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+
+
+TRUST_HELP = (
+    "DANGER: unpickle objects patchcore-trt does not know (it names them), running their code. Only for "
+    "checkpoints you trust; no anomalib release's own layout needs it."
+)
+VERSION_HELP = (
+    "The anomalib release that trained the checkpoint (e.g. 2.0.0); needed only for 2.0-2.2 files saved with the "
+    "default pre-processor when the file cannot tell; checked against the file otherwise."
+)
+
+
+def trust_option() -> typer.models.OptionInfo:
+    """``--trust-pickled-code``: the one opt-in to running a checkpoint's pickled code, the same on every command."""
+    return typer.Option(False, "--trust-pickled-code", help=TRUST_HELP)
+
+
+def version_option() -> typer.models.OptionInfo:
+    """``--anomalib-version``: the release that trained a checkpoint, where the file cannot tell."""
+    return typer.Option(None, "--anomalib-version", help=VERSION_HELP)
 
 
 def summary_console(*outputs: Path | None) -> Console:

@@ -9,7 +9,7 @@ import typer
 from patchcore_trt.artifact import MAX_BATCH
 from patchcore_trt.bench.settings import GPU_BACKENDS, MAX_BANK, MAX_IMAGES, PEERS, BenchSettings
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, program, step, warn
+from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, program, step, trust_option, warn
 from patchcore_trt.errors import UserError
 
 DEFAULTS = BenchSettings()
@@ -98,9 +98,7 @@ def bench_command(
     output: Path | None = typer.Option(
         None, "-o", "--output", help="Folder for bench.json, .csv, .md and .png (default: a new runs/bench/expN)."
     ),
-    trust_pickled_code: bool = typer.Option(
-        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
-    ),
+    trust_pickled_code: bool = trust_option(),
 ) -> None:
     """Time backends side by side and check each against the FP32 deploy model."""
     if (model is None) == (not synthetic):

@@ -16,17 +16,10 @@ from patchcore_trt.cli._common import (
     print_table,
     program,
     step,
+    trust_option,
+    version_option,
 )
 from patchcore_trt.errors import UserError
-
-TRUST_HELP = (
-    "DANGER: unpickle objects patchcore-trt does not know (it names them), running their code. Only for "
-    "checkpoints you trust; no anomalib release's own layout needs it."
-)
-VERSION_HELP = (
-    "The anomalib release that trained the checkpoint (e.g. 2.0.0); needed only for 2.0-2.2 files saved with the "
-    "default pre-processor when the file cannot tell; checked against the file otherwise."
-)
 
 
 @app.command("export")
@@ -44,8 +37,8 @@ def export_command(
     check: bool = typer.Option(
         True, help="Check the graph (checker, ONNX Runtime vs the deploy model) before naming it."
     ),
-    trust_pickled_code: bool = typer.Option(False, "--trust-pickled-code", help=TRUST_HELP),
-    anomalib_version: str | None = typer.Option(None, "--anomalib-version", help=VERSION_HELP),
+    trust_pickled_code: bool = trust_option(),
+    anomalib_version: str | None = version_option(),
 ) -> None:
     """Export an anomalib PatchCore checkpoint to ONNX with dynamic batch, height and width."""
     if not name or name.startswith(".") or Path(name).name != name or "\\" in name:

@@ -20,6 +20,8 @@ from patchcore_trt.cli._common import (
     err,
     progress,
     summary_console,
+    trust_option,
+    version_option,
     warn,
 )
 from patchcore_trt.errors import UserError
@@ -62,15 +64,8 @@ def predict_command(
         None, help="(--backend cuda) Override the mode's backbone arithmetic: fp32, tf32, fp16, bf16."
     ),
     search: str | None = typer.Option(None, help="(--backend cuda) Nearest-neighbour search: exact or fast."),
-    trust_pickled_code: bool = typer.Option(
-        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
-    ),
-    anomalib_version: str | None = typer.Option(
-        None,
-        "--anomalib-version",
-        help="(.ckpt) The anomalib release that trained it; needed only for 2.0-2.2 files with default components "
-        "when the file cannot tell.",
-    ),
+    trust_pickled_code: bool = trust_option(),
+    anomalib_version: str | None = version_option(),
 ) -> None:
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
     from patchcore_trt.images import collect_images, short_names

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, err, human_size, out, program, step
+from patchcore_trt.cli._common import check_output_dir, err, human_size, out, program, step, trust_option
 from patchcore_trt.errors import UserError
 
 
@@ -45,9 +45,7 @@ def triton_command(
         None, "--backbone-dtype", help="(.ckpt, gpu) Override the mode's backbone arithmetic: fp32, tf32, fp16, bf16."
     ),
     search: str | None = typer.Option(None, "--search", help="(.ckpt, gpu) Nearest-neighbour search: exact or fast."),
-    trust_pickled_code: bool = typer.Option(
-        False, "--trust-pickled-code", help="DANGER: unpickle arbitrary objects. Only for checkpoints you trust."
-    ),
+    trust_pickled_code: bool = trust_option(),
     force: bool = typer.Option(False, "--force", help="Replace REPO/NAME if it exists."),
 ) -> None:
     """Write a Triton model repository for MODEL: config.pbtxt (checked with Triton's protobuf) and version 1."""

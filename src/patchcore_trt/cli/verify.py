@@ -16,9 +16,10 @@ from patchcore_trt.cli._common import (
     progress,
     step,
     summary_console,
+    trust_option,
+    version_option,
     warn,
 )
-from patchcore_trt.cli.export import TRUST_HELP, VERSION_HELP
 from patchcore_trt.errors import UserError
 
 
@@ -33,8 +34,8 @@ def verify_command(
     report: Path | None = typer.Option(
         None, "--report", help="Write one self-contained HTML page: the parity table, the model, a panel per image."
     ),
-    trust_pickled_code: bool = typer.Option(False, "--trust-pickled-code", help=TRUST_HELP),
-    anomalib_version: str | None = typer.Option(None, "--anomalib-version", help=VERSION_HELP),
+    trust_pickled_code: bool = trust_option(),
+    anomalib_version: str | None = version_option(),
 ) -> None:
     """Compare each backend with anomalib's AnomalibModule.forward; exit 1 if any misses the parity bar."""
     if checkpoint.suffix.lower() != ".ckpt":
