@@ -69,7 +69,7 @@ def predict_command(
 ) -> None:
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
     from patchcore_trt.images import collect_images, short_names
-    from patchcore_trt.runtime import open_backend
+    from patchcore_trt.runtime import check_request, open_backend
 
     # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
     given = {
@@ -87,6 +87,7 @@ def predict_command(
         model, inputs = Path(arguments[0]), arguments[1:]
         if model_name is not None or concurrency != 1:
             raise UserError("--model and --concurrency apply to --server")
+        check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     else:
         model, inputs = None, arguments
         local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]

@@ -110,13 +110,11 @@ def check_options(info: BackendInfo, options: dict[str, object]) -> None:
     raise UserError(f"{flags} {where}, not {info.name}")
 
 
-def open_backend(
+def check_request(
     artifact: Path | str, backend: str | None = None, *, device: str | None = None, **options: object
-) -> Backend:
-    """Load ``artifact`` with the named backend (or the default for its suffix) on ``device`` (or its first).
-
-    Every fact the registry holds is checked before the backend's module is imported.
-    """
+) -> tuple[BackendInfo, str]:
+    """The backend and device that will run ``artifact``, after every check the registry can make without importing
+    anything (file, suffix, device, options): a caller can answer a mistake before any other work."""
     artifact = Path(artifact)
     info = backend_info(backend or default_backend(artifact))
     suffix = artifact.suffix.lower()
@@ -130,9 +128,20 @@ def open_backend(
         raise UserError(f"{artifact}: is a folder; expected a {suffix} file")
     if not artifact.is_file():
         raise UserError(f"{artifact}: no such file")
+    return info, device
+
+
+def open_backend(
+    artifact: Path | str, backend: str | None = None, *, device: str | None = None, **options: object
+) -> Backend:
+    """Load ``artifact`` with the named backend (or the default for its suffix) on ``device`` (or its first).
+
+    Every fact the registry holds is checked (``check_request``) before the backend's module is imported.
+    """
+    info, device = check_request(artifact, backend, device=device, **options)
     module_name, class_name = info.target.split(":")
     cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
-    return cls(artifact, device=device, **options)
+    return cls(Path(artifact), device=device, **options)
 
 
 __all__ = [
@@ -143,5 +152,6 @@ __all__ = [
     "Prediction",
     "backend_info",
     "backend_names",
+    "check_request",
     "open_backend",
 ]
