@@ -354,6 +354,7 @@ def main() -> None:
     write_repository(checkpoint, work / "repo", args)
 
     from patchcore_trt.serve.client import TritonBackend
+
     from patchcore_trt.serve.server import TritonServer, free_ports
 
     server = TritonServer(work / "repo", free_ports(), log_file=args.out / "tritonserver.log")

@@ -148,7 +148,9 @@ def test_json_header_names_the_model_the_run_and_the_versions(readable_run, resn
     assert model["file"] == str(resnet18_onnx) and model["sha256"] == sha256_of(resnet18_onnx)
     assert model["backend"] == "onnxruntime" and model["device"] == "cpu"
     metadata = read_onnx_metadata(resnet18_onnx)
-    assert model["image_threshold"] == metadata.image_threshold and model["postprocess"] == metadata.postprocess
+    assert (
+        model["image_threshold"] == metadata.image_threshold and model["postprocess"] == metadata.postprocess.to_dict()
+    )
     assert saved["tool"]["name"] == "patchcore-trt" and saved["tool"]["version"] == patchcore_trt.__version__
     for package in ("numpy", "onnxruntime", "torch"):
         assert saved["versions"][package] == importlib.metadata.version(package)

@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 from patchcore_trt.artifact import METADATA_KEY, OUTPUT_NAMES, ArtifactMetadata, read_sidecar
 from patchcore_trt.engine import Profile, Shape, build_engine, default_profile, load_tensorrt
 from patchcore_trt.errors import MissingDependencyError, UserError
+from patchcore_trt.outputs import Postprocess
 from patchcore_trt.precision import calibration_images, write_fp16_onnx, write_int8_onnx
 from patchcore_trt.runtime import open_backend
 from patchcore_trt.runtime.tensorrt_backend import TensorRtBackend, check_engine, invalidity_reasons
@@ -73,8 +74,8 @@ def test_profiles_are_validated_before_anything_is_built(resnet18_onnx, tmp_path
 
 
 def _with_patchcore_metadata(model: onnx.ModelProto) -> onnx.ModelProto:
-    post = dict.fromkeys(("image_threshold", "pixel_threshold", "image_min", "pixel_min"), 0.0)
-    post.update(image_max=1.0, pixel_max=1.0, image_sensitivity=0.5, pixel_sensitivity=0.5)
+    post = Postprocess(image_threshold=0.0, pixel_threshold=0.0, image_min=0.0, pixel_min=0.0, image_max=1.0,
+                       pixel_max=1.0)  # fmt: skip
     metadata = ArtifactMetadata(
         precision="fp32", model_size=(64, 64), map_at_input_size=False, backbone="resnet18", layers=("layer2",),
         bank_size=1, embedding_dim=1, num_neighbors=1, transform={}, postprocess=post, source_checkpoint={},

@@ -34,7 +34,7 @@ def test_metadata_is_inside_the_file(resnet18_checkpoint, resnet18_onnx):
     spec = read_checkpoint(resnet18_checkpoint)
     meta = read_onnx_metadata(resnet18_onnx)
     assert meta.source_checkpoint["sha256"] == sha256_of(resnet18_checkpoint)
-    assert meta.postprocess["image_threshold"] == pytest.approx(spec.postprocess.image_threshold)
+    assert meta.postprocess.image_threshold == pytest.approx(spec.postprocess.image_threshold)
     assert list(meta.model_size) == [256, 256]
     assert meta.input == {"name": "image", "layout": "NCHW", "channels": "RGB", "dtype": "float32", "range": [0, 1]}
     assert meta.bank_size == spec.bank_size and meta.precision == "fp32"

@@ -66,7 +66,7 @@ def test_exact_mode_batched_on_odd_sizes_and_uint8(resnet18_checkpoint):
     with open_backend(resnet18_checkpoint, "cuda") as backend:
         floats = backend.predict(images)
         uint8 = np.round(images * 255).astype(np.uint8)
-        from_uint8 = backend.predict_uint8(np.ascontiguousarray(uint8.transpose(0, 2, 3, 1)))
+        from_uint8 = backend.predict(np.ascontiguousarray(uint8.transpose(0, 2, 3, 1)))
         with open_backend(resnet18_checkpoint, "torch") as again:
             reference_uint8 = again.predict(uint8.astype(np.float32) / 255)
     assert compare(floats, reference, threshold=backend.image_threshold).within(PARITY_BAR)

@@ -28,7 +28,7 @@ from patchcore_trt.html_report import (
 )
 from patchcore_trt.runtime import open_backend
 from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
-from patchcore_trt.visuals import encode_png, pixel_threshold
+from patchcore_trt.visuals import encode_png
 
 # File names a report must show as they are, never run: markup, entities, quotes, rich markup, undecodable bytes.
 HOSTILE_NAMES = (
@@ -87,7 +87,7 @@ def report(resnet18_checkpoint: Path, resnet18_onnx: Path, test_images, tmp_path
         prediction,
         HOSTILE_NAMES,
         threshold=threshold,
-        pixel_threshold=pixel_threshold(metadata.postprocess),
+        pixel_threshold=metadata.postprocess.normalized_pixel_threshold,
         model_size=metadata.model_size,
     )
     rows, _ = backend_parity(resnet18_checkpoint, resnet18_onnx, images, ["onnxruntime"])

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 from conftest import error_line, run_cli
 
-from patchcore_trt.artifact import read_onnx_metadata
+from patchcore_trt.artifact import ArtifactMetadata, read_onnx_metadata
 from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.compare import PARITY_BAR, compare
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.runtime import Prediction, open_backend
-from patchcore_trt.serve.client import TritonBackend
+from patchcore_trt.runtime.triton_backend import TritonBackend
 from patchcore_trt.serve.repository import parse_config, read_repository
 from patchcore_trt.serve.server import TritonServer, free_ports
 
@@ -80,7 +80,7 @@ def test_the_repository_is_what_triton_reads(repository, resnet18_checkpoint):
     outputs = {tensor.name: list(tensor.dims) for tensor in config.output}
     assert outputs["anomaly_map"] == outputs["pred_mask"] == [1, *spec.preprocess.model_size]
     parameters = {key: value.string_value for key, value in config.parameters.items()}
-    assert json.loads(parameters["postprocess"]) == pytest.approx(vars(spec.postprocess))
+    assert ArtifactMetadata.from_json(parameters["metadata"], MODEL).postprocess == spec.postprocess
     assert float(parameters["image_threshold"]) == spec.postprocess.normalized_image_threshold
     assert parameters["source_sha256"] == spec.source_sha256 and parameters["runtime"] == "torch"
     assert (repository / MODEL / "1" / "model.ckpt").read_bytes() == resnet18_checkpoint.read_bytes()
@@ -110,7 +110,7 @@ def test_an_onnx_repository_keeps_the_graph_and_needs_triton_full_build(resnet18
     assert config.platform == "onnxruntime_onnx" and config.max_batch_size == 16
     assert [list(tensor.dims) for tensor in config.input] == [[3, -1, -1]]
     metadata = read_onnx_metadata(resnet18_onnx)
-    assert json.loads(config.parameters["postprocess"].string_value) == pytest.approx(metadata.postprocess)
+    assert ArtifactMetadata.from_json(config.parameters["metadata"].string_value, "onnx") == metadata
     assert (tmp_path / "repo" / "onnx" / "1" / "model.onnx").read_bytes() == resnet18_onnx.read_bytes()
     served = run_cli("serve", tmp_path / "repo", *_port_options())
     assert "the bundled tritonserver (nvidia-pytriton) has the Python backend only" in error_line(served)
@@ -183,7 +183,7 @@ def test_concurrent_clients_are_batched_by_the_server(server, resnet18_checkpoin
                 for index in range(number % 3, len(frames), 2):  # a bounded share of the images, one at a time
                     if time.monotonic() > deadline:
                         break
-                    results[number, index] = remote.predict_uint8(frames[index : index + 1])
+                    results[number, index] = remote.predict(frames[index : index + 1])
         except BaseException as exc:  # reported by the main thread
             failures.append(exc)
 

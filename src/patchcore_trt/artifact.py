@@ -25,6 +25,7 @@ from typing import Any
 
 from patchcore_trt.errors import MissingDependencyError, UserError
 from patchcore_trt.files import write_text_atomic
+from patchcore_trt.outputs import Postprocess
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
@@ -52,7 +53,7 @@ class ArtifactMetadata:
     ``transform`` is the pre-processing the graph itself applies (resize without antialiasing, optional centre
     crop, normalisation): what a caller must reproduce to feed the backbone directly. ``postprocess`` holds the
     statistics and the release's rules (``normalize``, ``threshold_inclusive``, ``zero_range``: see
-    spec.Postprocess); ``written_by`` the anomalib release that wrote the source checkpoint and the evidence.
+    outputs.Postprocess); ``written_by`` the anomalib release that wrote the source checkpoint and the evidence.
     """
 
     precision: str
@@ -64,7 +65,7 @@ class ArtifactMetadata:
     embedding_dim: int
     num_neighbors: int
     transform: dict[str, Any]
-    postprocess: dict[str, float]
+    postprocess: Postprocess
     source_checkpoint: dict[str, str]
     producer: str
     versions: dict[str, str]
@@ -79,8 +80,8 @@ class ArtifactMetadata:
 
     @property
     def image_threshold(self) -> float:
-        """The normalised score above which an image is anomalous."""
-        return 1.0 - float(self.postprocess["image_sensitivity"])
+        """The normalised score at which the label changes (``postprocess.rule`` says on which side)."""
+        return self.postprocess.normalized_image_threshold
 
     def with_precision(self, precision: str, **details: Any) -> ArtifactMetadata:
         """The metadata of a reduced-precision variant of this graph."""
@@ -127,7 +128,7 @@ class ArtifactMetadata:
                 embedding_dim=_positive(raw["embedding_dim"]),
                 num_neighbors=_positive(raw["num_neighbors"]),
                 transform=dict(raw["transform"]),
-                postprocess=_postprocess(raw["postprocess"]),
+                postprocess=Postprocess.from_dict(raw["postprocess"]),
                 source_checkpoint=dict(raw["source_checkpoint"]),
                 producer=str(raw["producer"]),
                 versions=dict(raw["versions"]),
@@ -146,50 +147,10 @@ def _choice(value: Any, allowed: tuple[str, ...]) -> str:
     return str(value)
 
 
-def _number(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{value!r} is not a finite number")
-    return float(value)
-
-
 def _positive(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{value!r} is not a positive whole number")
     return value
-
-
-_POSTPROCESS_KEYS = (
-    "image_threshold",
-    "pixel_threshold",
-    "image_min",
-    "image_max",
-    "pixel_min",
-    "pixel_max",
-    "image_sensitivity",
-    "pixel_sensitivity",
-)
-
-
-def _flag(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{value!r} is not true or false")
-    return value
-
-
-def _number_or_nan(value: Any) -> float:
-    return math.nan if value is None else _number(value)
-
-
-def _postprocess(value: Any) -> dict[str, Any]:
-    post: dict[str, Any] = {key: _number_or_nan(value[key]) for key in _POSTPROCESS_KEYS}
-    post["normalize"] = _flag(value.get("normalize", True))
-    post["threshold_inclusive"] = _flag(value.get("threshold_inclusive", False))
-    post["zero_range"] = _number_or_nan(value.get("zero_range", 0.5))
-    needed = ("image_sensitivity", "pixel_sensitivity") + (_POSTPROCESS_KEYS if post["normalize"] else ())
-    unset = [key for key in needed if math.isnan(post[key])]
-    if unset:
-        raise ValueError(f"postprocess {unset[0]} is not set")
-    return post
 
 
 def _size(value: Any) -> tuple[int, int]:

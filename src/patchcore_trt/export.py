@@ -73,7 +73,7 @@ def build_metadata(spec: PatchCoreSpec, *, map_at_input_size: bool) -> ArtifactM
         embedding_dim=spec.embedding_dim,
         num_neighbors=spec.num_neighbors,
         transform=graph_transform(spec),
-        postprocess=asdict(spec.postprocess),
+        postprocess=spec.postprocess,
         source_checkpoint={"name": spec.source_name, "sha256": spec.source_sha256},
         producer=f"patchcore-trt {patchcore_trt.__version__}",
         versions={"torch": torch.__version__, "onnx": onnx.__version__},

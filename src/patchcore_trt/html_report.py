@@ -23,6 +23,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,7 +31,7 @@ from PIL import Image
 from patchcore_trt.artifact import ArtifactMetadata
 from patchcore_trt.files import display_name, write_text_atomic
 from patchcore_trt.runtime.base import Prediction
-from patchcore_trt.visuals import downscale_warning, pixel_threshold, render_panel
+from patchcore_trt.visuals import Panels, downscale_warning, render_panel
 
 THUMBNAIL_WIDTH = 800
 THUMBNAIL_QUALITY = 80
@@ -60,6 +61,7 @@ class ReportData:
         counts: e.g. {"scored": 300, "anomalous": 12, "failed": 1}.
         timings: e.g. {"total": "12.3 s", "per image": "41 ms"}.
         threshold: the normalised image threshold, shown with the contact sheet.
+        rule: the label rule in words (``Postprocess.rule``), shown with the contact sheet.
         parity_rows: the parity table (``verify.table_rows``), empty when there is no parity proof.
         parity_bar: the bar the rows are held to, and any footnote.
         failures: (file, reason) for every file that could not be scored.
@@ -73,6 +75,7 @@ class ReportData:
     counts: Mapping[str, object] = field(default_factory=dict)
     timings: Mapping[str, object] = field(default_factory=dict)
     threshold: float | None = None
+    rule: str | None = None
     parity_rows: Sequence[Mapping[str, object]] = ()
     parity_bar: str | None = None
     failures: Sequence[tuple[str, str]] = ()
@@ -118,6 +121,49 @@ class ContactSheet:
         return [entry[2] for entry in sorted(self._kept, key=lambda entry: entry[:2], reverse=True)]
 
 
+class ReportSink:
+    """A predict sink: the run on one page (model, counts, timings, failures, notes, the most anomalous panels),
+    written when the run closes."""
+
+    def __init__(self, path: Path, header: Mapping[str, Any], panels: Panels, title: str) -> None:
+        self.path = Path(path)
+        self.header = header
+        self.panels = panels
+        self.title = title
+        self.sheet = ContactSheet()
+
+    def add(self, result: Any, row: Mapping[str, object], image: np.ndarray | None) -> None:
+        if result.prediction is None or image is None:
+            return
+        label = row["label"] == "anomalous"
+        self.sheet.add(result.name, float(row["score"]), label, self.panels.panel(result, image))
+
+    def notes(self) -> list[str]:
+        return []
+
+    def close(self, summary: Any) -> None:
+        timings = {"total": f"{summary.seconds:.1f} s"}
+        if summary.done:
+            timings["per image"] = f"{1000 * summary.seconds / summary.done:.1f} ms"
+        if summary.images_per_second:
+            timings["images/s"] = f"{summary.images_per_second:.1f}"
+        interrupted = ["interrupted: the page holds what was scored before Ctrl-C"] if summary.interrupted else []
+        header = self.header
+        data = ReportData(
+            title=self.title,
+            model={**header["model"], **{key: header[key] for key in ("tool", "versions", "started")}},
+            counts={key: getattr(summary, key) for key in ("scored", "anomalous", "failed")},
+            timings=timings,
+            threshold=self.panels.post.normalized_image_threshold,
+            rule=self.panels.post.rule,
+            failures=summary.failures,
+            warnings=[*summary.notes, *interrupted],
+            panels=self.sheet.panels(),
+            images_total=self.sheet.total,
+        )
+        write_html_report(self.path, data)
+
+
 def sheet_of_predictions(
     images: Sequence[np.ndarray],
     prediction: Prediction,
@@ -160,7 +206,7 @@ def metadata_rows(metadata: ArtifactMetadata, path: Path) -> dict[str, object]:
         "model size": "x".join(map(str, metadata.model_size)),
         "memory bank": f"{metadata.bank_size} x {metadata.embedding_dim}, {metadata.num_neighbors} neighbours",
         "image threshold": metadata.image_threshold,
-        "pixel threshold": pixel_threshold(metadata.postprocess),
+        "pixel threshold": metadata.postprocess.normalized_pixel_threshold,
         "source checkpoint": " ".join(str(source[key]) for key in ("name", "sha256") if key in source),
         "producer": metadata.producer,
         "versions": metadata.versions,
@@ -183,7 +229,7 @@ def render_html(data: ReportData) -> str:
         _section("Model", _key_values(data.model)) if data.model else "",
         _parity(data.parity_rows, data.parity_bar),
         _failures(data.failures),
-        _sheet(panels, total, data.threshold),
+        _sheet(panels, total, data.threshold, data.rule),
     ]
     return "\n".join(
         [
@@ -286,11 +332,11 @@ def _failures(failures: Sequence[tuple[str, str]]) -> str:
     return _section("Failed", rows + more, f' <span class="n">{len(failures)}</span>')
 
 
-def _sheet(panels: Sequence[Panel], total: int, threshold: float | None) -> str:
+def _sheet(panels: Sequence[Panel], total: int, threshold: float | None, rule: str | None) -> str:
     if not panels:
         return ""
     shown = f"the {len(panels)} most anomalous of {total}" if total > len(panels) else f"all {total}"
-    rule = f", score &gt; {_e(threshold)} is anomalous" if threshold is not None else ""
+    rule = f", {_e(rule)}" if rule is not None else ""
     figures = "".join(_figure(rank, panel, threshold) for rank, panel in enumerate(panels, start=1))
     note = f'<p class="note">Sorted by score, most anomalous first: {shown} images{rule}.</p>'
     return _section("Images", note + f'<div class="sheet">{figures}</div>')

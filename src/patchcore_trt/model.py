@@ -16,7 +16,7 @@ Differences from anomalib's code are in how, never in what:
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import timm
 import torch
@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from patchcore_trt.errors import UserError
+from patchcore_trt.outputs import over_threshold
 from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
 
 DEFAULT_BANK_CHUNK = 4096
@@ -193,12 +194,6 @@ def normalize(values: torch.Tensor, threshold: float, low: float, high: float, z
     if high == low:
         return torch.where(values > threshold, 1.0, torch.where(values < threshold, 0.0, zero_range))
     return (((values - threshold) / (high - low)) + 0.5).clamp(min=0, max=1)
-
-
-def over_threshold(values: Any, threshold: Any, inclusive: bool) -> Any:
-    """The label rule on the outputs (torch tensors or numpy arrays): anomalous above ``threshold``, or at it too
-    when ``inclusive`` (anomalib 1.x; see Postprocess.threshold_inclusive). Every backend labels through this."""
-    return values >= threshold if inclusive else values > threshold
 
 
 class PatchCoreDeploy(nn.Module):

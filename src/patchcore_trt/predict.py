@@ -1,22 +1,30 @@
-"""Run a backend over image files: decode, batch images of equal size, infer, hand each result on as it is done.
+"""Predict over image files as a library call: ``run_predict(backend, paths, sinks=...)`` -> PredictSummary.
 
-A file that fails to decode, or scores NaN, is a result with its reason and the run goes on; results come out
-in input order one by one, so callers write them as they come and memory does not grow with the number of
-images.
+Files are decoded, images of equal size run together as one batch, and each result is handed to every sink
+(JSON, CSV, visuals, the HTML report) as it is done, in input order, so memory does not grow with the number of
+images and a run stopped half-way keeps what it scored. A file that fails to decode, scores NaN, or whose batch
+the backend could not run (a server that went away) is an error row with its reason, and the run goes on; after
+``MAX_FAILED_BATCHES`` batches in a row fail, the rest are error rows at once rather than each waiting in turn.
 """
 
 from __future__ import annotations
 
+import datetime
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from patchcore_trt.errors import UserError
 from patchcore_trt.files import display_name
-from patchcore_trt.images import ImageError, load_image
-from patchcore_trt.runtime.base import Backend, NonFiniteOutputError, Prediction
+from patchcore_trt.images import ImageError, load_image, natural_key
+from patchcore_trt.outputs import NonFiniteOutputError, Postprocess, Prediction
+from patchcore_trt.runtime.base import Backend
+
+MAX_FAILED_BATCHES = 3
 
 # Columns of every result row (JSON records and CSV), in order.
 RECORD_FIELDS = (
@@ -49,11 +57,11 @@ class ImageResult:
     error: str | None = None
     ms: float | None = None
 
-    def record(self, threshold: float, postprocess: dict[str, float] | None = None) -> dict[str, object]:
+    def record(self, post: Postprocess) -> dict[str, object]:
         """A flat row for JSON and CSV: numbers as numbers, None where there is no value.
 
-        ``raw_score`` (the un-normalised distance) is recovered from the normalised score through the model's
-        min-max statistics (``postprocess``); it is None where the score is clipped at 0 or 1.
+        ``raw_score`` (anomalib's un-normalised distance) is recovered from the normalised score through the
+        model's min-max statistics; it is None where the score is clipped at 0 or 1.
         """
         row: dict[str, object] = dict.fromkeys(RECORD_FIELDS)
         row.update(file=self.name, status="error" if self.prediction is None else "ok", error=self.error)
@@ -63,8 +71,8 @@ class ImageResult:
         row.update(
             score=score,
             label="anomalous" if bool(self.prediction.pred_label[0]) else "normal",
-            raw_score=raw_score(score, postprocess) if postprocess else None,
-            threshold=threshold,
+            raw_score=post.raw_score(score),
+            threshold=post.normalized_image_threshold,
             map_max=float(self.prediction.anomaly_map.max()),
             mask_fraction=float(self.prediction.pred_mask.mean()),
             height=self.size[0] if self.size else None,
@@ -72,13 +80,6 @@ class ImageResult:
             ms=self.ms,
         )
         return row
-
-
-def raw_score(score: float, post: dict[str, float]) -> float | None:
-    """Invert anomalib's min-max normalisation of an image score; None where it was clipped."""
-    if not 0.0 < score < 1.0:
-        return None
-    return (score - 0.5) * (post["image_max"] - post["image_min"]) + post["image_threshold"]
 
 
 def _batches(paths: list[Path], batch_size: int) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
@@ -101,14 +102,17 @@ def _batches(paths: list[Path], batch_size: int) -> Iterator[tuple[list[int], li
         yield indices, pending, failures
 
 
-def _infer(backend: Backend, images: list[np.ndarray]) -> tuple[Prediction, set[int], float]:
-    """One batch: the prediction, the positions that scored NaN or infinity, and the milliseconds it took."""
+def _infer(backend: Backend, images: list[np.ndarray]) -> tuple[Prediction | None, set[int], float, str | None]:
+    """One batch: the prediction (None if the backend could not run it), the positions that scored NaN or infinity,
+    the milliseconds it took, and why the batch failed."""
     start = time.perf_counter()
     try:
-        prediction, bad = backend.predict(np.stack(images)), set()
+        prediction, bad, why = backend.predict(np.stack(images)), set(), None
     except NonFiniteOutputError as exc:
-        prediction, bad = exc.prediction, set(exc.bad)
-    return prediction, bad, 1000 * (time.perf_counter() - start)
+        prediction, bad, why = exc.prediction, set(exc.bad), None
+    except UserError as exc:  # the batch could not run (a server gone away, out of memory): its images fail
+        prediction, bad, why = None, set(), str(exc)
+    return prediction, bad, 1000 * (time.perf_counter() - start), why
 
 
 def _name(path: Path, names: dict[Path, str]) -> str:
@@ -123,15 +127,24 @@ def predict_files(
     The decoded [3, H, W] image comes along so callers can draw it without decoding again; it is not kept.
     """
     names = names or {}
+    failed_in_a_row, last_failure = 0, ""
     for indices, images, failures in _batches(paths, batch_size):
         done = [(index, ImageResult(paths[index], _name(paths[index], names), error=why), None)
                 for index, why in failures]  # fmt: skip
-        if images:
-            prediction, bad, ms = _infer(backend, images)
+        if images and failed_in_a_row >= MAX_FAILED_BATCHES:
+            why = f"not run: {MAX_FAILED_BATCHES} batches in a row failed (last: {last_failure})"
+            done += [(index, ImageResult(paths[index], _name(paths[index], names), error=why), None)
+                     for index in indices]  # fmt: skip
+        elif images:
+            prediction, bad, ms, batch_error = _infer(backend, images)
+            failed_in_a_row = failed_in_a_row + 1 if prediction is None else 0
+            last_failure = batch_error or last_failure
             for position, index in enumerate(indices):
                 path = paths[index]
                 name = _name(path, names)
-                if position in bad:
+                if prediction is None:
+                    result = ImageResult(path, name, error=batch_error)
+                elif position in bad:
                     result = ImageResult(path, name, error="the model scored NaN or infinity (extreme pixel values?)")
                 else:
                     size = images[position].shape[1:]
@@ -139,3 +152,158 @@ def predict_files(
                 done.append((index, result, images[position]))
         for _, result, image in sorted(done, key=lambda item: item[0]):
             yield result, image
+
+
+class ResultSink(Protocol):
+    """Where results go as they come (report.JsonResults, report.CsvResults, visuals.VisualsSink,
+    html_report.ReportSink): ``add`` per image in input order, ``notes`` for the summary, ``close`` once."""
+
+    def add(self, result: ImageResult, row: dict[str, object], image: np.ndarray | None) -> None: ...
+
+    def notes(self) -> list[str]: ...
+
+    def close(self, summary: PredictSummary) -> None: ...
+
+
+@dataclass
+class PredictSummary:
+    """What a run did: counts, time, the most anomalous images, the failures and notes for the user.
+
+    ``top`` holds (score, name, label) of the ``top`` highest scores, highest first (equal scores in the inputs'
+    natural order); ``interrupted`` is True when Ctrl-C stopped the run (every sink still holds what was scored).
+    """
+
+    images: int
+    scored: int = 0
+    anomalous: int = 0
+    failed: int = 0
+    downscaled: int = 0
+    seconds: float = 0.0
+    interrupted: bool = False
+    top: list[tuple[float, str, bool]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        return self.scored + self.failed
+
+    @property
+    def images_per_second(self) -> float | None:
+        return self.scored / self.seconds if self.seconds > 0 else None
+
+    def footer(self) -> dict[str, object]:
+        """The JSON file's closing section."""
+        counts = {key: getattr(self, key) for key in ("scored", "anomalous", "failed", "downscaled")}
+        return {
+            "summary": {
+                **counts,
+                "images": self.images,
+                "seconds": self.seconds,
+                "images_per_second": self.images_per_second,
+                "interrupted": self.interrupted,
+            }
+        }
+
+
+def _rank_key(item: tuple[float, str, bool]) -> tuple[float, list[object]]:
+    return -item[0], natural_key(Path(item[1]))
+
+
+def header(backend: Backend) -> dict[str, object]:
+    """What a results file says about the run: the tool, library versions, the model (``backend.describe()``)."""
+    import importlib.metadata
+    import platform
+
+    import patchcore_trt
+
+    versions = {}
+    for package in ("numpy", "onnxruntime", "openvino", "torch", "tensorrt", "tensorrt_rtx"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {
+        "tool": {"name": "patchcore-trt", "version": patchcore_trt.__version__, "python": platform.python_version()},
+        "versions": versions,
+        "model": backend.describe(),
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run_predict(
+    backend: Backend,
+    paths: Sequence[Path],
+    *,
+    sinks: Sequence[ResultSink] = (),
+    names: dict[Path, str] | None = None,
+    batch_size: int = 8,
+    top: int = 10,
+    unmatched: Sequence[str] = (),
+    on_progress: Callable[[int], None] | None = None,
+) -> PredictSummary:
+    """Predict every file of ``paths`` into ``sinks``; returns the summary. Every sink is closed, also on Ctrl-C.
+
+    Args:
+        backend: Any backend (``runtime.open_backend``), local or a server.
+        paths: Image files, in the order the results should come.
+        sinks: Where each result goes (see ResultSink); e.g. ``report.JsonResults(path, header(backend))``.
+        names: How to show each path (``images.short_names``); by default the path itself.
+        batch_size: Images of equal size run together, up to this many.
+        top: How many of the most anomalous images the summary keeps.
+        unmatched: Inputs that matched no file; each becomes an error row after the images.
+        on_progress: Called with the number of images done after each one.
+    """
+    from patchcore_trt.visuals import DOWNSCALE_LIMIT, downscale_warning
+
+    post = backend.postprocess
+    summary = PredictSummary(images=len(paths) + len(unmatched))
+    started = time.perf_counter()
+    try:
+        for result, image in predict_files(backend, list(paths), names=names, batch_size=batch_size):
+            _add(summary, sinks, post, result, image, top)
+            if result.prediction is not None:
+                warning = downscale_warning(result.size, result.prediction.anomaly_map.shape[-2:])
+                summary.downscaled += warning is not None
+            if on_progress is not None:
+                on_progress(summary.done)
+        for item in unmatched:
+            _add(summary, sinks, post, ImageResult(Path(item), item, error="no image files found"), None, top)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    summary.seconds = time.perf_counter() - started
+    summary.top.sort(key=_rank_key)
+    del summary.top[top:]
+    if summary.downscaled:
+        summary.notes.append(
+            f"{summary.downscaled} image(s) are over {DOWNSCALE_LIMIT:g}x the model's resolution and were downscaled "
+            "to it: small defects may vanish (crop or tile the images, or train at a larger size)"
+        )
+    summary.notes += backend.notes() + [note for sink in sinks for note in sink.notes()]
+    for sink in sinks:
+        sink.close(summary)
+    return summary
+
+
+def _add(
+    summary: PredictSummary,
+    sinks: Sequence[ResultSink],
+    post: Postprocess,
+    result: ImageResult,
+    image: np.ndarray | None,
+    top: int,
+) -> None:
+    row = result.record(post)
+    for sink in sinks:
+        sink.add(result, row, image)
+    if result.prediction is None:
+        summary.failed += 1
+        summary.failures.append((result.name, result.error or "failed"))
+        return
+    summary.scored += 1
+    label = row["label"] == "anomalous"
+    summary.anomalous += label
+    summary.top.append((float(row["score"]), result.name, label))
+    if len(summary.top) > 2 * max(top, 8):  # trimmed now and then: ranking stays O(n log top), not O(n^2)
+        summary.top.sort(key=_rank_key)
+        del summary.top[top:]

@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from rich.table import Table
 from rich.text import Text
 
 from patchcore_trt.files import (
-    atomic_path,
     display_name,
     is_special,
     naming,
@@ -148,74 +146,41 @@ class StreamedFile:
 
 
 class JsonResults:
-    """``{header..., "results": [...], footer...}`` written one record at a time (memory stays flat)."""
+    """A predict sink: ``{header..., "results": [...], footer...}`` written one row at a time (memory stays flat)."""
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.file = StreamedFile(path)
         self.count = 0
         self.file.write(to_json(header)[:-2] + ',\n  "results": [')
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.file.write(("," if self.count else "") + "\n    " + to_json(record, indent=None))
+    def add(self, result: Any, row: dict[str, Any], image: Any) -> None:
+        del result, image  # the row says it all
+        self.file.write(("," if self.count else "") + "\n    " + to_json(row, indent=None))
         self.count += 1
 
-    def close(self, footer: dict[str, Any]) -> None:
-        self.file.write("\n  ],\n" + to_json(footer)[2:] + "\n")
+    def notes(self) -> list[str]:
+        return []
+
+    def close(self, summary: Any) -> None:
+        self.file.write("\n  ],\n" + to_json(summary.footer())[2:] + "\n")
         self.file.commit()
 
 
 class CsvResults:
-    """A CSV of fixed columns written one row at a time."""
+    """A predict sink: a CSV of fixed columns (``predict.RECORD_FIELDS``) written one row at a time."""
 
     def __init__(self, path: Path, columns: Sequence[str]) -> None:
         self.file = StreamedFile(path)
         self.writer = csv.DictWriter(self.file, fieldnames=list(columns), restval="", extrasaction="ignore")
         self.writer.writeheader()
 
-    def add(self, record: dict[str, Any]) -> None:
-        self.writer.writerow(_csv_row(record))
+    def add(self, result: Any, row: dict[str, Any], image: Any) -> None:
+        del result, image
+        self.writer.writerow(_csv_row(row))
 
-    def close(self, footer: dict[str, Any]) -> None:
-        del footer  # a CSV holds rows only
+    def notes(self) -> list[str]:
+        return []
+
+    def close(self, summary: Any) -> None:
+        del summary  # a CSV holds rows only
         self.file.commit()
-
-
-def _png(array: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
-
-
-def save_visuals(
-    image: np.ndarray,
-    anomaly_map: np.ndarray,
-    mask: np.ndarray,
-    stem: Path,
-    *,
-    pixel_threshold: float = 0.5,
-    panel: np.ndarray | None = None,
-) -> list[Path]:
-    """Write ``stem``.heatmap.png, .overlay.png and .mask.png for one image (and .panel.png when ``panel`` is given).
-
-    Args:
-        image: [3, H, W] float RGB in [0, 1]. anomaly_map: [h, w] normalised. mask: [h, w] bool.
-        pixel_threshold: the normalised map threshold (``visuals.pixel_threshold``); the overlay colours only
-            what is near or above it. panel: ``visuals.render_panel``'s picture of the same image.
-    """
-    from patchcore_trt.visuals import heat_colours, overlay, save_panel
-
-    height, width = image.shape[1:]
-    rgb = np.rint(np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
-    full_map = np.asarray(
-        Image.fromarray(anomaly_map.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
-    )
-    mask_png = np.asarray(
-        Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
-    )
-    paths = [stem.with_name(stem.name + suffix) for suffix in (".heatmap.png", ".overlay.png", ".mask.png")]
-    for array, path in zip(
-        (heat_colours(full_map), overlay(rgb, full_map, pixel_threshold), mask_png), paths, strict=True
-    ):
-        _png(array, path)
-    if panel is not None:
-        paths.append(save_panel(panel, stem.with_name(stem.name + ".panel.png")))
-    return paths

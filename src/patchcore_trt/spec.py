@@ -6,57 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from patchcore_trt.outputs import Postprocess, Preprocess
 
-@dataclass(frozen=True)
-class Preprocess:
-    """anomalib's pre-processor: resize (then optional centre crop) and ImageNet-style normalisation."""
-
-    resize: tuple[int, int]
-    interpolation: str = "bilinear"
-    antialias: bool = True
-    center_crop: tuple[int, int] | None = None
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-
-    @property
-    def model_size(self) -> tuple[int, int]:
-        """(height, width) the backbone sees, and the resolution of anomalib's anomaly map."""
-        return self.center_crop or self.resize
-
-
-@dataclass(frozen=True)
-class Postprocess:
-    """anomalib's post-processing: statistics (NaN fallbacks already resolved) and the rules of the release.
-
-    Attributes:
-        normalize: anomalib's ``enable_normalization``; False: scores and maps stay raw and are still labelled
-            against ``1 - sensitivity``, as anomalib does.
-        threshold_inclusive: A value equal to the label threshold is anomalous. anomalib 1.x labels raw >=
-            threshold; its min-max normalisation puts the threshold at exactly 0.5 and is monotonic, so on the
-            outputs that is normalised >= 0.5. anomalib 2.x labels normalised > 1 - sensitivity.
-        zero_range: The normalised value at the threshold when max == min: 0.5 in anomalib 2.7 (an explicit
-            guard), NaN in 1.x-2.6 (0 / 0).
-    """
-
-    image_threshold: float
-    pixel_threshold: float
-    image_min: float
-    image_max: float
-    pixel_min: float
-    pixel_max: float
-    image_sensitivity: float = 0.5
-    pixel_sensitivity: float = 0.5
-    normalize: bool = True
-    threshold_inclusive: bool = False
-    zero_range: float = 0.5
-
-    @property
-    def normalized_image_threshold(self) -> float:
-        return 1.0 - self.image_sensitivity
-
-    @property
-    def normalized_pixel_threshold(self) -> float:
-        return 1.0 - self.pixel_sensitivity
+__all__ = ["PatchCoreSpec", "Postprocess", "Preprocess"]
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from patchcore_trt.files import atomic_path, display_name
+from patchcore_trt.outputs import Postprocess
+from patchcore_trt.report import format_score
 
 if TYPE_CHECKING:
     from matplotlib.colors import Colormap
@@ -79,11 +80,6 @@ def downscale_warning(image_size: tuple[int, int], model_size: tuple[int, int]) 
         f"{image_size[0]}x{image_size[1]} input downscaled {factor:.1f}x to the model's {model_size[0]}x"
         f"{model_size[1]}: small defects may vanish"
     )
-
-
-def pixel_threshold(postprocess: Mapping[str, float]) -> float:
-    """The normalised map threshold of a model's post-processing statistics (anomalib's 1 - pixel sensitivity)."""
-    return 1.0 - float(postprocess["pixel_sensitivity"])
 
 
 def panel_layout(image_size: tuple[int, int], tile_height: int = TILE_HEIGHT, warning: bool = False) -> Layout:
@@ -205,12 +201,12 @@ def _header(
     threshold: float,
     warning: str | None,
 ) -> None:
-    from patchcore_trt.report import format_score
-
     gap, line = layout.gap, layout.line
     width = layout.size[0] - 2 * gap
     verdict = "ANOMALOUS" if label else "NORMAL"
-    relation = ">" if score > threshold else "<="
+    # Follows the label the model gave, so text and badge agree under either release's rule (1.x: a score at
+    # the threshold is anomalous, '>='; 2.x: it is normal, '<=').
+    relation = (">" if score > threshold else ">=") if label else ("<" if score < threshold else "<=")
     score_text = f"score {format_score(score, threshold)} {relation} threshold {format_score(threshold, threshold)}"
     badge = draw.textbbox((0, 0), verdict, font=font)
     badge_width = badge[2] - badge[0] + 2 * gap
@@ -291,3 +287,111 @@ def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
     while keep > 2 and font.getlength(text[: keep // 2] + "…" + text[len(text) - keep // 2 :]) > width:
         keep -= max(1, keep // 16)
     return text[: keep // 2] + "…" + text[len(text) - keep // 2 :]
+
+
+def _png(array: np.ndarray, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def save_visuals(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray,
+    stem: Path,
+    *,
+    pixel_threshold: float = 0.5,
+    panel: np.ndarray | None = None,
+) -> list[Path]:
+    """Write ``stem``.heatmap.png, .overlay.png and .mask.png for one image (and .panel.png when ``panel`` is given).
+
+    Args:
+        image: [3, H, W] float RGB in [0, 1]. anomaly_map: [h, w] normalised. mask: [h, w] bool.
+        pixel_threshold: the normalised map threshold (``visuals.pixel_threshold``); the overlay colours only
+            what is near or above it. panel: ``visuals.render_panel``'s picture of the same image.
+    """
+    height, width = image.shape[1:]
+    rgb = np.rint(np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
+    full_map = np.asarray(
+        Image.fromarray(anomaly_map.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR)
+    )
+    mask_png = np.asarray(
+        Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
+    )
+    paths = [stem.with_name(stem.name + suffix) for suffix in (".heatmap.png", ".overlay.png", ".mask.png")]
+    for array, path in zip(
+        (heat_colours(full_map), overlay(rgb, full_map, pixel_threshold), mask_png), paths, strict=True
+    ):
+        _png(array, path)
+    if panel is not None:
+        paths.append(save_panel(panel, stem.with_name(stem.name + ".panel.png")))
+    return paths
+
+
+class Panels:
+    """Draws each scored image's panel once, for every sink that shows it (the visuals folder and the report)."""
+
+    def __init__(self, post: Postprocess) -> None:
+        self.post = post
+        self._last: tuple[Any, np.ndarray] | None = None
+
+    def panel(self, result: Any, image: np.ndarray) -> np.ndarray:
+        """The panel of ``result`` (a scored predict.ImageResult) and its decoded image."""
+        if self._last is not None and self._last[0] is result:
+            return self._last[1]
+        prediction = result.prediction
+        score = float(prediction.pred_score[0])
+        panel = render_panel(
+            image,
+            prediction.anomaly_map[0, 0],
+            prediction.pred_mask[0, 0],
+            score=score,
+            label=bool(prediction.pred_label[0]),
+            threshold=self.post.normalized_image_threshold,
+            pixel_threshold=self.post.normalized_pixel_threshold,
+            title=result.name,
+            warning=downscale_warning(result.size, prediction.anomaly_map.shape[-2:]),
+        )
+        self._last = (result, panel)
+        return panel
+
+
+class VisualsSink:
+    """A predict sink: a panel, heatmap, overlay and mask PNG per scored image in ``folder``.
+
+    The first OS error (a full disk) stops the visuals, never the scoring; ``notes`` then says so.
+    """
+
+    def __init__(self, folder: Path, panels: Panels) -> None:
+        self.folder = Path(folder)
+        self.panels = panels
+        self.index = 0
+        self.error: str | None = None
+
+    def add(self, result: Any, row: dict[str, object], image: np.ndarray | None) -> None:
+        del row
+        index, self.index = self.index, self.index + 1
+        if self.error is not None or result.prediction is None or image is None:
+            return
+        # Folders often reuse file names (good/000.png, defect/000.png): keep the order and the parent's name.
+        stem = self.folder / f"{index:04d}_{result.path.parent.name}_{result.path.stem}"
+        prediction = result.prediction
+        try:
+            save_visuals(
+                image,
+                prediction.anomaly_map[0, 0],
+                prediction.pred_mask[0, 0],
+                stem,
+                pixel_threshold=self.panels.post.normalized_pixel_threshold,
+                panel=self.panels.panel(result, image),
+            )
+        except OSError as exc:
+            self.error = f"{exc.filename or self.folder}: {exc.strerror or exc}"
+
+    def notes(self) -> list[str]:
+        if self.error is None:
+            return []
+        return [f"stopped writing visuals ({self.error}); every result is still in the other outputs"]
+
+    def close(self, summary: Any) -> None:
+        del summary  # every file is already whole under its name

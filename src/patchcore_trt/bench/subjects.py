@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from patchcore_trt.artifact import ort_session
-from patchcore_trt.runtime.base import Prediction
+from patchcore_trt.outputs import Prediction
 from patchcore_trt.spec import PatchCoreSpec
 
 
@@ -105,22 +105,17 @@ def as_float_nchw(images: np.ndarray) -> np.ndarray:
 
 
 def _cuda_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray], graphs: bool) -> Subject:
-    from patchcore_trt.gpu.executor import CudaPatchCore
+    """The cuda backend through its contract: uint8 host arrays in (``host``), or uint8 tensors already on the GPU
+    (``device``); host results out either way."""
+    from patchcore_trt.runtime.cuda_backend import CudaBackend
 
-    executor = CudaPatchCore(spec, backbone_dtype=case.precision, search=case.search, graphs=graphs)
-    if case.copies == "host":
-        return Subject(
-            run=lambda i: executor.run_host(batches[i]),
-            outputs=lambda i: executor.run_host(batches[i]).prediction(spec.postprocess),
-            uses_cuda=True,
-            close=executor.close,
-        )
-    resident = [torch.from_numpy(batch).to(executor.device) for batch in batches]
+    backend = CudaBackend.from_spec(spec, backbone_dtype=case.precision, search=case.search, graphs=graphs)
+    inputs = batches if case.copies == "host" else [torch.from_numpy(batch).to(backend.device) for batch in batches]
     return Subject(
-        run=lambda i: executor.run(resident[i]),
-        outputs=lambda i: Prediction.from_outputs(executor.run(resident[i])),
+        run=lambda i: backend.predict(inputs[i]),
+        outputs=lambda i: backend.predict(inputs[i]),
         uses_cuda=True,
-        close=executor.close,
+        close=backend.close,
     )
 
 

@@ -165,3 +165,10 @@ def check_distinct(*paths: Path | None) -> None:
         if key in seen:
             raise UserError(f"{path}: given for two outputs ({seen[key]} and {path}); give each its own file")
         seen[key] = path
+
+
+def backend_option(name: str, backend: str) -> typer.models.OptionInfo:
+    """A command-line option for one of ``backend``'s options, its help and choices from the registry."""
+    from patchcore_trt.runtime.registry import OPTIONS, flag
+
+    return typer.Option(None, flag(name), help=f"(--backend {backend}) {OPTIONS[name].help_text()}")

@@ -80,7 +80,8 @@ def bench_command(
     batch: str = typer.Option(_joined(DEFAULTS.batches), help="Batch sizes, e.g. 1,16."),
     bank: str = typer.Option(_joined(DEFAULTS.banks), help="--synthetic bank rows: one value, or one per size."),
     copies: str = typer.Option(
-        _joined(DEFAULTS.copies), help="host: uint8 in, map out on the host; device: GPU-resident."
+        _joined(DEFAULTS.copies),
+        help="host: uint8 images from host memory; device: already on the GPU (cuda returns host results).",
     ),
     warmup: int = typer.Option(DEFAULTS.warmup, min=0, help="Untimed batches per row."),
     iters: int = typer.Option(DEFAULTS.iters, min=1, help="Timed batches per row (fewer if --max-seconds runs out)."),

@@ -108,7 +108,6 @@ def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, sk
     from patchcore_trt.files import display_name, sha256_of
     from patchcore_trt.html_report import ReportData, metadata_rows, sheet_of_predictions, write_html_report
     from patchcore_trt.verify import FOOTNOTE, table_rows
-    from patchcore_trt.visuals import pixel_threshold
 
     metadata = read_onnx_metadata(onnx_path)
     names = [display_name(item) for item in used]
@@ -117,7 +116,7 @@ def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, sk
         reference,
         names,
         threshold=metadata.image_threshold,
-        pixel_threshold=pixel_threshold(metadata.postprocess),
+        pixel_threshold=metadata.postprocess.normalized_pixel_threshold,
         model_size=metadata.model_size,
     )
     checked = [row for row in rows if row.checked]

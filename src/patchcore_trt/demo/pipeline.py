@@ -14,10 +14,10 @@ from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.export import export_onnx
 from patchcore_trt.html_report import ReportData, metadata_rows, sheet_of_predictions, write_html_report
 from patchcore_trt.images import collect_images, load_image
-from patchcore_trt.report import save_visuals, write_json
+from patchcore_trt.report import write_json
 from patchcore_trt.steps import Step, quiet
 from patchcore_trt.verify import FOOTNOTE, BackendParity, backend_parity, table_rows
-from patchcore_trt.visuals import pixel_threshold
+from patchcore_trt.visuals import save_visuals
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def run_demo(work_dir: Path, settings: TrainSettings, *, step: Step = quiet) -> 
     with step(f"running anomalib and every CPU backend on {len(images)} test images"):
         rows, reference = backend_parity(checkpoint, onnx_path, images)
     metadata = read_onnx_metadata(onnx_path)
-    map_threshold = pixel_threshold(metadata.postprocess)
+    map_threshold = metadata.postprocess.normalized_pixel_threshold
     names = [f"{path.parent.name}/{path.name}" for path in test_images]
     sheet, warnings = sheet_of_predictions(
         images,

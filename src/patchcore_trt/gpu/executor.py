@@ -24,9 +24,9 @@ import torch
 from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.fast_model import BACKBONE_DTYPES, FastPatchCore
 from patchcore_trt.gpu.knn import SEARCH_MODES
-from patchcore_trt.model import DeployOutput, over_threshold
-from patchcore_trt.runtime.base import Prediction
-from patchcore_trt.spec import PatchCoreSpec, Postprocess
+from patchcore_trt.model import DeployOutput
+from patchcore_trt.outputs import Postprocess, Prediction
+from patchcore_trt.spec import PatchCoreSpec
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
 MAX_CACHED_SHAPES = 8  # each captured shape holds its activations; a stream of odd sizes must not grow forever
@@ -61,14 +61,7 @@ class HostOutput:
 
     def prediction(self, post: Postprocess) -> Prediction:
         """A Prediction that owns its arrays; labels and masks are the same float32 comparisons as on the GPU."""
-        score, anomaly_map = self.pred_score.copy(), self.anomaly_map.copy()
-        inclusive = post.threshold_inclusive
-        return Prediction(
-            pred_score=score,
-            pred_label=over_threshold(score, np.float32(post.normalized_image_threshold), inclusive),
-            anomaly_map=anomaly_map,
-            pred_mask=over_threshold(anomaly_map, np.float32(post.normalized_pixel_threshold), inclusive),
-        )
+        return Prediction.from_scores(self.pred_score.copy(), self.anomaly_map.copy(), post)
 
 
 class _ShapeGraph:

@@ -1,63 +1,20 @@
-"""Runtime backends behind one contract (see base.py), created by name through one registry.
+"""Runtime backends behind one contract (see base.py), created by name through one registry (registry.py).
 
-The registry is the one place that knows each backend's facts: the files it runs, the devices it runs on, the
-options it takes and the suffixes it is the default for. ``open_backend`` checks a request against them before
-it imports anything, so a mistake is answered at once, and adding a backend is one new module plus one entry.
+The registry is the one place that knows each backend's facts: the files (or server URLs) it runs, the devices it
+runs on, the input kinds it takes, the options it takes with their choices, and the suffixes it is the default
+for. ``open_backend`` checks a request against them before it imports anything, so a mistake is answered at
+once, and adding a backend is one new module plus one entry.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
 from patchcore_trt.errors import UserError
-from patchcore_trt.runtime.base import Backend, NonFiniteOutputError, Prediction
-
-
-@dataclass(frozen=True)
-class BackendInfo:
-    """What a backend is, as data.
-
-    Attributes:
-        target: ``module:Class``, imported on first use so optional dependencies stay optional.
-        suffixes: Artifact files it runs.
-        devices: Device kinds it runs on; the first is its default. ``cuda`` also admits ``cuda:N``.
-        options: Keyword options its constructor takes besides the artifact and device.
-        default_for: Suffixes it runs when no backend is named.
-    """
-
-    name: str
-    target: str
-    suffixes: tuple[str, ...]
-    devices: tuple[str, ...]
-    options: tuple[str, ...] = ()
-    default_for: tuple[str, ...] = ()
-
-
-_CHECKPOINT_OPTIONS = ("trust_pickled_code", "map_at_input_size", "anomalib_version")
-REGISTRY: dict[str, BackendInfo] = {
-    info.name: info
-    for info in (
-        BackendInfo(
-            "torch", "patchcore_trt.runtime.torch_backend:TorchBackend", (".ckpt",), ("cpu",), _CHECKPOINT_OPTIONS,
-            default_for=(".ckpt",),
-        ),
-        BackendInfo(
-            "cuda", "patchcore_trt.runtime.cuda_backend:CudaBackend", (".ckpt",), ("cuda",),
-            (*_CHECKPOINT_OPTIONS, "mode", "backbone_dtype", "search", "graphs"),
-        ),
-        BackendInfo(
-            "onnxruntime", "patchcore_trt.runtime.onnxruntime_backend:OnnxRuntimeBackend", (".onnx",), ("cpu", "cuda"),
-            ("threads", "qdq_fusion"), default_for=(".onnx",),
-        ),
-        BackendInfo("openvino", "patchcore_trt.runtime.openvino_backend:OpenVinoBackend", (".onnx",), ("cpu",)),
-        BackendInfo(
-            "tensorrt", "patchcore_trt.runtime.tensorrt_backend:TensorRtBackend", (".engine",), ("cuda",),
-            ("cuda_graph",), default_for=(".engine",),
-        ),
-    )
-}  # fmt: skip
+from patchcore_trt.outputs import NonFiniteOutputError, Prediction
+from patchcore_trt.runtime.base import Backend
+from patchcore_trt.runtime.registry import OPTIONS, REGISTRY, BackendInfo, flag, options_of
 
 
 def backend_names() -> list[str]:
@@ -74,8 +31,18 @@ def artifact_suffixes() -> list[str]:
     return sorted({suffix for info in REGISTRY.values() for suffix in info.suffixes})
 
 
-def default_backend(artifact: Path) -> str:
+def is_url(artifact: Path | str) -> bool:
+    """Whether ``artifact`` names a server (http://, https://, grpc://) rather than a file."""
+    return isinstance(artifact, str) and any(
+        artifact.startswith(scheme) for info in REGISTRY.values() for scheme in info.schemes
+    )
+
+
+def default_backend(artifact: Path | str) -> str:
     """The backend that runs ``artifact`` when none is named."""
+    if is_url(artifact):
+        return next(info.name for info in REGISTRY.values() if any(map(str(artifact).startswith, info.schemes)))
+    artifact = Path(artifact)
     suffix = artifact.suffix.lower()
     for info in REGISTRY.values():
         if suffix in info.default_for:
@@ -96,27 +63,31 @@ def check_device(info: BackendInfo, device: str | None) -> str:
     return device
 
 
-def _flag(option: str) -> str:
-    return "--" + option.replace("_", "-")
-
-
 def check_options(info: BackendInfo, options: dict[str, object]) -> None:
+    """Every option is one ``info``'s backend takes, with a value among its choices."""
     unknown = sorted(set(options) - set(info.options))
-    if not unknown:
-        return
-    owners = sorted({other.name for other in REGISTRY.values() for option in unknown if option in other.options})
-    flags = ", ".join(_flag(option) for option in unknown)
-    where = f"apply to --backend {' or '.join(owners)}" if owners else "are not options of any backend"
-    raise UserError(f"{flags} {where}, not {info.name}")
+    if unknown:
+        owners = sorted({other.name for other in REGISTRY.values() for option in unknown if option in other.options})
+        flags = ", ".join(flag(option) for option in unknown)
+        where = f"apply to --backend {' or '.join(owners)}" if owners else "are not options of any backend"
+        raise UserError(f"{flags} {where}, not {info.name}")
+    for name, value in options.items():
+        OPTIONS[name].check(name, value)
 
 
 def check_request(
     artifact: Path | str, backend: str | None = None, *, device: str | None = None, **options: object
 ) -> tuple[BackendInfo, str]:
     """The backend and device that will run ``artifact``, after every check the registry can make without importing
-    anything (file, suffix, device, options): a caller can answer a mistake before any other work."""
-    artifact = Path(artifact)
+    anything (file or URL, suffix, device, options): a caller can answer a mistake before any other work."""
     info = backend_info(backend or default_backend(artifact))
+    if info.schemes or is_url(artifact):
+        if not (is_url(artifact) and info.schemes):
+            what = f"a server ({', '.join(info.schemes)})" if info.schemes else f"{', '.join(info.suffixes)} files"
+            raise UserError(f"{artifact}: backend {info.name!r} runs {what}")
+        check_options(info, options)
+        return info, check_device(info, device)
+    artifact = Path(artifact)
     suffix = artifact.suffix.lower()
     if suffix not in info.suffixes:
         raise UserError(
@@ -136,15 +107,18 @@ def open_backend(
 ) -> Backend:
     """Load ``artifact`` with the named backend (or the default for its suffix) on ``device`` (or its first).
 
-    Every fact the registry holds is checked (``check_request``) before the backend's module is imported.
+    ``artifact`` is a file, or a server URL for the triton backend (``open_backend("grpc://host:8001",
+    model="line")``). Every fact the registry holds is checked (``check_request``) before the backend's module is
+    imported.
     """
     info, device = check_request(artifact, backend, device=device, **options)
     module_name, class_name = info.target.split(":")
     cls: type[Backend] = getattr(importlib.import_module(module_name), class_name)
-    return cls(Path(artifact), device=device, **options)
+    return cls(artifact if info.schemes else Path(artifact), device=device, **options)
 
 
 __all__ = [
+    "OPTIONS",
     "REGISTRY",
     "Backend",
     "BackendInfo",
@@ -153,5 +127,7 @@ __all__ = [
     "backend_info",
     "backend_names",
     "check_request",
+    "is_url",
     "open_backend",
+    "options_of",
 ]

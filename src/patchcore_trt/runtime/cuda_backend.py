@@ -1,24 +1,24 @@
 """The CUDA fast path behind the backend contract: gpu/executor.CudaPatchCore on one NVIDIA GPU.
 
-Two modes: ``exact`` (the default) computes anomalib's FP32 results within the parity bar (IEEE FP32
-backbone); ``fast`` runs the backbone in FP16 (|d score| about 1e-3). ``backbone_dtype`` and ``search`` override
-a mode's choices.
+Two modes (registry.CUDA_MODES): ``exact`` (the default) computes anomalib's FP32 results within the parity bar
+(IEEE FP32 backbone); ``fast`` runs the backbone in FP16 (|d score| about 1e-3). ``backbone_dtype`` and ``search``
+override a mode's choices. It takes uint8 [N, H, W, 3] (4x fewer bytes to upload than float32, converted on the
+GPU) and CUDA tensors natively.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
 from patchcore_trt.checkpoint import read_checkpoint
-from patchcore_trt.errors import UserError
 from patchcore_trt.gpu.executor import CudaPatchCore, require_cuda
-from patchcore_trt.runtime.base import Backend, Prediction
-
-MODES = {"exact": {"backbone_dtype": "fp32", "search": "exact"}, "fast": {"backbone_dtype": "fp16", "search": "exact"}}
+from patchcore_trt.outputs import Prediction
+from patchcore_trt.runtime.base import Backend
+from patchcore_trt.runtime.registry import CUDA_MODES
+from patchcore_trt.spec import PatchCoreSpec
 
 
 class CudaBackend(Backend):
@@ -40,28 +40,57 @@ class CudaBackend(Backend):
         anomalib_version: str | None = None,
     ) -> None:
         super().__init__(artifact, device)
-        if mode not in MODES:
-            raise UserError(f"cuda: mode {mode!r} is not one of {', '.join(MODES)}")
         require_cuda()
-        self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
-        self.postprocess = asdict(self.spec.postprocess)
+        spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
+        self._load(spec, mode, backbone_dtype, search, graphs, map_at_input_size)
+
+    @classmethod
+    def from_spec(
+        cls,
+        spec: PatchCoreSpec,
+        *,
+        device: str = "cuda",
+        mode: str = "exact",
+        backbone_dtype: str | None = None,
+        search: str | None = None,
+        graphs: bool = True,
+        map_at_input_size: bool = False,
+    ) -> CudaBackend:
+        """The backend for a model already in memory (a synthetic one for benchmarks), with no checkpoint file."""
+        backend = cls.__new__(cls)
+        Backend.__init__(backend, Path(spec.source_name or "model"), device)
+        require_cuda()
+        backend._load(spec, mode, backbone_dtype, search, graphs, map_at_input_size)
+        return backend
+
+    def _load(
+        self,
+        spec: PatchCoreSpec,
+        mode: str,
+        backbone_dtype: str | None,
+        search: str | None,
+        graphs: bool,
+        map_at_input_size: bool,
+    ) -> None:
+        self.spec = spec
+        self.postprocess = spec.postprocess
         self.executor = CudaPatchCore(
-            self.spec,
-            backbone_dtype=backbone_dtype or MODES[mode]["backbone_dtype"],
-            search=search or MODES[mode]["search"],
-            device=device,
+            spec,
+            backbone_dtype=backbone_dtype or CUDA_MODES[mode]["backbone_dtype"],
+            search=search or CUDA_MODES[mode]["search"],
+            device=self.device,
             graphs=graphs,
             map_at_input_size=map_at_input_size,
         )
 
     def _infer(self, images: np.ndarray) -> Prediction:
-        return self.executor.run_host(images).prediction(self.spec.postprocess)
+        return self.executor.run_host(images).prediction(self.postprocess)
 
-    def predict_uint8(self, images: np.ndarray) -> Prediction:
-        """uint8 [N, H, W, 3] images as decoded, without a float32 copy on the host (4x fewer bytes to upload)."""
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-            raise UserError(f"cuda: predict_uint8 takes a uint8 numpy array, got {type(images).__name__}")
-        return self.executor.run_host(np.ascontiguousarray(images)).prediction(self.spec.postprocess)
+    def _infer_uint8(self, images: np.ndarray) -> Prediction:
+        return self.executor.run_host(images).prediction(self.postprocess)
+
+    def _infer_device(self, images: Any) -> Prediction:
+        return Prediction.from_outputs(self.executor.run(images.to(self.executor.device)))
 
     def close(self) -> None:
         self.executor.close()

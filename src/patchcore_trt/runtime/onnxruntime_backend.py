@@ -8,7 +8,8 @@ from typing import ClassVar
 import numpy as np
 
 from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ort_session, read_onnx_metadata
-from patchcore_trt.runtime.base import Backend, Prediction
+from patchcore_trt.outputs import Prediction
+from patchcore_trt.runtime.base import Backend
 
 
 class OnnxRuntimeBackend(Backend):

@@ -9,7 +9,8 @@ import numpy as np
 
 from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.runtime.base import Backend, Prediction
+from patchcore_trt.outputs import Prediction
+from patchcore_trt.runtime.base import Backend
 
 
 class OpenVinoBackend(Backend):

@@ -5,7 +5,7 @@ staging buffers are pinned so the copies are truly asynchronous, and every copy 
 stream, which is synchronised once per batch. Buffers are kept while the input shape stays the same; with
 ``cuda_graph=True`` the enqueue for that shape is captured once and replayed.
 
-Written against the documented TensorRT API. Nothing below ``_check_engine`` has run on a GPU yet:
+Written against the documented TensorRT API. Nothing past ``check_engine`` (the validity check) has run on a GPU yet:
 TensorRT-RTX 1.7 refuses the H100 (compute capability 9.0) and full TensorRT cannot be installed from PyPI here.
 docs/tensorrt.md lists exactly what has and has not been executed.
 """
@@ -21,7 +21,8 @@ import numpy as np
 from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, read_sidecar, sidecar_model_metadata
 from patchcore_trt.engine import TensorRT, load_tensorrt
 from patchcore_trt.errors import UserError
-from patchcore_trt.runtime.base import Backend, Prediction
+from patchcore_trt.outputs import Prediction
+from patchcore_trt.runtime.base import Backend
 
 # TensorRT's EngineInvalidityDiagnostics bits (IRuntime::getEngineValidity), worded for a user.
 _INVALIDITY_REASONS = {

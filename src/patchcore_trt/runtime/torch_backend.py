@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
@@ -11,7 +10,8 @@ import torch
 
 from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.model import PatchCoreDeploy
-from patchcore_trt.runtime.base import Backend, Prediction
+from patchcore_trt.outputs import Prediction
+from patchcore_trt.runtime.base import Backend
 
 
 class TorchBackend(Backend):
@@ -28,7 +28,7 @@ class TorchBackend(Backend):
     ) -> None:
         super().__init__(artifact, device)
         self.spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
-        self.postprocess = asdict(self.spec.postprocess)
+        self.postprocess = self.spec.postprocess
         self.model = PatchCoreDeploy(self.spec, map_at_input_size=map_at_input_size).eval()
 
     @torch.inference_mode()

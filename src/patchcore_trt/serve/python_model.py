@@ -24,7 +24,8 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 
 from patchcore_trt.artifact import INPUT_NAME, MIN_SIDE, OUTPUT_NAMES
 from patchcore_trt.errors import UserError
-from patchcore_trt.runtime import NonFiniteOutputError, Prediction, open_backend
+from patchcore_trt.outputs import NonFiniteOutputError, Prediction
+from patchcore_trt.runtime import open_backend
 
 
 class RequestError(Exception):
@@ -48,9 +49,12 @@ class TritonPythonModel:
             self.backend = open_backend(artifact, "cuda", device=device, trust_pickled_code=trust, **options)
             where = f"{device} ({torch.cuda.get_device_name(int(args['model_instance_device_id']))})"
             precision = ", ".join(f"{key} {value}" for key, value in options.items())
+            # Each batch size is a captured CUDA graph: pad to the next bucket so few sizes are ever captured.
+            self.pad_to_buckets = True
         else:
             self.backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust)
             where, precision = "cpu", "fp32"
+            self.pad_to_buckets = False
         pb_utils.Logger.log_info(
             f"patchcore-trt: {args['model_instance_name']} loaded {artifact.name} with the {self.backend.name} "
             f"backend on {where} ({precision}; batch buckets {self.buckets})"
@@ -111,18 +115,12 @@ class TritonPythonModel:
     def _run(self, batch: np.ndarray) -> tuple[Prediction, set[int]]:
         """One batch of equal-sized uint8 images -> the prediction and the positions that scored NaN/infinity."""
         count = len(batch)
-        if self.backend.name == "cuda":
-            # Pad to the next bucket so each size reuses a captured CUDA graph; the padding is cut off again.
-            size = next((bucket for bucket in self.buckets if bucket >= count), count)
-            padded = np.concatenate([batch, np.repeat(batch[-1:], size - count, axis=0)]) if size > count else batch
-            prediction = self.backend.predict_uint8(padded)[:count]
-            return prediction, set(prediction.non_finite())
-        # The same float32 conversion as images.load_image, so the CPU model scores exactly what predict does.
-        floats = np.ascontiguousarray(batch.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0
+        size = next((bucket for bucket in self.buckets if bucket >= count), count) if self.pad_to_buckets else count
+        padded = np.concatenate([batch, np.repeat(batch[-1:], size - count, axis=0)]) if size > count else batch
         try:
-            return self.backend.predict(floats), set()
+            return self.backend.predict(padded)[:count], set()
         except NonFiniteOutputError as exc:
-            return exc.prediction, set(exc.bad)
+            return exc.prediction[:count], {index for index in exc.bad if index < count}
 
     def _response(self, request: Any, prediction: Prediction) -> Any:
         wanted = set(request.requested_output_names()) or set(OUTPUT_NAMES)

@@ -129,23 +129,13 @@ def _check_source_options(source: Source, options: ServeOptions) -> None:
             raise UserError(
                 "--mode, --backbone-dtype and --search apply to --kind gpu (the CPU model is the reference)"
             )
-        # Checked here rather than when an instance loads; imported only when given (the fast path pulls in timm).
-        if options.mode is not None:
-            from patchcore_trt.runtime.cuda_backend import MODES
+        # Checked here, from the registry's data, rather than when an instance loads.
+        from patchcore_trt.runtime import OPTIONS
 
-            if options.mode not in MODES:
-                raise UserError(f"--mode {options.mode!r} is not one of {', '.join(MODES)}")
-        if options.backbone_dtype is not None:
-            from patchcore_trt.gpu.fast_model import BACKBONE_DTYPES
-
-            if options.backbone_dtype not in BACKBONE_DTYPES:
-                choices = ", ".join(BACKBONE_DTYPES)
-                raise UserError(f"--backbone-dtype {options.backbone_dtype!r} is not one of {choices}")
-        if options.search is not None:
-            from patchcore_trt.gpu.knn import SEARCH_MODES
-
-            if options.search not in SEARCH_MODES:
-                raise UserError(f"--search {options.search!r} is not one of {', '.join(SEARCH_MODES)}")
+        for name in ("mode", "backbone_dtype", "search"):
+            value = getattr(options, name)
+            if value is not None:
+                OPTIONS[name].check(name, value)
 
 
 def build_config(source: Source, options: ServeOptions) -> Any:

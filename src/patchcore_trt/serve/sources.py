@@ -16,7 +16,8 @@ from patchcore_trt.artifact import ArtifactMetadata, read_onnx_metadata, read_si
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import sha256_of
 
-PLATFORMS = {".engine": "tensorrt_plan", ".onnx": "onnxruntime_onnx", ".ckpt": "python"}
+# The Triton platform that serves what each local backend runs (the registry decides which backend runs a file).
+PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx", "torch": "python"}
 # The file Triton loads from the version folder, per platform (Triton's default_model_filename).
 MODEL_FILES = {"tensorrt_plan": "model.plan", "onnxruntime_onnx": "model.onnx", "python": "model.py"}
 CHECKPOINT_FILE = "model.ckpt"
@@ -48,12 +49,15 @@ class Source:
 def check_artifact(artifact: Path) -> Path:
     """``artifact`` if it is a file Triton can serve, else a UserError: a folder is named as a folder (whatever its
     name looks like), then a wrong suffix, then a missing file."""
+    from patchcore_trt.runtime import REGISTRY
+
     artifact = Path(artifact)
     suffix = artifact.suffix.lower()
+    served = [suffix for name in PLATFORMS for suffix in REGISTRY[name].default_for]
     if artifact.is_dir():
-        raise UserError(f"{artifact}: is a folder; expected a model file (.engine, .onnx or .ckpt)")
-    if suffix not in PLATFORMS:
-        raise UserError(f"{artifact}: cannot serve a {suffix or 'suffix-less'} file; expected .engine, .onnx or .ckpt")
+        raise UserError(f"{artifact}: is a folder; expected a model file ({', '.join(served)})")
+    if suffix not in served:
+        raise UserError(f"{artifact}: cannot serve a {suffix or 'suffix-less'} file; expected {', '.join(served)}")
     if not artifact.is_file():
         raise UserError(f"{artifact}: no such file")
     return artifact
@@ -84,10 +88,11 @@ def _common(metadata: ArtifactMetadata, source_file: Path, sha256: str) -> dict[
         "num_neighbors": str(metadata.num_neighbors),
         "model_size": "x".join(map(str, metadata.model_size)),
         "map_at_input_size": str(metadata.map_at_input_size).lower(),
-        # Normalised thresholds: a score above image_threshold is anomalous, a map pixel above pixel_threshold too.
-        "image_threshold": repr(1.0 - post["image_sensitivity"]),
-        "pixel_threshold": repr(1.0 - post["pixel_sensitivity"]),
-        "postprocess": json.dumps(post),
+        # Normalised thresholds and the label rule, for operators reading the config; clients read ``metadata``.
+        "image_threshold": repr(post.normalized_image_threshold),
+        "pixel_threshold": repr(post.normalized_pixel_threshold),
+        "rule": post.rule,
+        "metadata": metadata.to_json(),
     }
 
 

@@ -1,15 +1,16 @@
-"""A Backend that runs on a Triton server: ``predict(images) -> Prediction`` through tritonclient (HTTP or gRPC).
+"""The triton backend: a model on a Triton server, addressed by URL, behind the one backend contract.
 
-It works with every repository ``patchcore-trt triton`` writes: the Python model takes uint8 [N, H, W, 3] images,
-the ONNX and TensorRT models float32 [N, 3, H, W]; the client reads which from the model's metadata, and the
-thresholds from its config parameters. A batch goes out as up to ``concurrency`` requests in flight at once, so
-the server's dynamic batcher can merge them with other clients' requests; results come back in input order.
+``open_backend("http://host:8000", model="name")`` (or ``grpc://host:8001``) gives a Backend like any other. It
+works with every repository ``patchcore-trt triton`` writes: the Python model takes uint8 [N, H, W, 3] images, the
+ONNX and TensorRT models float32 [N, 3, H, W]; the client reads which from the model's metadata, and the model's
+metadata (thresholds, label rule, source checkpoint) from its config's ``metadata`` parameter, checked as any
+artifact's metadata is. A batch goes out as up to ``concurrency`` requests in flight at once, so the server's
+dynamic batcher can merge them with other clients' requests; results come back in input order.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import queue
 import threading
 from dataclasses import dataclass
@@ -19,9 +20,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ArtifactMetadata
 from patchcore_trt.errors import UserError
-from patchcore_trt.runtime.base import Backend, NonFiniteOutputError, Prediction
+from patchcore_trt.outputs import Prediction
+from patchcore_trt.runtime.base import Backend, uint8_to_float
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -67,6 +69,7 @@ class TritonBackend(Backend):
 
     Args:
         url: The server (see ``parse_url``).
+        device: The registry's device kind for a server (``server``); the results name the URL instead.
         model: The model's name; None picks the server's only ready model.
         concurrency: Requests in flight at once (each carries a share of the batch).
         timeout_s: Per-request network timeout.
@@ -75,8 +78,15 @@ class TritonBackend(Backend):
     name: ClassVar[str] = "triton"
 
     def __init__(
-        self, url: str, *, model: str | None = None, concurrency: int = 1, timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        url: str,
+        *,
+        device: str = "server",
+        model: str | None = None,
+        concurrency: int = 1,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
+        del device  # one kind: where the server runs is the server's business
         if concurrency < 1:
             raise UserError(f"--concurrency {concurrency} must be at least 1")
         self.endpoint = parse_url(url)
@@ -151,20 +161,33 @@ class TritonBackend(Backend):
             raise UserError(f"{self.endpoint.url} model {self.model!r} has no output(s) {missing}")
         self.max_batch = max(int(config.get("max_batch_size", 1)), 1)
         self.parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-        if "postprocess" not in self.parameters:
-            raise UserError(f"{self.endpoint.url} model {self.model!r} has no 'postprocess' parameter (not ours?)")
-        self.postprocess = {key: float(value) for key, value in json.loads(self.parameters["postprocess"]).items()}
+        if "metadata" not in self.parameters:
+            raise UserError(
+                f"{self.endpoint.url} model {self.model!r} has no 'metadata' parameter (not written by this "
+                "patchcore-trt's 'triton'? write its repository again)"
+            )
+        self.metadata = ArtifactMetadata.from_json(self.parameters["metadata"], f"{self.endpoint.url} {self.model}")
+        self.postprocess = self.metadata.postprocess
 
     def describe(self) -> dict[str, object]:
-        """What a results file records about the model: server, name, source checkpoint, thresholds."""
+        """What a results file records about the model: server, name, the served file, thresholds, rule."""
         keys = ("source_file", "source_sha256", "precision", "backbone", "bank_size", "model_size", "runtime")
         return {
+            "file": self.model,
             "server": self.endpoint.url,
             "model": self.model,
             **{key: self.parameters[key] for key in keys if key in self.parameters},
+            "backend": self.name,
+            "device": self.endpoint.url,
             "image_threshold": self.image_threshold,
-            "postprocess": self.postprocess,
+            "rule": self.postprocess.rule,
+            "postprocess": self.postprocess.to_dict(),
         }
+
+    def notes(self) -> list[str]:
+        if not self.quantized:
+            return []
+        return [f"{self.quantized} image(s) were not 8-bit and were rounded to 8 bits for the server's uint8 model"]
 
     def _infer(self, images: np.ndarray) -> Prediction:
         if self.layout == "nchw_float32":
@@ -175,24 +198,10 @@ class TritonBackend(Backend):
             self.quantized += len(images)
         return self._send(np.ascontiguousarray(quantized.transpose(0, 2, 3, 1)), "UINT8")
 
-    def predict_uint8(self, images: np.ndarray) -> Prediction:
-        """uint8 [N, H, W, 3] images as decoded (a camera frame) -> Prediction."""
-        if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
-            shape = getattr(images, "shape", None)
-            raise UserError(f"triton: predict_uint8 takes uint8 [N, H, W, 3] images, got {shape}")
+    def _infer_uint8(self, images: np.ndarray) -> Prediction:
         if self.layout == "nchw_float32":
-            return self.predict(np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / 255.0)
-        if len(images) == 0:
-            raise UserError("triton: the batch is empty")
-        return self._checked(self._send(np.ascontiguousarray(images), "UINT8"), len(images))
-
-    def _checked(self, prediction: Prediction, count: int) -> Prediction:
-        if len(prediction) != count:
-            raise RuntimeError(f"{self.endpoint.url} returned {len(prediction)} results for {count} images")
-        bad = prediction.non_finite()
-        if bad:
-            raise NonFiniteOutputError(self.name, prediction, bad)
-        return prediction
+            return self._send(uint8_to_float(images), "FP32")
+        return self._send(images, "UINT8")
 
     def _chunks(self, batch: np.ndarray) -> list[np.ndarray]:
         per_request = min(self.max_batch, max(1, -(-len(batch) // self.concurrency)))
@@ -214,7 +223,10 @@ class TritonBackend(Backend):
             Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES])
             for result in send(chunks, datatype)
         ]
-        return Prediction.concat(parts)
+        prediction = Prediction.concat(parts)
+        if len(prediction) != len(batch):
+            raise RuntimeError(f"{self.endpoint.url} returned {len(prediction)} results for {len(batch)} images")
+        return prediction
 
     def _send_http(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
         if len(chunks) == 1:
