@@ -23,6 +23,14 @@ def over_threshold(values: Any, threshold: Any, inclusive: bool) -> Any:
     return values >= threshold if inclusive else values > threshold
 
 
+def relation(score: float, threshold: float, label: bool) -> str:
+    """The comparison shown between a score and the threshold, following the label the model gave: '>' or '>='
+    when anomalous (a score at the threshold is anomalous under 1.x's rule), '<' or '<=' when normal (2.x)."""
+    if label:
+        return ">" if score > threshold else ">="
+    return "<" if score < threshold else "<="
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """anomalib's pre-processor: resize (then optional centre crop) and ImageNet-style normalisation."""
@@ -94,10 +102,8 @@ class Postprocess:
         return bool(self.label(np.float32(score)))
 
     def relation(self, score: float) -> str:
-        """The comparison a panel prints between a score and the threshold: '>' or '>=' when anomalous."""
-        if self.is_anomalous(score):
-            return ">=" if self.threshold_inclusive else ">"
-        return "<" if self.threshold_inclusive else "<="
+        """How ``score`` compares with the threshold, in words that agree with its label (see ``relation``)."""
+        return relation(score, self.normalized_image_threshold, self.is_anomalous(score))
 
     @property
     def rule(self) -> str:

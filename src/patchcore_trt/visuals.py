@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from patchcore_trt.files import atomic_path, display_name
-from patchcore_trt.outputs import Postprocess
+from patchcore_trt.outputs import Postprocess, relation
 from patchcore_trt.report import format_score
 
 if TYPE_CHECKING:
@@ -204,10 +204,8 @@ def _header(
     gap, line = layout.gap, layout.line
     width = layout.size[0] - 2 * gap
     verdict = "ANOMALOUS" if label else "NORMAL"
-    # Follows the label the model gave, so text and badge agree under either release's rule (1.x: a score at
-    # the threshold is anomalous, '>='; 2.x: it is normal, '<=').
-    relation = (">" if score > threshold else ">=") if label else ("<" if score < threshold else "<=")
-    score_text = f"score {format_score(score, threshold)} {relation} threshold {format_score(threshold, threshold)}"
+    shown, limit = format_score(score, threshold), format_score(threshold, threshold)
+    score_text = f"score {shown} {relation(score, threshold, label)} threshold {limit}"
     badge = draw.textbbox((0, 0), verdict, font=font)
     badge_width = badge[2] - badge[0] + 2 * gap
     x = layout.size[0] - gap - badge_width
