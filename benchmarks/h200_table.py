@@ -10,8 +10,8 @@ Workloads (wide_resnet50_2 layers 2+3, the synthetic model of demo/synthetic_mod
   256-1M    256x256, M=1,048,576  batch-1 host latency, GPU memory
 
 Subjects: ``cuda-exact`` / ``cuda-fast`` are ``runtime.cuda_backend.CudaBackend(mode=...)`` on a checkpoint of
-the synthetic model (``predict_uint8``: uint8 images from host memory, score and map back in host memory; the
-``device`` rows use its executor with inputs already on the GPU); the peers are bench/subjects.py's
+the synthetic model (``predict`` on uint8 images from host memory, score and map back in host memory; the
+``device`` rows give it uint8 tensors already on the GPU); the peers are bench/subjects.py's
 ``anomalib``, ``anomalib-compile`` and ``onnxruntime-cuda`` (FP32 with TF32 off; ``anomalib tf32`` is PyTorch's
 default math, TF32 convolutions).
 
@@ -58,8 +58,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from patchcore_trt.bench.matrix import MIB, batches_of, device_ms, input_pool, measure  # noqa: E402
 from patchcore_trt.bench.report import environment  # noqa: E402
 from patchcore_trt.bench.settings import BenchSettings  # noqa: E402
-from patchcore_trt.bench.subjects import Case, Subject, make_subject, peer_unavailable  # noqa: E402
-from patchcore_trt.errors import UserError  # noqa: E402
+from patchcore_trt.bench.subjects import Case, Subject, cuda_backend_subject, make_subject, peer_unavailable  # noqa: E402
 from patchcore_trt.runtime.base import Prediction  # noqa: E402
 from patchcore_trt.spec import PatchCoreSpec  # noqa: E402
 
@@ -327,24 +326,6 @@ class CudaBackends:
             torch.cuda.empty_cache()
 
 
-def cuda_subject(backend: Any, chunks: list[np.ndarray], copies: str) -> Subject:
-    if copies == "host":
-        return Subject(
-            run=lambda i: backend.predict_uint8(chunks[i]),
-            outputs=lambda i: backend.predict_uint8(chunks[i]),
-            uses_cuda=True,
-        )
-    executor = getattr(backend, "executor", None)
-    if executor is None or not hasattr(executor, "run"):
-        raise UserError("this CudaBackend has no executor.run: no device-resident rows")
-    resident = [torch.from_numpy(chunk).to(executor.device) for chunk in chunks]
-    return Subject(
-        run=lambda i: executor.run(resident[i]),
-        outputs=lambda i: Prediction.from_outputs(executor.run(resident[i])),
-        uses_cuda=True,
-    )
-
-
 STAGE_BACKBONE = re.compile(r"conv|xmma|cudnn|nvjet|gemm|cutlass|implicit|nchw|nhwc|max_pool|relu|bias|add", re.I)
 STAGE_EMBED = re.compile(r"avg_pool|upsample|CatArray|interpolate|direct_copy|copy_kernel", re.I)
 
@@ -510,7 +491,7 @@ class Table:
                     mode,
                     copies,
                     batch,
-                    lambda chunks, b=backend, c=copies: cuda_subject(b, chunks, c),
+                    lambda chunks, b=backend, c=copies: cuda_backend_subject(b, chunks, c),
                     dict(built),
                 )
             self.profile_misses(workload, mode, images)

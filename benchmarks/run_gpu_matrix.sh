@@ -39,6 +39,7 @@ torch.backends.cudnn.version(), triton.__version__, timm.__version__, torch.cuda
              $BENCH_ARGS -o "$OUT/bench" ;;
     profile) run python3 benchmarks/profile_cuda.py "$OUT/profile.txt" fp16,fp32 ;;
     tests) run python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_cuda_backend.py \
+             tests/test_contract.py tests/test_labels.py \
              | tee "$OUT/tests.txt" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;
   esac

@@ -9,12 +9,14 @@ machine cannot run (no GPU, no TensorRT runtime) are skipped with the reason. fl
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import run_cli
 
+from patchcore_trt.compare import PARITY_BAR, compare
 from patchcore_trt.errors import UserError
 from patchcore_trt.images import load_image
 from patchcore_trt.runtime import REGISTRY, backend_info, backend_names, open_backend
@@ -26,7 +28,16 @@ MODEL = "contract"
 
 @pytest.fixture(scope="module")
 def triton_url(resnet18_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A real Triton server serving the checkpoint on CPU instances, for the triton backend's rows."""
+    """A real Triton server serving the checkpoint on CPU instances, for the triton backend's rows (CI always has
+    one: .ci/serve-env; elsewhere, such as the GPU machine, its rows skip when no tritonserver is installed)."""
+    from patchcore_trt.serve.server import find_distribution
+
+    try:
+        find_distribution()
+    except UserError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            raise
+        pytest.skip(f"no tritonserver here: {exc}")
     repo = tmp_path_factory.mktemp("contract_repo")
     written = run_cli("triton", resnet18_checkpoint, "-o", repo, "--kind", "cpu", "--name", MODEL, "--max-batch", 4)
     assert written.returncode == 0, written.stderr
@@ -85,6 +96,9 @@ def test_outputs_have_one_shape_and_type_for_every_input_kind(backend, kind, bat
 def test_float_and_uint8_inputs_give_identical_results(backend):
     images = _uint8_images(2)
     from_floats, from_uint8 = backend.predict(uint8_to_float(images)), backend.predict(images)
+    if str(backend.device).startswith("cuda"):  # one graph per input kind: cuDNN may pick other kernels for each
+        assert compare(from_uint8, from_floats, threshold=backend.image_threshold).within(PARITY_BAR)
+        return
     for field in ("pred_score", "pred_label", "anomaly_map", "pred_mask"):
         np.testing.assert_array_equal(getattr(from_uint8, field), getattr(from_floats, field), err_msg=field)
 

@@ -110,12 +110,20 @@ def _cuda_subject(spec: PatchCoreSpec, case: Case, batches: list[np.ndarray], gr
     from patchcore_trt.runtime.cuda_backend import CudaBackend
 
     backend = CudaBackend.from_spec(spec, backbone_dtype=case.precision, search=case.search, graphs=graphs)
-    inputs = batches if case.copies == "host" else [torch.from_numpy(batch).to(backend.device) for batch in batches]
+    return cuda_backend_subject(backend, batches, case.copies, close=backend.close)
+
+
+def cuda_backend_subject(
+    backend: Any, batches: list[np.ndarray], copies: str, close: Callable[[], None] = lambda: None
+) -> Subject:
+    """An open cuda backend through its contract: uint8 host arrays in (``host``), or uint8 tensors already on the
+    GPU (``device``); host results out either way."""
+    inputs = batches if copies == "host" else [torch.from_numpy(batch).to(backend.device) for batch in batches]
     return Subject(
         run=lambda i: backend.predict(inputs[i]),
         outputs=lambda i: backend.predict(inputs[i]),
         uses_cuda=True,
-        close=backend.close,
+        close=close,
     )
 
 
