@@ -45,7 +45,8 @@ from patchcore_trt.gpu.fast_model import FastPatchCore, fold_batchnorm
 from patchcore_trt.gpu.knn import BankIndex, candidates, float32_matmul, nearest
 from patchcore_trt.model import MemoryBankSearch, PatchCoreDeploy, squared_distances
 from patchcore_trt.runtime.base import Prediction
-from patchcore_trt.runtime.cuda_backend import MODES
+from patchcore_trt.runtime.cuda_backend import CudaBackend
+from patchcore_trt.runtime.registry import CUDA_MODES
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 STAGES = ("stem", "layer1", "layer2", "layer3")
@@ -176,14 +177,12 @@ def mode_parity(spec, inputs: dict[str, np.ndarray]) -> list[dict]:
         floats = images if images.dtype == np.float32 else as_float_nchw(images)
         score64, _, map64, _ = deploy_outputs(spec, floats, torch.float64)
         reference = Prediction.from_outputs(deploy_outputs(spec, floats, torch.float32))
-        for mode, settings in MODES.items():
-            runner = CudaPatchCore(spec, **settings)
+        for mode in CUDA_MODES:
+            backend = CudaBackend.from_spec(spec, mode=mode)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                parts = [
-                    runner.run_host(images[i : i + 1]).prediction(spec.postprocess) for i in range(min(8, len(images)))
-                ]
-                parts.append(runner.run_host(images).prediction(spec.postprocess))
+                parts = [backend.predict(images[i : i + 1]) for i in range(min(8, len(images)))]
+                parts.append(backend.predict(images))
             one_by_one, batched = Prediction.concat(parts[:-1]), parts[-1]
             row = {"inputs": label, "mode": mode, **_against(batched, score64, map64, reference, threshold)}
             n = len(one_by_one)
@@ -191,7 +190,7 @@ def mode_parity(spec, inputs: dict[str, np.ndarray]) -> list[dict]:
             row["warnings"] = [str(w.message) for w in caught]
             rows.append(row)
             print(row, flush=True)
-            del runner
+            backend.close()
             torch.cuda.empty_cache()
     return rows
 
@@ -201,25 +200,25 @@ def _first(prediction: Prediction, n: int) -> Prediction:
 
 
 def mode_times(spec, size: tuple[int, int], throughput_batches: tuple[int, ...]) -> list[dict]:
-    """Batch 1 with host arrays (upload, graph, download: wall clock) and device-resident throughput."""
+    """Batch 1 with host arrays (wall clock) and with inputs on the GPU, and throughput with inputs on the GPU."""
     rows = []
-    for mode, settings in MODES.items():
-        runner = CudaPatchCore(spec, **settings)
+    for mode in CUDA_MODES:
+        backend = CudaBackend.from_spec(spec, mode=mode)
         one = input_pool(size, 1)
-        runner.run_host(one)
+        backend.predict(one)
         walls = []
         for _ in range(100):
             start = time.perf_counter()
-            runner.run_host(one)
+            backend.predict(one)
             walls.append((time.perf_counter() - start) * 1e3)
         row = {"size": size[0], "mode": mode, "batch1_host_ms": percentile(walls, 50)}
-        row["batch1_device_ms"] = device_ms(functools.partial(runner.run, torch.from_numpy(one).cuda()))
+        row["batch1_device_ms"] = device_ms(functools.partial(backend.predict, torch.from_numpy(one).cuda()))
         for batch in throughput_batches:
             images = torch.from_numpy(input_pool(size, batch)).cuda()
-            row[f"b{batch}_img_per_s"] = batch / device_ms(functools.partial(runner.run, images), reps=20) * 1e3
+            row[f"b{batch}_img_per_s"] = batch / device_ms(functools.partial(backend.predict, images), reps=20) * 1e3
         rows.append(row)
         print(row, flush=True)
-        del runner
+        backend.close()
         torch.cuda.empty_cache()
     return rows
 
@@ -230,7 +229,7 @@ def exact_profile(spec, size: tuple[int, int], batch: int) -> list[str]:
     from profile_cuda import kernel_times
     from torch.profiler import ProfilerActivity, profile
 
-    runner = CudaPatchCore(spec, **MODES["exact"])
+    runner = CudaPatchCore(spec, **CUDA_MODES["exact"])
     images = torch.from_numpy(input_pool(size, batch)).cuda()
     runner.run(images)
     for _ in range(3):
@@ -253,7 +252,7 @@ def large_bank_search(bank_size: int, images: int = 4) -> dict:
     """The exact search at a large bank: per patch, distance and row against FP64, with C re-ranked candidates."""
     # One neighbour: no support table to build (an M x M search); the patch distances are what is measured.
     spec = dataclasses.replace(synthetic_spec(bank_size, (256, 256), device="cuda"), num_neighbors=1)
-    model = FastPatchCore(spec, backbone_dtype=MODES["exact"]["backbone_dtype"], device="cuda").eval()
+    model = FastPatchCore(spec, backbone_dtype=CUDA_MODES["exact"]["backbone_dtype"], device="cuda").eval()
     floats = torch.from_numpy(as_float_nchw(input_pool((256, 256), images))).cuda()
     with float32_matmul(conv_tf32=model.backbone_dtype == "tf32"):
         embedding = model.embed(model.preprocess(floats))

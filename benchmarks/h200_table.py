@@ -39,7 +39,6 @@ import contextlib
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from patchcore_trt.bench.matrix import MIB, batches_of, device_ms, input_pool, measure  # noqa: E402
+from patchcore_trt.bench.matrix import MIB, batches_of, input_pool, measure  # noqa: E402
 from patchcore_trt.bench.report import environment  # noqa: E402
 from patchcore_trt.bench.settings import BenchSettings  # noqa: E402
 from patchcore_trt.bench.subjects import Case, Subject, cuda_backend_subject, make_subject, peer_unavailable  # noqa: E402
@@ -326,57 +325,6 @@ class CudaBackends:
             torch.cuda.empty_cache()
 
 
-STAGE_BACKBONE = re.compile(r"conv|xmma|cudnn|nvjet|gemm|cutlass|implicit|nchw|nhwc|max_pool|relu|bias|add", re.I)
-STAGE_EMBED = re.compile(r"avg_pool|upsample|CatArray|interpolate|direct_copy|copy_kernel", re.I)
-
-
-def profile_row(backend: Any, images: np.ndarray, runs: int = 5) -> dict[str, Any]:
-    """GPU kernel time per stage of one eager forward (torch.profiler), and the graph replay (CUDA events).
-
-    Stages are the executor model's record_function ranges; inside 'backbone+embed' the kernels are split by
-    name into the backbone's (convolutions, their fused epilogues, layout changes, pooling) and the embedding's
-    (average pooling, upsampling, concatenation, casts)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    executor = getattr(backend, "executor", None)
-    model = getattr(executor, "model", None)
-    if model is None or not hasattr(model, "forward_uint8"):
-        return {"error": "the executor exposes no model.forward_uint8 to profile"}
-    resident = torch.from_numpy(images).to(executor.device)
-    replay = device_ms(lambda: executor.run(resident), reps=30)
-    with torch.no_grad():
-        for _ in range(3):
-            model.forward_uint8(resident)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(runs):
-                model.forward_uint8(resident)
-            torch.cuda.synchronize()
-    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    range_names = {"preprocess", "backbone+embed", "search", "score+map"}
-    ranges = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.name in range_names]
-    stages: dict[str, float] = {}
-    kernels: dict[tuple[str, str], float] = {}
-    for event in events:
-        if event.name in range_names:
-            continue
-        ms = event.time_range.elapsed_us() / 1e3 / runs
-        stage = next((name for name, lo, hi in ranges if lo <= event.time_range.start < hi), "other")
-        if stage == "backbone+embed":
-            stage = "embedding" if STAGE_EMBED.search(event.name) else "backbone"
-        elif stage == "score+map":
-            stage = "score+map"
-        stages[stage] = stages.get(stage, 0.0) + ms
-        kernels[(stage, event.name)] = kernels.get((stage, event.name), 0.0) + ms
-    top = sorted(kernels.items(), key=lambda item: -item[1])[:15]
-    return {
-        "graph_replay_ms": replay,
-        "eager_gpu_ms": sum(stages.values()),
-        "stages_ms": stages,
-        "top_kernels": [{"stage": s, "kernel": k[:140], "ms": ms} for (s, k), ms in top],
-    }
-
-
 def met(row: dict[str, Any], metric: str, target: float) -> bool:
     value = row["median_ms"] if metric == "latency_ms" else row["img_per_s"]
     return value <= target if metric == "latency_ms" else value >= target
@@ -514,7 +462,7 @@ class Table:
                 continue
             log(f"{profile_id}: missed {metric} {targets[mode]}: profiling")
             try:
-                found = profile_row(self.backends.backend, images[: chosen["batch"]])
+                found = self.backends.backend.profile(images[: chosen["batch"]])
             except Exception as exc:  # a profile is a diagnosis: its failure must not stop the table
                 found = {"error": f"{type(exc).__name__}: {exc}"}
             self.results.data["profiles"].append(

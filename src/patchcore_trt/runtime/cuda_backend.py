@@ -92,5 +92,15 @@ class CudaBackend(Backend):
     def _infer_device(self, images: Any) -> Prediction:
         return Prediction.from_outputs(self.executor.run(images.to(self.executor.device)))
 
+    def profile(self, images: Any, runs: int = 5) -> dict[str, Any]:
+        """Where the GPU time goes for uint8 [N, H, W, 3] ``images`` (numpy or on the GPU): kernel time per stage
+        and the heaviest kernels of eager runs, beside the graph replay (gpu/profile.py)."""
+        import torch
+
+        from patchcore_trt.gpu.profile import stage_profile
+
+        resident = images if hasattr(images, "is_cuda") else torch.from_numpy(images)
+        return stage_profile(self.executor, resident.to(self.executor.device), runs)
+
     def close(self) -> None:
         self.executor.close()
