@@ -18,9 +18,9 @@ from conftest import run_cli
 
 from patchcore_trt.compare import PARITY_BAR, compare
 from patchcore_trt.errors import UserError
-from patchcore_trt.images import load_image
+from patchcore_trt.images import load_image, uint8_to_float
 from patchcore_trt.runtime import REGISTRY, backend_info, backend_names, open_backend
-from patchcore_trt.runtime.base import input_kind, uint8_to_float
+from patchcore_trt.runtime.base import input_kind
 from patchcore_trt.serve.server import TritonServer, free_ports
 
 MODEL = "contract"

@@ -1,11 +1,13 @@
 """Finding and decoding input images safely: any size, grayscale, RGBA, palette and 16-bit, size-limited.
 
-Every image becomes float32 RGB in [0, 1], [3, H, W] - anomalib's input convention. 8-bit images (and a GIF's
-first frame) decode exactly as anomalib's ``read_image`` does. 16-bit images are scaled by their full range
-(0..65535); float images are taken as [0, 1], [0, 255] or [0, 65535], whichever range holds their values.
-anomalib's ``read_image`` instead clips 16-bit and float images through PIL's RGB conversion, so a model trained
-by anomalib's own loaders on such data saw clipped inputs. A file that cannot be read raises ImageError with the
-reason, so callers can report it and go on with the other files.
+``decode_image`` keeps 8-bit images as decoded, uint8 RGB [H, W, 3] (a quarter of float32's bytes, and what the
+uint8 backends take); ``load_image`` gives every image as float32 RGB in [0, 1], [3, H, W] - anomalib's input
+convention - through ``as_float``, the one uint8-to-float conversion (the backends' own for uint8 input too).
+8-bit images (and a GIF's first frame) decode exactly as anomalib's ``read_image`` does. 16-bit images are
+scaled by their full range (0..65535); float images are taken as [0, 1], [0, 255] or [0, 65535], whichever range
+holds their values. anomalib's ``read_image`` instead clips 16-bit and float images through PIL's RGB
+conversion, so a model trained by anomalib's own loaders on such data saw clipped inputs. A file that cannot be
+read raises ImageError with the reason, so callers can report it and go on with the other files.
 """
 
 from __future__ import annotations
@@ -92,14 +94,26 @@ def short_names(paths: list[Path], inputs: list[str]) -> dict[Path, str]:
     return names
 
 
-def _to_float_rgb(image: Image.Image) -> np.ndarray:
+def uint8_to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 RGB [..., H, W, 3] -> float32 [..., 3, H, W] in [0, 1]: anomalib's ``read_image`` arithmetic (float32
+    divided by 255), so a batch converted here equals the same files decoded by ``load_image`` bit for bit."""
+    return np.ascontiguousarray(np.moveaxis(images, -1, -3)).astype(np.float32) / np.float32(255.0)
+
+
+def as_float(image: np.ndarray) -> np.ndarray:
+    """One decoded image (``decode_image``'s uint8 [H, W, 3] or float32 [3, H, W]) as float32 [3, H, W]."""
+    return uint8_to_float(image) if image.dtype == np.uint8 else image
+
+
+def _decoded_pixels(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] for 8-bit images; float32 [3, H, W] in [0, 1] for 16-bit and float ones."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
         gray = np.asarray(image, dtype=np.float32) / 65535.0
-        return np.repeat(gray[..., None], 3, axis=2)
+        return _gray_to_rgb(gray)
     if image.mode == "I":
         # 16-bit PNGs often decode as 32-bit "I"; their values span 0..65535 (a fixed scale, never the content's).
         gray = np.asarray(image, dtype=np.float32)
-        return np.repeat(np.clip(gray / 65535.0, 0, 1)[..., None], 3, axis=2)
+        return _gray_to_rgb(np.clip(gray / 65535.0, 0, 1))
     if image.mode == "F":
         gray = np.asarray(image, dtype=np.float32)
         low, high = float(gray.min()), float(gray.max())
@@ -108,13 +122,18 @@ def _to_float_rgb(image: Image.Image) -> np.ndarray:
         scale = next((limit for limit in FLOAT_RANGES if high <= limit), None)
         if low < 0 or scale is None:
             raise ImageError(f"float pixel values span {low:g}..{high:g}; expected [0, 1], [0, 255] or [0, 65535]")
-        return np.repeat((gray / np.float32(scale))[..., None], 3, axis=2)
+        return _gray_to_rgb(gray / np.float32(scale))
     # Palette, grayscale, CMYK and alpha all go through PIL's RGB conversion, as anomalib's read_image does.
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(image.convert("RGB"))
 
 
-def load_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode one image file to float32 RGB [3, H, W] in [0, 1], or raise ImageError saying why not."""
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(gray[None], 3, axis=0), dtype=np.float32)
+
+
+def decode_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image file to uint8 RGB [H, W, 3] (8-bit images) or float32 RGB [3, H, W] in [0, 1] (16-bit and
+    float ones), or raise ImageError saying why not. The header is checked before any pixel is decoded."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -130,7 +149,7 @@ def load_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
                 if min(width, height) < MIN_SIDE:
                     raise ImageError(f"{width}x{height} is too small; both sides must be at least {MIN_SIDE} pixels")
                 image.load()
-                array = _to_float_rgb(image)
+                return _decoded_pixels(image)
     except ImageError:
         raise
     except FileNotFoundError:
@@ -143,7 +162,11 @@ def load_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise ImageError(f"refused: {exc}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image ({exc})") from None
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+
+
+def load_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode one image file to float32 RGB [3, H, W] in [0, 1], or raise ImageError saying why not."""
+    return as_float(decode_image(path, max_pixels=max_pixels))
 
 
 def load_batch(paths: list[Path]) -> np.ndarray:

@@ -10,8 +10,14 @@ the backend could not run (a server that went away) is an error row with its rea
 from __future__ import annotations
 
 import datetime
+import itertools
+import os
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,7 +26,7 @@ import numpy as np
 
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import display_name
-from patchcore_trt.images import ImageError, load_image, natural_key
+from patchcore_trt.images import ImageError, decode_image, natural_key
 from patchcore_trt.outputs import NonFiniteOutputError, Postprocess, Prediction
 from patchcore_trt.runtime.base import Backend
 
@@ -82,24 +88,66 @@ class ImageResult:
         return row
 
 
-def _batches(paths: list[Path], batch_size: int) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
-    """Runs of consecutive decodable images of one size (their indices and arrays), plus the failures met."""
+def default_workers() -> int:
+    """Decoding threads by default: one per core, up to 8 (Pillow's decoders release the GIL)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _decoded(paths: list[Path], workers: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(index, decoded image or None, why not) for every path in input order, decoded ``workers`` at a time.
+
+    At most ``2 * workers`` decodes run ahead of the consumer, so memory stays flat over any number of files.
+    """
+    if workers <= 1:
+        for index, path in enumerate(paths):
+            try:
+                yield index, decode_image(path), None
+            except ImageError as exc:
+                yield index, None, str(exc)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+    queued = iter(enumerate(paths))
+    try:
+        for index, path in itertools.islice(queued, 2 * workers):
+            pending.append((index, pool.submit(decode_image, path)))
+        while pending:
+            index, future = pending.popleft()
+            for following, path in itertools.islice(queued, 1):
+                pending.append((following, pool.submit(decode_image, path)))
+            try:
+                yield index, future.result(), None
+            except ImageError as exc:
+                yield index, None, str(exc)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the decodes under way finish, the rest never start
+
+
+def _batches(
+    paths: list[Path], batch_size: int, workers: int
+) -> Iterator[tuple[list[int], list[np.ndarray], list[tuple[int, str]]]]:
+    """Runs of consecutive decodable images of one size and kind (their indices and arrays), plus the failures
+    met. 8-bit images stay uint8 [H, W, 3]; the backend converts them where it needs floats."""
     indices: list[int] = []
     pending: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
-    for index, path in enumerate(paths):
-        try:
-            image = load_image(path)
-        except ImageError as exc:
-            failures.append((index, str(exc)))
+    for index, image, why in _decoded(paths, workers):
+        if image is None:
+            failures.append((index, why or "failed"))
             continue
-        if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
+        same = pending and image.shape == pending[0].shape and image.dtype == pending[0].dtype
+        if pending and (not same or len(pending) == batch_size):
             yield indices, pending, failures
             indices, pending, failures = [], [], []
         indices.append(index)
         pending.append(image)
     if pending or failures:
         yield indices, pending, failures
+
+
+def image_size(image: np.ndarray) -> tuple[int, int]:
+    """(height, width) of a decoded image: uint8 [H, W, 3] or float32 [3, H, W]."""
+    return image.shape[:2] if image.dtype == np.uint8 else image.shape[1:]
 
 
 def _infer(backend: Backend, images: list[np.ndarray]) -> tuple[Prediction | None, set[int], float, str | None]:
@@ -120,15 +168,21 @@ def _name(path: Path, names: dict[Path, str]) -> str:
 
 
 def predict_files(
-    backend: Backend, paths: list[Path], *, names: dict[Path, str] | None = None, batch_size: int = 8
+    backend: Backend,
+    paths: list[Path],
+    *,
+    names: dict[Path, str] | None = None,
+    batch_size: int = 8,
+    workers: int = 1,
 ) -> Iterator[tuple[ImageResult, np.ndarray | None]]:
     """Predict every file of ``paths``; yields ``(result, decoded image or None)`` in input order, file by file.
 
-    The decoded [3, H, W] image comes along so callers can draw it without decoding again; it is not kept.
+    The decoded image (``images.decode_image``'s uint8 [H, W, 3] or float32 [3, H, W]) comes along so callers can
+    draw it without decoding again; it is not kept. ``workers`` threads decode ahead while a batch runs.
     """
     names = names or {}
     failed_in_a_row, last_failure = 0, ""
-    for indices, images, failures in _batches(paths, batch_size):
+    for indices, images, failures in _batches(paths, batch_size, workers):
         done = [(index, ImageResult(paths[index], _name(paths[index], names), error=why), None)
                 for index, why in failures]  # fmt: skip
         if images and failed_in_a_row >= MAX_FAILED_BATCHES:
@@ -147,7 +201,7 @@ def predict_files(
                 elif position in bad:
                     result = ImageResult(path, name, error="the model scored NaN or infinity (extreme pixel values?)")
                 else:
-                    size = images[position].shape[1:]
+                    size = image_size(images[position])
                     result = ImageResult(path, name, prediction[position], size, ms=ms / len(images))
                 done.append((index, result, images[position]))
         for _, result, image in sorted(done, key=lambda item: item[0]):
@@ -241,8 +295,12 @@ def run_predict(
     top: int = 10,
     unmatched: Sequence[str] = (),
     on_progress: Callable[[int], None] | None = None,
+    workers: int | None = None,
 ) -> PredictSummary:
     """Predict every file of ``paths`` into ``sinks``; returns the summary. Every sink is closed, also on Ctrl-C.
+
+    Three things overlap: ``workers`` threads decode the next images, the backend runs the current batch, and one
+    writer thread hands finished results to the sinks (panels and files), in input order.
 
     Args:
         backend: Any backend (``runtime.open_backend``), local or a server.
@@ -253,24 +311,29 @@ def run_predict(
         top: How many of the most anomalous images the summary keeps.
         unmatched: Inputs that matched no file; each becomes an error row after the images.
         on_progress: Called with the number of images done after each one.
+        workers: Decoding threads (``default_workers()`` when None; 1 decodes on the calling thread).
     """
     from patchcore_trt.visuals import DOWNSCALE_LIMIT, downscale_warning
 
     post = backend.postprocess
     summary = PredictSummary(images=len(paths) + len(unmatched))
+    writer = _Writer(sinks)
+    workers = default_workers() if workers is None else workers
     started = time.perf_counter()
     try:
-        for result, image in predict_files(backend, list(paths), names=names, batch_size=batch_size):
-            _add(summary, sinks, post, result, image, top)
+        for result, image in predict_files(backend, list(paths), names=names, batch_size=batch_size, workers=workers):
+            _add(summary, writer, post, result, image, top)
             if result.prediction is not None:
                 warning = downscale_warning(result.size, result.prediction.anomaly_map.shape[-2:])
                 summary.downscaled += warning is not None
             if on_progress is not None:
                 on_progress(summary.done)
         for item in unmatched:
-            _add(summary, sinks, post, ImageResult(Path(item), item, error="no image files found"), None, top)
+            _add(summary, writer, post, ImageResult(Path(item), item, error="no image files found"), None, top)
     except KeyboardInterrupt:
         summary.interrupted = True
+    finally:
+        writer.finish()  # every result produced reaches the sinks, also after Ctrl-C
     summary.seconds = time.perf_counter() - started
     summary.top.sort(key=_rank_key)
     del summary.top[top:]
@@ -285,17 +348,52 @@ def run_predict(
     return summary
 
 
+class _Writer:
+    """Hands results to the sinks on a thread of its own, in order, so panels and file writes overlap inference.
+
+    The queue is bounded (memory stays flat); an error in a sink (a full disk) is raised in the caller's thread at
+    the next result or at ``finish``.
+    """
+
+    def __init__(self, sinks: Sequence[ResultSink], depth: int = 32) -> None:
+        self.sinks = sinks
+        self.queue: queue.Queue[tuple[ImageResult, dict[str, object], np.ndarray | None] | None] = queue.Queue(depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="sinks", daemon=True)
+        self.thread.start()
+
+    def put(self, result: ImageResult, row: dict[str, object], image: np.ndarray | None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((result, row, image))
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: the caller raises the first error
+            try:
+                for sink in self.sinks:
+                    sink.add(*item)
+            except BaseException as exc:  # re-raised in the caller's thread
+                self.error = exc
+
+    def finish(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _add(
     summary: PredictSummary,
-    sinks: Sequence[ResultSink],
+    writer: _Writer,
     post: Postprocess,
     result: ImageResult,
     image: np.ndarray | None,
     top: int,
 ) -> None:
     row = result.record(post)
-    for sink in sinks:
-        sink.add(result, row, image)
+    writer.put(result, row, image)
     if result.prediction is None:
         summary.failed += 1
         summary.failures.append((result.name, result.error or "failed"))

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from patchcore_trt.files import atomic_path, display_name
+from patchcore_trt.images import as_float
 from patchcore_trt.outputs import Postprocess, relation
 from patchcore_trt.report import format_score
 
@@ -334,13 +335,13 @@ class Panels:
         self._last: tuple[Any, np.ndarray] | None = None
 
     def panel(self, result: Any, image: np.ndarray) -> np.ndarray:
-        """The panel of ``result`` (a scored predict.ImageResult) and its decoded image."""
+        """The panel of ``result`` (a scored predict.ImageResult) and its decoded image (images.decode_image)."""
         if self._last is not None and self._last[0] is result:
             return self._last[1]
         prediction = result.prediction
         score = float(prediction.pred_score[0])
         panel = render_panel(
-            image,
+            as_float(image),
             prediction.anomaly_map[0, 0],
             prediction.pred_mask[0, 0],
             score=score,
@@ -376,7 +377,7 @@ class VisualsSink:
         prediction = result.prediction
         try:
             save_visuals(
-                image,
+                as_float(image),
                 prediction.anomaly_map[0, 0],
                 prediction.pred_mask[0, 0],
                 stem,

@@ -92,15 +92,12 @@ def step(title: str) -> Iterator[None]:
     err.print(Text.assemble(("✓", "green"), f" {title} ({time.perf_counter() - start:.1f} s)"), soft_wrap=True)
 
 
-def progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}", markup=False),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-    )
+def progress(rate: bool = False) -> Progress:
+    """A progress bar on stderr; ``rate`` adds images per second (the task's ``rate`` field)."""
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn()]
+    if rate:
+        columns.append(TextColumn("{task.fields[rate]}", markup=False))
+    return Progress(*columns, TimeElapsedColumn(), console=err, transient=True)
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:

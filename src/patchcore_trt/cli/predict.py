@@ -7,6 +7,7 @@ flat over any number of images and Ctrl-C keeps everything scored so far.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -43,6 +44,9 @@ def predict_command(
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
+    workers: int | None = typer.Option(
+        None, min=1, max=64, help="Threads decoding images ahead of the model (default: one per core, up to 8)."
+    ),
     json_path: Path | None = typer.Option(None, "--json", help="Write every result, with the run's header, as JSON."),
     csv_path: Path | None = typer.Option(None, "--csv", help="Write every result as CSV."),
     visuals: Path | None = typer.Option(
@@ -103,7 +107,7 @@ def predict_command(
         loaded.close()
         raise UserError("no input images found in " + ", ".join(inputs))
     with loaded:
-        summary = _run(loaded, paths, short_names(paths, inputs), unmatched, batch_size, top,
+        summary = _run(loaded, paths, short_names(paths, inputs), unmatched, batch_size, workers, top,
                        json_path, csv_path, visuals, report)  # fmt: skip
     _print(summary_console(json_path, csv_path, report), loaded, summary)
     if visuals is not None:
@@ -119,7 +123,7 @@ def predict_command(
         raise typer.Exit(1)
 
 
-def _run(loaded, paths, names, unmatched, batch_size, top, json_path, csv_path, visuals, report):
+def _run(loaded, paths, names, unmatched, batch_size, workers, top, json_path, csv_path, visuals, report):
     """run_predict with the sinks the options ask for, under a progress bar."""
     from patchcore_trt.html_report import ReportSink
     from patchcore_trt.predict import RECORD_FIELDS, header, run_predict
@@ -138,10 +142,15 @@ def _run(loaded, paths, names, unmatched, batch_size, top, json_path, csv_path, 
         sinks.append(VisualsSink(visuals, panels))
     if report is not None:
         sinks.append(ReportSink(report, run_header, panels, f"predict {loaded.artifact.name} ({loaded.name})"))
-    with progress() as bar:
-        task = bar.add_task(f"predicting ({loaded.name})", total=len(paths))
+    started = time.perf_counter()
+    with progress(rate=True) as bar:
+        task = bar.add_task(f"predicting ({loaded.name})", total=len(paths), rate="")
+
+        def advance(done: int) -> None:
+            bar.update(task, completed=done, rate=f"{done / max(time.perf_counter() - started, 1e-9):.1f} img/s")
+
         return run_predict(loaded, paths, sinks=sinks, names=names, batch_size=batch_size, top=top,
-                           unmatched=unmatched, on_progress=lambda done: bar.update(task, completed=done))  # fmt: skip
+                           unmatched=unmatched, on_progress=advance, workers=workers)  # fmt: skip
 
 
 def _print(out, loaded, summary) -> None:

@@ -18,19 +18,15 @@ import numpy as np
 
 from patchcore_trt.artifact import MIN_SIDE
 from patchcore_trt.errors import UserError
+from patchcore_trt.images import uint8_to_float
 from patchcore_trt.outputs import NonFiniteOutputError, Postprocess, Prediction
 from patchcore_trt.runtime.registry import REGISTRY
 
-__all__ = ["Backend", "NonFiniteOutputError", "Prediction", "check_images", "uint8_to_float"]
+__all__ = ["Backend", "NonFiniteOutputError", "Prediction", "check_images"]
 
 
 # Float images a hair outside [0, 1] come from resampling; anything further is a scale mistake (0..255).
 _RANGE_SLACK = 1e-3
-
-
-def uint8_to_float(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] in [0, 1], bit for bit what images.load_image makes of a file."""
-    return np.ascontiguousarray(images.transpose(0, 3, 1, 2)).astype(np.float32) / np.float32(255.0)
 
 
 def _too_small(backend: str, height: int, width: int) -> UserError:

@@ -22,8 +22,9 @@ import numpy as np
 
 from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ArtifactMetadata
 from patchcore_trt.errors import UserError
+from patchcore_trt.images import uint8_to_float
 from patchcore_trt.outputs import Prediction
-from patchcore_trt.runtime.base import Backend, uint8_to_float
+from patchcore_trt.runtime.base import Backend
 
 DEFAULT_TIMEOUT_S = 120.0
 
