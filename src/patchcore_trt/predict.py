@@ -93,7 +93,7 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _decoded(paths: list[Path], workers: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+def decode_files(paths: list[Path], workers: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """(index, decoded image or None, why not) for every path in input order, decoded ``workers`` at a time.
 
     At most ``2 * workers`` decodes run ahead of the consumer, so memory stays flat over any number of files.
@@ -131,7 +131,7 @@ def _batches(
     indices: list[int] = []
     pending: list[np.ndarray] = []
     failures: list[tuple[int, str]] = []
-    for index, image, why in _decoded(paths, workers):
+    for index, image, why in decode_files(paths, workers):
         if image is None:
             failures.append((index, why or "failed"))
             continue
