@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from patchcore_trt.images import decode_image
-from patchcore_trt.predict import decode_files, default_workers, header, run_predict
+from patchcore_trt.images import decode_files, decode_image, default_workers
+from patchcore_trt.predict import header, run_predict
 from patchcore_trt.report import JsonResults, markdown_table, write_json
 from patchcore_trt.runtime import open_backend
 

@@ -13,8 +13,13 @@ read raises ImageError with the reason, so callers can report it and go on with 
 from __future__ import annotations
 
 import glob
+import itertools
+import os
 import re
 import warnings
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +172,41 @@ def decode_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
 def load_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image file to float32 RGB [3, H, W] in [0, 1], or raise ImageError saying why not."""
     return as_float(decode_image(path, max_pixels=max_pixels))
+
+
+def default_workers() -> int:
+    """Decoding threads by default: one per core, up to 8 (Pillow's decoders release the GIL)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def decode_files(paths: list[Path], workers: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+    """(index, decoded image or None, why not) for every path in input order, decoded ``workers`` at a time.
+
+    At most ``2 * workers`` decodes run ahead of the consumer, so memory stays flat over any number of files.
+    """
+    if workers <= 1:
+        for index, path in enumerate(paths):
+            try:
+                yield index, decode_image(path), None
+            except ImageError as exc:
+                yield index, None, str(exc)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+    queued = iter(enumerate(paths))
+    try:
+        for index, path in itertools.islice(queued, 2 * workers):
+            pending.append((index, pool.submit(decode_image, path)))
+        while pending:
+            index, future = pending.popleft()
+            for following, path in itertools.islice(queued, 1):
+                pending.append((following, pool.submit(decode_image, path)))
+            try:
+                yield index, future.result(), None
+            except ImageError as exc:
+                yield index, None, str(exc)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the decodes under way finish, the rest never start
 
 
 def load_batch(paths: list[Path]) -> np.ndarray:

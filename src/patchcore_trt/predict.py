@@ -10,14 +10,10 @@ the backend could not run (a server that went away) is an error row with its rea
 from __future__ import annotations
 
 import datetime
-import itertools
-import os
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,7 +22,7 @@ import numpy as np
 
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import display_name
-from patchcore_trt.images import ImageError, decode_image, natural_key
+from patchcore_trt.images import decode_files, default_workers, natural_key
 from patchcore_trt.outputs import NonFiniteOutputError, Postprocess, Prediction
 from patchcore_trt.runtime.base import Backend
 
@@ -86,41 +82,6 @@ class ImageResult:
             ms=self.ms,
         )
         return row
-
-
-def default_workers() -> int:
-    """Decoding threads by default: one per core, up to 8 (Pillow's decoders release the GIL)."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def decode_files(paths: list[Path], workers: int) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-    """(index, decoded image or None, why not) for every path in input order, decoded ``workers`` at a time.
-
-    At most ``2 * workers`` decodes run ahead of the consumer, so memory stays flat over any number of files.
-    """
-    if workers <= 1:
-        for index, path in enumerate(paths):
-            try:
-                yield index, decode_image(path), None
-            except ImageError as exc:
-                yield index, None, str(exc)
-        return
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
-    pending: deque[tuple[int, Future[np.ndarray]]] = deque()
-    queued = iter(enumerate(paths))
-    try:
-        for index, path in itertools.islice(queued, 2 * workers):
-            pending.append((index, pool.submit(decode_image, path)))
-        while pending:
-            index, future = pending.popleft()
-            for following, path in itertools.islice(queued, 1):
-                pending.append((following, pool.submit(decode_image, path)))
-            try:
-                yield index, future.result(), None
-            except ImageError as exc:
-                yield index, None, str(exc)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # Ctrl-C: the decodes under way finish, the rest never start
 
 
 def _batches(
