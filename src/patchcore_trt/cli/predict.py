@@ -41,6 +41,9 @@ def predict_command(
     ),
     model_name: str | None = typer.Option(None, "--model", help="(--server) The served model; default: its only one."),
     concurrency: int = typer.Option(1, "--concurrency", min=1, max=256, help="(--server) Requests in flight at once."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", min=1, max=3600, help="(--server) Seconds to wait for an answer before the batch fails."
+    ),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
@@ -83,15 +86,15 @@ def predict_command(
         if len(arguments) < 2:
             raise UserError("predict needs a MODEL and at least one input (or --server URL and inputs)")
         model, inputs = Path(arguments[0]), arguments[1:]
-        if model_name is not None or concurrency != 1:
-            raise UserError("--model and --concurrency apply to --server")
+        if model_name is not None or concurrency != 1 or timeout != 60.0:
+            raise UserError("--model, --concurrency and --timeout apply to --server")
     else:
         local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]
         if local or given:
             flags = ", ".join(local + ["--" + k.replace("_", "-") for k in given])
             raise UserError(f"{flags}: for a local MODEL; the server's model carries its own settings")
         model, inputs = server if "://" in server else f"http://{server}", arguments
-        backend, given = "triton", {"model": model_name, "concurrency": concurrency}
+        backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     paths, unmatched = collect_images(inputs)

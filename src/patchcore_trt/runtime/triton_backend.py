@@ -138,6 +138,9 @@ class TritonBackend(Backend):
             return function(*args, **kwargs)
         except self.module.InferenceServerException as exc:
             raise UserError(f"{self.endpoint.url} model {self.model!r}: {what}: {_message(exc)}") from None
+        except Exception as exc:  # a dropped connection or a timeout: each transport raises its own type
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{self.endpoint.url} model {self.model!r}: {what}: {reason} (server gone?)") from None
 
     def _read_model(self) -> None:
         as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
