@@ -162,9 +162,16 @@ class Preprocessor(nn.Module):
         self.register_buffer("std", torch.tensor(settings.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.crop_and_normalize(self.resize(images))
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] at any H x W -> [N, 3, resize]: the only step that depends on the input's size."""
         mode = self.settings.interpolation
         align = False if mode in ("bilinear", "bicubic") else None
-        images = F.interpolate(images, size=self.settings.resize, mode=mode, align_corners=align)
+        return F.interpolate(images, size=self.settings.resize, mode=mode, align_corners=align)
+
+    def crop_and_normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The resized images -> the backbone's input."""
         if self.settings.center_crop is not None:
             crop_h, crop_w = self.settings.center_crop
             top = round((self.settings.resize[0] - crop_h) / 2.0)
@@ -251,9 +258,12 @@ class PatchCoreDeploy(nn.Module):
         return score, self.anomaly_map(distances.reshape(batch, 1, grid_h, grid_w))
 
     def forward(self, images: torch.Tensor) -> DeployOutput:
-        score, anomaly_map = self.raw_scores(images)
+        return self.outputs(*self.raw_scores(images), input_size=images.shape[-2:])
+
+    def outputs(self, score: torch.Tensor, anomaly_map: torch.Tensor, input_size: Any) -> DeployOutput:
+        """The raw score and map -> the normalised, labelled outputs (the map at ``input_size`` if asked)."""
         if self.map_at_input_size:
-            anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            anomaly_map = F.interpolate(anomaly_map, size=input_size, mode="bilinear", align_corners=False)
         post = self.post
         if post.normalize:
             score = normalize(score, post.image_threshold, post.image_min, post.image_max, post.zero_range)

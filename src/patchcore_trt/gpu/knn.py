@@ -147,9 +147,7 @@ def _centred_half(queries: torch.Tensor, index: BankIndex) -> tuple[torch.Tensor
     return (centred * scale).half(), factor, centred.pow(2).sum(dim=-1)
 
 
-def candidates(
-    queries: torch.Tensor, index: BankIndex, keep: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def candidates(queries: torch.Tensor, index: BankIndex, keep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FP16 candidates: [P, C] approximate ``||y - c||^2 - 2 (x - c).(y - c)``, their bank rows, and [P]
     ``||x - c||^2`` (c: the bank's centre; the three add up to ``||x - y||^2``).
 
@@ -182,7 +180,11 @@ def _finish_cpu(
     """knn_triton.finish in torch (the CPU path, and the kernel's specification in the tests)."""
     if not exact:
         best, column = values.min(dim=1)
-        return (best + query_sq).clamp_min(0).sqrt(), rows.gather(1, column[:, None]).squeeze(1).long(), values[:, :0]
+        return (
+            (best + query_sq).clamp_min(0).sqrt(),
+            rows.gather(1, column[:, None]).squeeze(1).long(),
+            values.new_empty(0),
+        )
     best = values.topk(min(2, values.shape[1]), dim=1, largest=False)
     picked = rows.gather(1, best.indices).long()
     runner_up = best.values[:, -1] if values.shape[1] > 1 else torch.full_like(query_sq, math.inf)
@@ -242,7 +244,9 @@ def nearest(queries: torch.Tensor, index: BankIndex, mode: str = "exact") -> tup
     if runs_kernels(queries):
         from patchcore_trt.gpu.knn_triton import finish
 
-        distances, found, runner_up = finish(queries.contiguous(), query_sq, values, rows, index.bank, index.bank_sq, exact)
+        distances, found, runner_up = finish(
+            queries.contiguous(), query_sq, values, rows, index.bank, index.bank_sq, exact
+        )
     else:
         distances, found, runner_up = _finish_cpu(queries, query_sq, values, rows, index, exact)
     if not exact:
