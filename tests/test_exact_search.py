@@ -56,7 +56,7 @@ def test_the_near_tie_is_not_certified_and_is_rescanned():
     assert proven[len(COPIES) + 1 :].all()
 
 
-def test_score_and_map_at_a_tied_argmax_patch_are_anomalibs(monkeypatch):
+def test_score_and_map_at_a_tied_argmax_patch_are_anomalibs():
     from patchcore_trt.demo.synthetic_model import synthetic_spec
     from patchcore_trt.gpu.fast_model import FastPatchCore
 
@@ -69,17 +69,21 @@ def test_score_and_map_at_a_tied_argmax_patch_are_anomalibs(monkeypatch):
         model, ref_distances.view(2, -1), ref_rows.view(2, -1), images
     )
     fast = FastPatchCore(synthetic_spec(50, (32, 32), backbone="resnet18", seed=1), backbone_dtype="fp32")
-    monkeypatch.setattr(fast, "index", BankIndex(bank, 9))
-    monkeypatch.setattr(fast, "num_neighbors", 9)
+    fast.index = BankIndex(bank, 9)  # a model that searches the planted bank
+    fast.num_neighbors = 9
     distances, rows = nearest(flat, fast.index)
     assert torch.equal(rows, ref_rows)
     assert rows.view(2, -1)[0, 5] == NEAR_TIE_ROWS[2] and rows.view(2, -1)[1, 3] == COPIES[0][0]
     score = fast.image_scores(distances.view(2, -1), rows.view(2, -1), images)
     torch.testing.assert_close(score, ref_score, rtol=2e-5, atol=0)  # FP32 summation orders differ
-    # Positive control: the near-tied row FP16 cannot tell apart gives a score far outside that tolerance.
+    # The argmax patch's row is searched again over the whole bank: a wrong row there (the near-tied one FP16
+    # cannot tell apart) does not reach the score.
     wrong = rows.clone().view(2, -1)
     wrong[0, 5] = NEAR_TIE_ROWS[1]
-    assert (fast.image_scores(distances.view(2, -1), wrong, images)[0] - ref_score[0]).abs() > 1e-4 * ref_score[0]
+    assert torch.equal(fast.image_scores(distances.view(2, -1), wrong, images), score)
+    fast.index = BankIndex(bank, 9)  # the same bank, with the wrong row's support set:
+    fast.index.neighbours[NEAR_TIE_ROWS[2]] = fast.index.neighbours[NEAR_TIE_ROWS[1]]
+    assert (fast.image_scores(distances.view(2, -1), rows.view(2, -1), images)[0] - ref_score[0]).abs() > 1e-4
     generator = patchcore.AnomalyMapGenerator()
     grid = (3, 4)
     ref_map = generator(ref_distances.view(2, 1, *grid), image_size=(32, 32))

@@ -136,6 +136,7 @@ class CudaPatchCore:
         search: ``exact`` or ``fast`` (see gpu/knn.py).
         device: A CUDA device; the current one by default.
         graphs: Capture CUDA graphs (off: plain eager launches, for profiling and comparison).
+        neighbours: The bank's neighbour table, if already computed (knn.BankIndex; by default it is built).
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class CudaPatchCore:
         device: torch.device | str | None = None,
         graphs: bool = True,
         map_at_input_size: bool = False,
+        neighbours: torch.Tensor | None = None,
     ) -> None:
         require_cuda()
         if backbone_dtype not in BACKBONE_DTYPES:
@@ -165,6 +167,7 @@ class CudaPatchCore:
                 search=search,
                 device=self.device,
                 map_at_input_size=map_at_input_size,
+                neighbours=neighbours,
             ).eval()
             self._pool = torch.cuda.graph_pool_handle() if graphs else None
         self._graphs: OrderedDict[tuple[int, tuple[int, int] | None, bool], _BatchGraph] = OrderedDict()

@@ -129,6 +129,7 @@ class FastPatchCore(PatchCoreDeploy):
         search: ``exact`` (FP16 candidates + FP32 re-rank) or ``fast`` (FP16 distances).
         device: Where the model runs; the bank index is built there.
         map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.
+        neighbours: The bank's neighbour table, if already computed (knn.BankIndex).
     """
 
     def __init__(
@@ -139,6 +140,7 @@ class FastPatchCore(PatchCoreDeploy):
         search: str = "exact",
         device: torch.device | str = "cpu",
         map_at_input_size: bool = False,
+        neighbours: torch.Tensor | None = None,
     ) -> None:
         if backbone_dtype not in BACKBONE_DTYPES:
             raise ValueError(f"backbone_dtype must be one of {sorted(BACKBONE_DTYPES)}, got {backbone_dtype!r}")
@@ -155,7 +157,7 @@ class FastPatchCore(PatchCoreDeploy):
         backbone = fuse_resnet(backbone) if backbone_dtype != "fp32" else exact_convolutions(backbone)
         self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
         del self.search  # the deploy model's chunked FP32 search; the index below replaces it
-        self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device)
+        self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device, neighbours)
         self.anomaly_map = SeparableMap(spec.blur_kernel, spec.preprocess.model_size)
 
     def embed(self, normalized_images: torch.Tensor) -> torch.Tensor:
