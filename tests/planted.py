@@ -5,9 +5,10 @@ The bank is random with a common offset (post-ReLU features have one: products l
 holds, for ``tile``-row bank tiles:
 - exact ties: row copies within one tile, across a tile boundary and tiles apart; each of the first queries
   lies near one copied row, so two or three bank rows share its smallest distance bit for bit;
-- a three-way near-tie: three rows at distances 3, 3 (1 + 1e-4), 3 (1 + 2e-4) from one query, the nearest at the
-  highest index, in different tiles: far apart in FP32 (squared gaps ~2e-3, rounding ~1e-5), inside FP16's
-  rounding (~2e-2), so a search that trusted FP16's ranking of its top two would return the wrong row.
+- a five-way near-tie: five rows at distances 3 (1 + k 1e-4), k = 4..0, from one query, the nearest last, in
+  different tiles: far apart in FP32 (squared gaps ~2e-3, rounding ~1e-5), inside FP16's rounding (~2e-2), so
+  a search that trusted FP16's ranking of its top few would return the wrong row, and more rows tie than the
+  exact search re-scores (knn.CANDIDATES_PER_TILE = 4), so its certificate must refuse the query.
 That query is also the farthest from the bank, so in an image it is the argmax patch.
 """
 
@@ -16,12 +17,12 @@ from __future__ import annotations
 import torch
 
 COPIES = ((10, 20), (61, 67), (5, 129), (33, 3 * 64 + 7))  # (original, copy): same tile, boundary, tiles apart
-NEAR_TIE_ROWS = (250, 130, 199)  # distances 3 (1 + 2e-4), 3 (1 + 1e-4), 3: the truly nearest is row 199
+NEAR_TIE_ROWS = (250, 130, 77, 280, 199)  # distances 3 (1 + 4e-4), ..., 3 (1 + 1e-4), 3: the nearest is 199
 
 
 def planted(seed: int, rows: int = 300, dim: int = 40, queries: int = 23) -> tuple[torch.Tensor, torch.Tensor]:
     """(bank [rows, dim], queries [queries, dim]): the first len(COPIES) queries sit on exact ties, the next one on
-    the three-way near-tie, the rest are random."""
+    the near-tie, the rest are random."""
     generator = torch.Generator().manual_seed(seed)
     bank = torch.randn(rows, dim, generator=generator) + 2
     near = torch.randn(queries, dim, generator=generator) + 2
@@ -30,8 +31,10 @@ def planted(seed: int, rows: int = 300, dim: int = 40, queries: int = 23) -> tup
     for i, (original, _) in enumerate(COPIES):
         near[i] = bank[original] + 0.01 * torch.randn(dim, generator=generator)
     tie_query = len(COPIES)
-    directions = torch.linalg.qr(torch.randn(dim, 3, generator=generator, dtype=torch.float64)).Q.T
-    for row, direction, stretch in zip(NEAR_TIE_ROWS, directions, (2e-4, 1e-4, 0.0), strict=True):
+    gaussian = torch.randn(dim, len(NEAR_TIE_ROWS), generator=generator, dtype=torch.float64)
+    directions = torch.linalg.qr(gaussian).Q.T
+    stretches = [1e-4 * k for k in range(len(NEAR_TIE_ROWS) - 1, -1, -1)]
+    for row, direction, stretch in zip(NEAR_TIE_ROWS, directions, stretches, strict=True):
         bank[row] = (near[tie_query].double() + 3 * (1 + stretch) * direction).float()
     return bank, near
 

@@ -75,8 +75,8 @@ import sys
 import torch
 from planted import COPIES, NEAR_TIE_ROWS, planted
 from patchcore_trt.gpu import knn_triton
-from patchcore_trt.gpu.knn import BankIndex, _centred_half, _finish_cpu, candidates, nearest, neighbour_table
-from patchcore_trt.gpu.knn_triton import TileConfig, finish, scan, tile_candidates
+from patchcore_trt.gpu.knn import BankIndex, _centred_half, nearest, neighbour_table, rescore_cpu
+from patchcore_trt.gpu.knn_triton import TileConfig, fast_finish, rescore, scan, tile_candidates
 from patchcore_trt.model import nearest_rows, squared_distances
 device = sys.argv[1]
 # Sizes that fill no block exactly: queries, bank tiles and the feature dimension all have tails.
@@ -87,7 +87,7 @@ config = TileConfig(block_p=32, block_m=64, block_k=32, group_p=2, num_warps=4, 
 half, factor, centred_sq = _centred_half(queries, index)
 full = index.centred_sq - (half.float() @ index.bank_half.float().T) * factor
 query_sq = queries.pow(2).sum(-1)
-for keep, exact in ((2, True), (1, False), (5, True)):
+for keep in (1, 2, 5):
     values, rows = tile_candidates(half, index.bank_half, index.centred_sq, keep, factor, config)
     for tile in range(5):
         block = full[:, tile * 64 : (tile + 1) * 64]
@@ -95,22 +95,29 @@ for keep, exact in ((2, True), (1, False), (5, True)):
         torch.testing.assert_close(values[:, tile * keep : (tile + 1) * keep], best, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(full.gather(1, rows[:, tile * keep : (tile + 1) * keep].long()), best,
                                    rtol=1e-5, atol=1e-3)
-    want_sq = query_sq if exact else centred_sq
-    got = finish(queries, want_sq, values, rows, index.bank, index.bank_sq, exact)
-    want = _finish_cpu(queries, want_sq, values, rows, index, exact)
+    # The fast finish: the best candidate value plus the query's term.
+    distances, found = fast_finish(centred_sq, values, rows)
+    low, column = values.min(dim=1)
+    assert torch.equal(found, rows.gather(1, column[:, None]).squeeze(1).long())
+    torch.testing.assert_close(distances, (low + centred_sq).clamp_min(0).sqrt(), rtol=1e-6, atol=1e-6)
+    # The exact re-score of picked rows (with exact ties among them: the planted copies).
+    picked = torch.cat([rows[:, :keep].long(), torch.tensor([a for a, _ in COPIES], device=device).repeat(70, 1)], 1)
+    picked[0, :2] = torch.tensor([COPIES[0][1], COPIES[0][0]])
+    got = rescore(queries, query_sq, picked, index.bank, index.bank_sq)
+    want = rescore_cpu(queries, query_sq, picked, index)
+    assert torch.equal(got[1], want[1]) and got[1][0] == COPIES[0][0]
     # Squares: near-zero distances are square roots of FP32 cancellation noise in any summation order.
     torch.testing.assert_close(got[0].square(), want[0].square(), rtol=1e-5, atol=1e-4)
-    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 # The scan: anomalib's search of the whole bank for the flagged queries only.
 flagged = torch.arange(70, device=device) % 3 == 0
 distances, rows = scan(queries, query_sq, flagged, index.bank, index.bank_sq, block_p=16, block_m=64, groups=2)
 expected, expected_rows = nearest_rows(queries, index.bank, index.bank_sq)
 assert torch.equal(rows[flagged], expected_rows[flagged])
 torch.testing.assert_close(distances[flagged].square(), expected[flagged].square(), rtol=1e-5, atol=1e-4)
-# The whole exact search through the kernels: planted exact ties and the three-way near-tie.
+# The whole exact search through the kernels: planted exact ties and the five-way near-tie.
 distances, rows = nearest(queries, index)
 assert torch.equal(rows, expected_rows)
-assert rows[: len(COPIES)].tolist() == [a for a, _ in COPIES] and rows[len(COPIES)] == NEAR_TIE_ROWS[2]
+assert rows[: len(COPIES)].tolist() == [a for a, _ in COPIES] and rows[len(COPIES)] == NEAR_TIE_ROWS[-1]
 torch.testing.assert_close(distances.square(), expected.square(), rtol=1e-5, atol=1e-4)
 # Features FP16 cannot hold (up to ~1e9): scaled exactly by a power of two before the cast.
 big = BankIndex(bank * 2.0**28, 9)

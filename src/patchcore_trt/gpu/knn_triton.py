@@ -5,9 +5,9 @@ the memory bank on the tensor cores (FP16 operands, FP32 accumulation) and keeps
 ``keep`` smallest values of ``||y||^2 - 2 x.y`` in the tile. Only those few (value, bank row) pairs leave the
 chip: the [patches x bank] distance matrix is never written, in any precision.
 
-``finish``: per query, the best one or two candidates, then (exact) their FP32 distances by anomalib's formula
-and anomalib's tie rule, and the runner-up candidate value knn.certified needs; or (fast) the best FP16 value
-plus the query's FP32 squared norm. One pass, no [P, C, D] gather.
+``rescore`` (exact): anomalib's FP32 distances to a few picked bank rows per query and its tie rule among them,
+without gathering the [P, R, D] rows. ``fast_finish`` (fast): the best FP16 value plus the query's FP32
+squared norm.
 
 ``scan``: anomalib's FP32 search over the whole bank for the queries knn.py flags (those the finish cannot
 certify, and each image's argmax patch), with IEEE FP32 products; the flagged queries are moved to the front,
@@ -173,129 +173,123 @@ def tile_candidates(
 
 
 @triton.jit
-def _finish_kernel(
+def _fast_finish_kernel(
     val_ptr,
     idx_ptr,
+    q_sq_ptr,
+    dist_ptr,
+    row_ptr,
+    num_queries,
+    num_candidates,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_queries
+    local = tl.arange(0, BLOCK_C)
+    candidate_base = _offsets(rows, num_candidates)
+    best = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_col = tl.zeros([BLOCK_R], tl.int32)
+    for start in range(0, num_candidates, BLOCK_C):
+        ok = row_ok[:, None] & ((start + local) < num_candidates)[None, :]
+        values = tl.load(val_ptr + candidate_base[:, None] + start + local[None, :], mask=ok, other=float("inf"))
+        low, low_col = tl.min(values, axis=1, return_indices=True)
+        best_col = tl.where(low < best, low_col + start, best_col)
+        best = tl.minimum(best, low)
+    row = tl.load(idx_ptr + candidate_base + best_col, mask=row_ok, other=0)
+    query_sq = tl.load(q_sq_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(dist_ptr + rows, tl.sqrt(tl.maximum(best + query_sq, 0.0)), mask=row_ok)
+    tl.store(row_ptr + rows, row.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _rescore_kernel(
+    picked_ptr,
     q_ptr,
     q_sq_ptr,
     bank_ptr,
     bank_sq_ptr,
     dist_ptr,
     row_ptr,
-    runner_up_ptr,
     num_queries,
-    num_candidates,
     D: tl.constexpr,
-    EXACT: tl.constexpr,
+    R: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_queries
-    local = tl.arange(0, BLOCK_C)
-    candidate_base = _offsets(rows, num_candidates)
-    # The best two candidates of each query (one in fast mode), scanning the candidate list in chunks.
-    best = tl.full([BLOCK_R], float("inf"), tl.float32)
-    second = tl.full([BLOCK_R], float("inf"), tl.float32)
-    best_col = tl.zeros([BLOCK_R], tl.int32)
-    second_col = tl.zeros([BLOCK_R], tl.int32)
-    for start in range(0, num_candidates, BLOCK_C):
-        ok = row_ok[:, None] & ((start + local) < num_candidates)[None, :]
-        values = tl.load(val_ptr + candidate_base[:, None] + start + local[None, :], mask=ok, other=float("inf"))
-        low, low_col = tl.min(values, axis=1, return_indices=True)
-        low_col += start
-        if EXACT:
-            rest = tl.where(local[None, :] == (low_col - start)[:, None], float("inf"), values)
-            next_low, next_col = tl.min(rest, axis=1, return_indices=True)
-            next_col += start
-            # Merge the sorted pairs (best, second) and (low, next_low).
-            new_second = tl.where(low < best, tl.minimum(best, next_low), tl.minimum(second, low))
-            new_second_col = tl.where(
-                low < best, tl.where(best <= next_low, best_col, next_col), tl.where(second <= low, second_col, low_col)
-            )
-            second, second_col = new_second, new_second_col
-        best_col = tl.where(low < best, low_col, best_col)
-        best = tl.minimum(best, low)
-    first_row = tl.load(idx_ptr + candidate_base + best_col, mask=row_ok, other=0)
-    second_row = tl.load(idx_ptr + candidate_base + second_col, mask=row_ok, other=0)
+    dims = tl.arange(0, BLOCK_D)
+    query_base = _offsets(rows, D)
     query_sq = tl.load(q_sq_ptr + rows, mask=row_ok, other=0.0)
-    if EXACT:
-        dims = tl.arange(0, BLOCK_D)
-        query_base = _offsets(rows, D)
-        first_base = _offsets(first_row, D)
-        second_base = _offsets(second_row, D)
-        first_dot = tl.zeros([BLOCK_R], tl.float32)
-        second_dot = tl.zeros([BLOCK_R], tl.float32)
+    best = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_row = tl.zeros([BLOCK_R], tl.int64)
+    for rank in tl.static_range(R):
+        row = tl.load(picked_ptr + _offsets(rows, R) + rank, mask=row_ok, other=0)
+        bank_base = _offsets(row, D)
+        dot = tl.zeros([BLOCK_R], tl.float32)
         for start in range(0, D, BLOCK_D):
             ok = row_ok[:, None] & ((start + dims) < D)[None, :]
             x = tl.load(q_ptr + query_base[:, None] + start + dims[None, :], mask=ok, other=0.0)
-            y = tl.load(bank_ptr + first_base[:, None] + start + dims[None, :], mask=ok, other=0.0)
-            first_dot += tl.sum(x * y, axis=1)
-            y = tl.load(bank_ptr + second_base[:, None] + start + dims[None, :], mask=ok, other=0.0)
-            second_dot += tl.sum(x * y, axis=1)
+            y = tl.load(bank_ptr + bank_base[:, None] + start + dims[None, :], mask=ok, other=0.0)
+            dot += tl.sum(x * y, axis=1)
         # anomalib's euclidean_dist: x.y * -2 + ||x||^2 + ||y||^2, clamped at 0, square-rooted; then its min's
         # tie rule: the smaller distance, the lower bank row among equal distances.
-        first_sq = first_dot * -2 + query_sq + tl.load(bank_sq_ptr + first_row, mask=row_ok, other=0.0)
-        second_sq = second_dot * -2 + query_sq + tl.load(bank_sq_ptr + second_row, mask=row_ok, other=0.0)
-        first_distance = tl.sqrt(tl.maximum(first_sq, 0.0))
-        second_distance = tl.sqrt(tl.maximum(second_sq, 0.0))
-        take_second = (second_distance < first_distance) | (
-            (second_distance == first_distance) & (second_row < first_row)
-        )
-        distance = tl.where(take_second, second_distance, first_distance)
-        row = tl.where(take_second, second_row, first_row)
-        tl.store(runner_up_ptr + rows, second, mask=row_ok)
-    else:
-        distance = tl.sqrt(tl.maximum(best + query_sq, 0.0))
-        row = first_row
-    tl.store(dist_ptr + rows, distance, mask=row_ok)
-    tl.store(row_ptr + rows, row.to(tl.int64), mask=row_ok)
+        squared = dot * -2 + query_sq + tl.load(bank_sq_ptr + row, mask=row_ok, other=0.0)
+        distance = tl.sqrt(tl.maximum(squared, 0.0))
+        take = (distance < best) | ((distance == best) & (row < best_row))
+        best = tl.where(take, distance, best)
+        best_row = tl.where(take, row, best_row)
+    tl.store(dist_ptr + rows, best, mask=row_ok)
+    tl.store(row_ptr + rows, best_row, mask=row_ok)
 
 
-def finish(
-    queries: torch.Tensor,
-    query_sq: torch.Tensor,
-    values: torch.Tensor,
-    rows: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq_norm: torch.Tensor,
-    exact: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Nearest distance, bank row and runner-up candidate value per query (see knn.nearest for the two modes).
+def fast_finish(query_sq: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast mode's answer per query: the best candidate's value plus ``query_sq``, square-rooted, and its row.
 
     Args:
-        queries: [P, D] float32. query_sq: [P] (exact: ``||x||^2``; fast: the term the candidate values lack).
-        values, rows: [P, C] from ``tile_candidates``. bank: [M, D] float32. bank_sq_norm: [M].
+        query_sq: [P] the term the candidate values lack. values, rows: [P, C] from ``tile_candidates``.
+    """
+    num_queries = values.shape[0]
+    distances = torch.empty(num_queries, device=values.device, dtype=torch.float32)
+    nearest = torch.empty(num_queries, device=values.device, dtype=torch.int64)
+    block_r = 16
+    _fast_finish_kernel[(triton.cdiv(num_queries, block_r),)](
+        values, rows, query_sq, distances, nearest, num_queries, values.shape[1], BLOCK_R=block_r, BLOCK_C=128
+    )
+    return distances, nearest
 
-    Returns:
-        distances [P] float32, rows [P] int64, and (exact) the second-smallest candidate value [P] (fast: empty).
+
+def rescore(
+    queries: torch.Tensor, query_sq: torch.Tensor, picked: torch.Tensor, bank: torch.Tensor, bank_sq_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """anomalib's FP32 distance to each ``picked`` bank row and its ``min(1)`` over them (the lower row among
+    equal distances), without gathering the [P, R, D] rows.
+
+    Args:
+        queries: [P, D] float32. query_sq: [P] ``||x||^2``. picked: [P, R] int64 bank rows.
+        bank: [M, D] float32. bank_sq_norm: [M].
     """
     num_queries, dim = queries.shape
     distances = torch.empty(num_queries, device=queries.device, dtype=torch.float32)
     nearest = torch.empty(num_queries, device=queries.device, dtype=torch.int64)
-    runner_up = torch.empty(num_queries if exact else 0, device=queries.device, dtype=torch.float32)
     block_r = 16
-    _finish_kernel[(triton.cdiv(num_queries, block_r),)](
-        values,
-        rows,
+    _rescore_kernel[(triton.cdiv(num_queries, block_r),)](
+        picked.contiguous(),
         queries,
         query_sq,
         bank,
         bank_sq_norm,
         distances,
         nearest,
-        runner_up,
         num_queries,
-        values.shape[1],
         D=dim,
-        EXACT=exact,
+        R=picked.shape[1],
         BLOCK_R=block_r,
-        BLOCK_C=128,
         BLOCK_D=128,
         num_warps=4,
     )
-    return distances, nearest, runner_up
+    return distances, nearest
 
 
 @triton.jit
