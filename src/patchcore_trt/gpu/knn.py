@@ -7,8 +7,9 @@ Two modes, same bank, same answer format (distance and bank row of each query's 
   CANDIDATES_PER_TILE smallest FP16 approximations of ``||y||^2 - 2 x.y`` (FP16 operands, FP32 accumulation);
   as many best overall are re-scored in FP32 by anomalib's ``euclidean_dist`` (``x.y * -2 + ||x||^2 +
   ||y||^2``, clamped, square-rooted) and the winner chosen by anomalib's ``min(1)`` rule: the smaller
-  distance, the lower row among equal distances. ``certified`` then proves, from a worst-case bound on the FP16 and FP32 rounding errors
-  (``BankIndex.error_bound``), that every bank row not re-scored is strictly farther; a query it cannot prove
+  distance, the lower row among equal distances. ``certified`` then proves, from a worst-case bound on the FP16
+  and FP32 rounding errors (``BankIndex.error_bound``), that every bank row not re-scored is strictly farther;
+  a query it cannot prove
   is searched again over the whole bank in FP32 (``rescan``), by the same formula and rule. So the row and
   distance are those of an FP32 search of the whole bank by anomalib's formula and tie rule: rows with equal
   FP32 distances (identical features, anywhere in the bank) resolve to the lowest index, as anomalib's do.
@@ -192,7 +193,8 @@ def certified(
     Each such row's candidate value is at least ``runner_up`` (a tile keeps its CANDIDATES_PER_TILE smallest,
     and the first pass re-scores the CANDIDATES_PER_TILE smallest of all, the largest of them ``runner_up``),
     so its FP32 squared distance is at least ``runner_up + ||x - c||^2 - error_bound``; when that exceeds the
-    answer's squared distance with a margin, its square root exceeds the answer's too (equal roots would tie, and anomalib would take the lower row).
+    answer's squared distance with a margin, its square root exceeds the answer's too (equal roots would tie,
+    and anomalib would take the lower row).
     """
     lower = runner_up.double() + centred_sq.double() - index.error_bound(centred_sq, query_sq)
     return lower > distances.double().square() * (1 + SQRT_MARGIN)
