@@ -266,7 +266,7 @@ def large_bank_search(bank_size: int, images: int = 4) -> dict:
     with float32_matmul():
         fp32_distances, fp32_rows = MemoryBankSearch(bank).nearest(queries)
     index: BankIndex = model.index
-    values, rows = candidates(queries, index, 2)
+    values, rows, _ = candidates(queries, index, 2)
     post = spec.postprocess
     # A distance error divided by these is the normalised score / map error it makes.
     result = {"bank_size": bank_size, "patches": len(queries), "score_range": post.image_max - post.image_min}

@@ -142,8 +142,8 @@ def golden_step(release: str, device: str) -> dict[str, Any]:
     return model_figures(spec, images.to(device), device)
 
 
-def synthetic_step(bank: int, size: int, batch: int, device: str) -> dict[str, Any]:
-    spec = synthetic_spec(bank, (size, size), device=device)
+def synthetic_step(bank: int, size: int, batch: int, device: str, backbone: str) -> dict[str, Any]:
+    spec = synthetic_spec(bank, (size, size), backbone=backbone, device=device)
     images = torch.cat(
         [texture_images(batch, (size, size), seed=21), texture_images(batch, (size, size), seed=22, defects=True)]
     )
@@ -207,8 +207,12 @@ def main() -> None:
     for release in releases:
         results.step(f"golden {release}", lambda release=release: golden_step(release, device))
     banks = [(512, 64, 2)] if args.dry_run else [(16384, 256, 8), (1 << 20, 256, 8)]
+    backbone = "resnet18" if args.dry_run else "wide_resnet50_2"
     for bank, size, batch in banks:
-        results.step(f"synthetic M={bank} {size}px", lambda b=bank, s=size, n=batch: synthetic_step(b, s, n, device))
+        results.step(
+            f"synthetic {backbone} M={bank} {size}px",
+            lambda b=bank, s=size, n=batch: synthetic_step(b, s, n, device, backbone),
+        )
     for bank in [2048] if args.dry_run else [16384, 1 << 20]:
         reference = args.table_reference or bank <= 16384
         results.step(f"neighbour table M={bank}", lambda b=bank, r=reference: table_step(b, 1536, device, r))

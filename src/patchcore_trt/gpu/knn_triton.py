@@ -362,6 +362,7 @@ def scan(
     num_queries, dim = queries.shape
     bank_size = bank.shape[0]
     check_bank_rows(bank_size)
+    queries = queries.contiguous()
     order = torch.argsort(flagged.logical_not().to(torch.int8), stable=True)  # the flagged queries first
     count = flagged.sum(dtype=torch.int32).reshape(1)
     packed = torch.full((num_queries,), torch.iinfo(torch.int64).max, device=queries.device, dtype=torch.int64)
