@@ -15,7 +15,7 @@ import torch
 import triton.testing
 
 from patchcore_trt.demo.synthetic_model import synthetic_spec, texture_images
-from patchcore_trt.gpu.knn import BankIndex, float32_matmul, nearest
+from patchcore_trt.gpu.knn import CANDIDATES_PER_TILE, BankIndex, certified_pass, float32_matmul, nearest
 from patchcore_trt.gpu.knn_triton import TileConfig, tile_candidates
 from patchcore_trt.model import MemoryBankSearch
 
@@ -33,8 +33,9 @@ CONFIGS = [
 def accuracy(queries: torch.Tensor, index: BankIndex, label: str) -> list[dict]:
     with float32_matmul():
         ref_dist, ref_rows = MemoryBankSearch(index.bank).nearest(queries)
+        uncertified = float(certified_pass(queries, index)[2].float().mean())
         rows = []
-        for mode in ("exact", "fast"):
+        for mode in ("certified", "fp16"):
             dist, found = nearest(queries, index, mode)
             rows.append(
                 {
@@ -45,6 +46,7 @@ def accuracy(queries: torch.Tensor, index: BankIndex, label: str) -> list[dict]:
                     "max_rel_dist_error": float(((dist - ref_dist).abs() / ref_dist.clamp_min(1e-12)).max()),
                     "max_abs_dist_error": float((dist - ref_dist).abs().max()),
                     "row_mismatch": int((found != ref_rows).sum()),
+                    **({"uncertified_share": uncertified} if mode == "certified" else {}),
                 }
             )
             print(rows[-1], flush=True)
@@ -55,6 +57,7 @@ def speed(patches: int, bank: int, configs: list[TileConfig]) -> list[dict]:
     queries = torch.randn(patches, 1536, device="cuda").half()
     table = torch.randn(bank, 1536, device="cuda").half()
     sq = table.float().pow(2).sum(-1)
+    factor = torch.tensor([2.0], device="cuda")
     flop = 2 * patches * bank * 1536
     rows = []
     cublas = triton.testing.do_bench(lambda: torch.mm(queries, table.T), warmup=50, rep=300, return_mode="median")
@@ -62,9 +65,9 @@ def speed(patches: int, bank: int, configs: list[TileConfig]) -> list[dict]:
         {"patches": patches, "bank": bank, "kernel": "cuBLAS fp16 mm only", "ms": cublas, "tflops": flop / cublas / 1e9}
     )
     for config in configs:
-        for keep in (1, 2):
+        for keep in (1, CANDIDATES_PER_TILE):
             ms = triton.testing.do_bench(
-                functools.partial(tile_candidates, queries, table, sq, keep, config),
+                functools.partial(tile_candidates, queries, table, sq, keep, factor, config),
                 warmup=50,
                 rep=300,
                 return_mode="median",

@@ -32,7 +32,7 @@ def main() -> None:
     reference = reference_predictions(spec, uint8)
     rows = []
     for precision in ("fp32", "tf32", "fp16", "bf16"):
-        for search in ("exact", "fast"):
+        for search in ("certified", "fp16"):
             with CudaBackend(checkpoint, backbone_dtype=precision, search=search) as backend:
                 prediction = backend.predict(uint8.transpose(0, 3, 1, 2).astype(np.float32) / 255)
                 figures = compare(prediction, reference, threshold=backend.image_threshold)

@@ -189,33 +189,6 @@ def versions() -> dict[str, Any]:
     return env
 
 
-def share_neighbour_tables() -> bool:
-    """Both modes of a workload build the same bank index; its neighbour table (an exact FP32 k-NN of the bank
-    against itself, over a minute at M=1M) depends on the bank alone: compute it once per bank, reuse it.
-
-    Build time is not what the table measures; the rows still run exactly what CudaBackend builds."""
-    try:
-        from patchcore_trt.gpu.knn import BankIndex
-    except ImportError:
-        return False
-    original = BankIndex.__dict__.get("_neighbour_table")
-    if not isinstance(original, staticmethod):
-        return False
-    function = original.__func__
-    cache: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def cached(bank: torch.Tensor, k: int) -> torch.Tensor:
-        rows = (0, len(bank) // 2, len(bank) - 1)
-        key = (tuple(bank.shape), k, *(float(bank[r].double().sum()) for r in rows))
-        if key not in cache:
-            cache.clear()  # one bank at a time: host memory stays bounded
-            cache[key] = function(bank, k).cpu()
-        return cache[key].to(bank.device)
-
-    BankIndex._neighbour_table = staticmethod(cached)
-    return True
-
-
 class Models:
     """Each workload's synthetic model, its checkpoint, the fresh test images and anomalib's FP32 outputs on them
     (kept in the state folder, so a resumed call on the same machine reuses them)."""
@@ -605,7 +578,6 @@ def main() -> None:
     state_file = args.state / "h200_table.json"
     previous = json.loads(state_file.read_text()) if state_file.exists() else None
     results = Results([args.out / "h200_table.json", state_file], previous)
-    shared = share_neighbour_tables()
     results.data["calls"].append(
         {
             "environment": versions(),
@@ -615,7 +587,6 @@ def main() -> None:
             "iters": args.iters,
             "warmup": args.warmup,
             "max_seconds": args.max_seconds,
-            "neighbour_table_shared_between_modes": shared,
         }
     )
     results.data["targets"] = {f"{w}|{m}": t for (w, m), t in TARGETS.items()}

@@ -18,7 +18,7 @@ WORKLOADS = [((256, 256), 16384, 1), ((256, 256), 16384, 16), ((512, 512), 32768
 def main() -> None:
     out = sys.argv[1]
     precisions = sys.argv[2].split(",") if len(sys.argv) > 2 else ["fp16"]
-    search = sys.argv[3] if len(sys.argv) > 3 else "exact"
+    search = sys.argv[3] if len(sys.argv) > 3 else "certified"
     lines = []
     for size, bank, batch in WORKLOADS:
         spec = synthetic_spec(bank, size, device="cuda")

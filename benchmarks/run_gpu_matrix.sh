@@ -24,7 +24,7 @@ if [ -n "$wheels" ]; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MALLOC_MMAP_THRESHOLD_=1048576
-BENCH_ARGS=${BENCH_ARGS:-"--precision fp32,fp16 --search exact,fast --batch 1,16"}
+BENCH_ARGS=${BENCH_ARGS:-"--precision fp32,fp16 --search certified,fp16 --batch 1,16"}
 log=$OUT/log.txt
 run() { echo "=== $* ($(date -u +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
 for stage in ${*:-env backbone search trained bench profile}; do

@@ -117,7 +117,7 @@ def test_percentiles_and_display():
     values = [float(v) for v in range(1, 101)]
     assert (percentile(values, 50), percentile(values, 90), percentile(values, 99)) == (50.0, 90.0, 99.0)
     row = {
-        "backend": "cuda", "precision": "fp16", "search": "exact", "height": 256, "width": 256, "bank": 16384,
+        "backend": "cuda", "precision": "fp16", "search": "certified", "height": 256, "width": 256, "bank": 16384,
         "batch": 1, "copies": "host", "median_ms": 0.5, "p90_ms": 0.6, "p99_ms": 0.7, "img_per_s": 2000.0,
         "peak_gpu_mib": float("nan"), "host_rss_mib": 900.0, "max_score_error": float("nan"), "max_map_error": 0.0,
         "labels_equal": 3, "labels_compared": 4,

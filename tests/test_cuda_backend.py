@@ -24,6 +24,7 @@ from patchcore_trt.model import AnomalyMap, MemoryBankSearch, PatchCoreDeploy, c
 from patchcore_trt.runtime import backend_names
 
 SRC = Path(__file__).resolve().parents[1] / "src"
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def test_exact_search_is_the_fp32_search(seed):
     bank, queries = random_bank(seed)
     index = BankIndex(bank, 9)
     expected, expected_rows = MemoryBankSearch(bank).nearest(queries)
-    distances, rows = nearest(queries, index, "exact")
+    distances, rows = nearest(queries, index, "certified")
     torch.testing.assert_close(distances, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(rows, expected_rows)
 
@@ -50,7 +51,7 @@ def test_exact_search_is_the_fp32_search(seed):
 def test_fast_search_is_within_fp16_rounding():
     bank, queries = random_bank(2)
     expected, _ = MemoryBankSearch(bank).nearest(queries)
-    distances, rows = nearest(queries, BankIndex(bank, 9), "fast")
+    distances, rows = nearest(queries, BankIndex(bank, 9), "fp16")
     assert ((distances - expected).abs() / expected).max() < 1e-3
     assert rows.dtype == torch.int64 and rows.max() < len(bank)
 
@@ -69,44 +70,116 @@ def test_unknown_search_mode_is_refused():
         nearest(queries, BankIndex(bank, 9), "approximate")
 
 
-TRITON_CHECK = """
+KERNEL_CHECK = """
+import sys
 import torch
-from patchcore_trt.gpu.knn import BankIndex, _finish_cpu, candidates
-from patchcore_trt.gpu.knn_triton import TileConfig, finish, tile_candidates
-generator = torch.Generator().manual_seed(5)
+from planted import COPIES, NEAR_TIE_ROWS, planted
+from patchcore_trt.gpu import knn_triton
+from patchcore_trt.gpu.knn import BankIndex, _centred_half, nearest, neighbour_table, rescore_cpu
+from patchcore_trt.gpu.knn_triton import TileConfig, fast_finish, rescore, scan, tile_candidates
+from patchcore_trt.model import nearest_rows, squared_distances
+device = sys.argv[1]
 # Sizes that fill no block exactly: queries, bank tiles and the feature dimension all have tails.
-bank, queries = torch.randn(300, 96, generator=generator) + 2, torch.randn(70, 96, generator=generator) + 2
+bank, queries = planted(5, rows=300, dim=40, queries=70)
+bank, queries = bank.to(device), queries.to(device)
 index = BankIndex(bank, 9)
-config = TileConfig(block_p=32, block_m=64, block_k=64, group_p=2, num_warps=4, num_stages=1)
-full = index.bank_sq - 2 * (queries.half().float() @ index.bank_half.float().T)
-for keep, exact in ((2, True), (1, False)):
-    values, rows = tile_candidates(queries.half(), index.bank_half, index.bank_sq, keep, config)
+config = TileConfig(block_p=32, block_m=64, block_k=32, group_p=2, num_warps=4, num_stages=1)
+half, factor, centred_sq = _centred_half(queries, index)
+full = index.centred_sq - (half.float() @ index.bank_half.float().T) * factor
+query_sq = queries.pow(2).sum(-1)
+for keep in (1, 2, 5):
+    values, rows = tile_candidates(half, index.bank_half, index.centred_sq, keep, factor, config)
     for tile in range(5):
         block = full[:, tile * 64 : (tile + 1) * 64]
         best = block.topk(min(keep, block.shape[1]), dim=1, largest=False).values
         torch.testing.assert_close(values[:, tile * keep : (tile + 1) * keep], best, rtol=1e-5, atol=1e-3)
         torch.testing.assert_close(full.gather(1, rows[:, tile * keep : (tile + 1) * keep].long()), best,
                                    rtol=1e-5, atol=1e-3)
-    got = finish(queries, values, rows, index.bank, index.bank_sq, exact)
-    want = _finish_cpu(queries, values, rows, index, exact)
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-4)
-    assert torch.equal(got[1], want[1])
+    # The fast finish: the best candidate value plus the query's term.
+    distances, found = fast_finish(centred_sq, values, rows)
+    low, column = values.min(dim=1)
+    assert torch.equal(found, rows.gather(1, column[:, None]).squeeze(1).long())
+    torch.testing.assert_close(distances, (low + centred_sq).clamp_min(0).sqrt(), rtol=1e-6, atol=1e-6)
+    # The exact re-score of picked rows (with exact ties among them: the planted copies).
+    picked = torch.cat([rows[:, :keep].long(), torch.tensor([a for a, _ in COPIES], device=device).repeat(70, 1)], 1)
+    picked[0, :2] = torch.tensor([COPIES[0][1], COPIES[0][0]])
+    got = rescore(queries, query_sq, picked, index.bank, index.bank_sq)
+    want = rescore_cpu(queries, query_sq, picked, index)
+    assert torch.equal(got[1], want[1]) and got[1][0] == COPIES[0][0]
+    # Squares: near-zero distances are square roots of FP32 cancellation noise in any summation order.
+    torch.testing.assert_close(got[0].square(), want[0].square(), rtol=1e-5, atol=1e-4)
+# The scan: anomalib's search of the whole bank for the flagged queries only.
+flagged = torch.arange(70, device=device) % 3 == 0
+distances, rows = scan(queries, query_sq, flagged, index.bank, index.bank_sq, block_p=16, block_m=64, groups=2)
+expected, expected_rows = nearest_rows(queries, index.bank, index.bank_sq)
+assert torch.equal(rows[flagged], expected_rows[flagged])
+torch.testing.assert_close(distances[flagged].square(), expected[flagged].square(), rtol=1e-5, atol=1e-4)
+# The whole exact search through the kernels: planted exact ties and the five-way near-tie.
+distances, rows = nearest(queries, index)
+assert torch.equal(rows, expected_rows)
+assert rows[: len(COPIES)].tolist() == [a for a, _ in COPIES] and rows[len(COPIES)] == NEAR_TIE_ROWS[-1]
+torch.testing.assert_close(distances.square(), expected.square(), rtol=1e-5, atol=1e-4)
+# Features FP16 cannot hold (up to ~1e9): scaled exactly by a power of two before the cast.
+big = BankIndex(bank * 2.0**28, 9)
+distances, rows = nearest(queries * 2.0**28, big)
+assert torch.equal(rows, expected_rows)
+# The neighbour table from the candidate kernel, certified: the FP32 k-NN search of the bank against itself
+# (anomalib's distances, the lower row first among equal ones: the planted copies tie).
+everything = squared_distances(bank, bank, index.bank_sq).sqrt().sort(dim=1, stable=True).indices[:, :9]
+assert torch.equal(index.neighbours, everything)
+assert torch.equal(neighbour_table(index, 9), everything)
 print("kernels agree")
 """
 
+OFFSETS_CHECK = """
+import torch, triton, triton.language as tl
+from patchcore_trt.gpu.knn_triton import _offsets
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the compiled kernels (tests/test_gpu.py)")
-def test_triton_kernels_match_their_torch_specification():
-    """The real kernels, run by Triton's CPU interpreter (it must be enabled before triton is imported).
+@triton.jit
+def offsets_kernel(rows_ptr, out_ptr, width, N: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, N))
+    tl.store(out_ptr + tl.arange(0, N), _offsets(rows, width))
 
-    Skipped where a GPU is: Triton's interpreter there rejects a loop bound known only at run time, while the
-    compiled kernels are what runs and what the GPU tests check."""
+rows = torch.tensor([0, 1, 2**20 + 3, 2**31 - 1], dtype=torch.int32)
+out = torch.empty(4, dtype=torch.int64)
+offsets_kernel[(1,)](rows, out, 1536, N=4)
+assert out.tolist() == [r * 1536 for r in rows.tolist()], out  # past 2**31 elements: no int32 wrap
+print("offsets agree")
+"""
+
+
+def run_kernels(code: str, marker: str) -> None:
+    """Run ``code`` on the GPU where there is one (compiled kernels), else in Triton's CPU interpreter (which
+    must be enabled before triton is imported, so in a fresh process)."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(SRC)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
+    if device == "cpu":
+        env["TRITON_INTERPRET"] = "1"
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(TRITON_CHECK)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code), device], capture_output=True, text=True, env=env, timeout=300
     )
-    assert result.returncode == 0 and "kernels agree" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and marker in result.stdout, result.stderr[-3000:]
+
+
+def test_triton_kernels_match_their_torch_specification():
+    """The real kernels on odd sizes and planted ties: candidates, finish and scan against their torch
+    specifications, the whole exact search and the neighbour table against the FP32 search."""
+    run_kernels(KERNEL_CHECK, "kernels agree")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter checks the arithmetic; it needs no GPU memory")
+def test_kernel_offsets_are_int64_past_two_to_the_31():
+    run_kernels(OFFSETS_CHECK, "offsets agree")
+
+
+def test_a_bank_past_int32_rows_gets_an_honest_message():
+    pytest.importorskip("triton")
+    from patchcore_trt.gpu.knn_triton import MAX_BANK_ROWS, check_bank_rows
+
+    check_bank_rows(MAX_BANK_ROWS)
+    with pytest.raises(UserError, match="32 bits"):
+        check_bank_rows(MAX_BANK_ROWS + 1)
 
 
 def _randomised_backbone(name: str) -> nn.Module:
@@ -163,7 +236,7 @@ def test_separable_map_is_anomalibs_map(grid, size):
     torch.testing.assert_close(SeparableMap(taps, size)(scores), AnomalyMap(taps, size)(scores), rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize(("search", "tolerance"), [("exact", 1e-4), ("fast", 1e-3)])
+@pytest.mark.parametrize(("search", "tolerance"), [("certified", 1e-4), ("fp16", 1e-3)])
 def test_fast_model_on_the_cpu_matches_the_deploy_model(spec, search, tolerance):
     images = torch.cat([texture_images(3, (64, 80), seed=11), texture_images(3, (64, 80), seed=12, defects=True)])
     floats = images.permute(0, 3, 1, 2).float() / 255
@@ -211,4 +284,5 @@ def test_host_output_labels_are_the_gpu_comparisons():
     anomaly_map = np.full((3, 1, 2, 2), 0.75, dtype=np.float32)
     prediction = HostOutput(score, anomaly_map).prediction(post)
     assert prediction.pred_label.tolist() == [False, False, True] and prediction.pred_mask.all()
-    assert prediction.pred_score is not score  # the pinned buffers are reused by the next call
+    # run_host copies out of the pinned buffers (the next call reuses them) once; the Prediction wraps that copy.
+    assert prediction.pred_score is score

@@ -80,3 +80,29 @@ def test_fast_mode_stays_in_its_budget(resnet18_checkpoint, test_images):
     with open_backend(resnet18_checkpoint, "cuda", mode="fast") as backend:
         figures = compare(backend.predict(images), reference, threshold=backend.image_threshold, bar=FAST_BAR)
     assert figures.within(FAST_BAR), figures
+
+
+def test_graphs_are_keyed_by_batch_size_and_shared_across_threads(resnet18_checkpoint):
+    """Two camera resolutions interleaved replay one graph per batch size (the resize runs before the graph), and
+    threads sharing one executor get the answers they get alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.gpu.executor import CudaPatchCore
+
+    executor = CudaPatchCore(read_checkpoint(resnet18_checkpoint), backbone_dtype="fp32")
+    rng = np.random.default_rng(5)
+    small, large = (rng.integers(0, 256, (2, h, w, 3), dtype=np.uint8) for h, w in ((240, 320), (480, 640)))
+    alone = [executor.run_host(images) for images in (small, large, small, large)]
+    assert executor.captures == 1
+    for again, first in zip(alone[2:], alone[:2], strict=True):
+        np.testing.assert_array_equal(again.pred_score, first.pred_score)
+        np.testing.assert_array_equal(again.anomaly_map, first.anomaly_map)
+    executor.run_host(small[:1])
+    assert executor.captures == 2
+    with ThreadPoolExecutor(4) as pool:
+        shared = list(pool.map(executor.run_host, [small, large] * 8))
+    for index, output in enumerate(shared):
+        np.testing.assert_array_equal(output.pred_score, alone[index % 2].pred_score)
+        np.testing.assert_array_equal(output.anomaly_map, alone[index % 2].anomaly_map)
+    assert executor.captures == 2

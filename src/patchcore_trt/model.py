@@ -7,16 +7,16 @@ the checkpoint does (spec.Postprocess: the normalisation switch, the label rule,
 
 Differences from anomalib's code are in how, never in what:
 - the nearest-neighbour search walks the memory bank in fixed chunks, so activation memory is
-  [patches x chunk] whatever the bank size (anomalib materialises [1024 patches x M]);
-- minima are taken on squared distances and the square root applied to the winners only (sqrt is
-  monotonic, so the values are identical);
+  [patches x chunk] whatever the bank size (anomalib materialises [1024 patches x M]); each chunk's minimum
+  is taken on the square-rooted distances anomalib compares, first index among equals, and the chunks' winners
+  likewise, so the row is anomalib's (the lowest index among equal distances) and not only the distance;
 - the 33x33 Gaussian blur runs as two 1-D passes (the kernel is an outer product).
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import timm
 import torch
@@ -77,6 +77,23 @@ def row_squared_norms(rows: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
     return torch.cat([rows[start : start + chunk].pow(2).sum(dim=-1) for start in range(0, len(rows), chunk)])
 
 
+def nearest_rows(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq_norm: torch.Tensor, chunk: int = DEFAULT_BANK_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """anomalib's ``euclidean_dist(queries, bank).min(1)`` a chunk of bank rows at a time: the distance to, and
+    the index of, the nearest bank row, the lowest index among equal distances ([P, D], [M, D], [M] -> [P], [P])."""
+    best, best_index = [], []
+    for start in range(0, len(bank), chunk):
+        rows, sq_norm = bank[start : start + chunk], bank_sq_norm[start : start + chunk]
+        chunk_best, chunk_index = squared_distances(queries, rows, sq_norm).sqrt().min(dim=1)
+        best.append(chunk_best)
+        best_index.append(chunk_index + start)
+    if len(best) == 1:
+        return best[0], best_index[0]
+    distance, winner = torch.stack(best, dim=1).min(dim=1, keepdim=True)  # the first chunk among equals
+    return distance.squeeze(1), torch.stack(best_index, dim=1).gather(1, winner).squeeze(1)
+
+
 class MemoryBankSearch(nn.Module):
     """Exact nearest-neighbour search over a memory bank held in fixed-size chunks."""
 
@@ -89,39 +106,24 @@ class MemoryBankSearch(nn.Module):
         self.register_buffer("bank", memory_bank.float().contiguous())
         self.register_buffer("bank_sq_norm", row_squared_norms(self.bank)[None, :].contiguous())
 
-    def _chunks(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-        return [
-            (start, self.bank[start : start + self.chunk], self.bank_sq_norm[:, start : start + self.chunk])
-            for start in range(0, self.bank_size, self.chunk)
-        ]
-
     def nearest(self, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distance to, and index of, the nearest bank row for each query row [P, D]."""
-        best_sq, best_index = [], []
-        for start, rows, sq_norm in self._chunks():
-            chunk_sq, chunk_index = squared_distances(queries, rows, sq_norm).min(dim=1)
-            best_sq.append(chunk_sq)
-            best_index.append(chunk_index + start)
-        if len(best_sq) == 1:
-            return best_sq[0].sqrt(), best_index[0]
-        stacked_sq = torch.stack(best_sq, dim=1)
-        winner = stacked_sq.argmin(dim=1, keepdim=True)
-        return stacked_sq.gather(1, winner).squeeze(1).sqrt(), torch.stack(best_index, dim=1).gather(1, winner).squeeze(
-            1
-        )
+        """Distance to, and index of, the nearest bank row for each query row [P, D] (see ``nearest_rows``)."""
+        return nearest_rows(queries, self.bank, self.bank_sq_norm[0], self.chunk)
 
     def k_nearest_indices(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Indices of the k nearest bank rows for each query row, nearest first."""
-        candidate_sq, candidate_index = [], []
-        for start, rows, sq_norm in self._chunks():
-            chunk_sq, chunk_index = squared_distances(queries, rows, sq_norm).topk(
-                min(k, rows.shape[0]), dim=1, largest=False
+        """Indices of the k nearest bank rows for each query row, nearest first: anomalib's ``topk`` over its
+        square-rooted distances (the order among equal distances is topk's, as in anomalib)."""
+        candidate, candidate_index = [], []
+        for start in range(0, self.bank_size, self.chunk):
+            rows, sq_norm = self.bank[start : start + self.chunk], self.bank_sq_norm[:, start : start + self.chunk]
+            chunk_best, chunk_index = (
+                squared_distances(queries, rows, sq_norm).sqrt().topk(min(k, rows.shape[0]), dim=1, largest=False)
             )
-            candidate_sq.append(chunk_sq)
+            candidate.append(chunk_best)
             candidate_index.append(chunk_index + start)
-        if len(candidate_sq) == 1:
+        if len(candidate) == 1:
             return candidate_index[0]
-        _, order = torch.cat(candidate_sq, dim=1).topk(k, dim=1, largest=False)
+        _, order = torch.cat(candidate, dim=1).topk(k, dim=1, largest=False)
         return torch.cat(candidate_index, dim=1).gather(1, order)
 
 
@@ -161,9 +163,16 @@ class Preprocessor(nn.Module):
         self.register_buffer("std", torch.tensor(settings.std).view(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.crop_and_normalize(self.resize(images))
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] at any H x W -> [N, 3, resize]: the only step that depends on the input's size."""
         mode = self.settings.interpolation
         align = False if mode in ("bilinear", "bicubic") else None
-        images = F.interpolate(images, size=self.settings.resize, mode=mode, align_corners=align)
+        return F.interpolate(images, size=self.settings.resize, mode=mode, align_corners=align)
+
+    def crop_and_normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """The resized images -> the backbone's input."""
         if self.settings.center_crop is not None:
             crop_h, crop_w = self.settings.center_crop
             top = round((self.settings.resize[0] - crop_h) / 2.0)
@@ -244,9 +253,12 @@ class PatchCoreDeploy(nn.Module):
         return score, self.anomaly_map(distances.reshape(batch, 1, grid_h, grid_w))
 
     def forward(self, images: torch.Tensor) -> DeployOutput:
-        score, anomaly_map = self.raw_scores(images)
+        return self.outputs(*self.raw_scores(images), input_size=images.shape[-2:])
+
+    def outputs(self, score: torch.Tensor, anomaly_map: torch.Tensor, input_size: Any) -> DeployOutput:
+        """The raw score and map -> the normalised, labelled outputs (the map at ``input_size`` if asked)."""
         if self.map_at_input_size:
-            anomaly_map = F.interpolate(anomaly_map, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            anomaly_map = F.interpolate(anomaly_map, size=input_size, mode="bilinear", align_corners=False)
         post = self.post
         if post.normalize:
             score = normalize(score, post.image_threshold, post.image_min, post.image_max, post.zero_range)

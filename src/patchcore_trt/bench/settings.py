@@ -20,7 +20,7 @@ class BenchSettings:
 
     backends: tuple[str, ...] = ("cuda",)
     precisions: tuple[str, ...] = ()
-    searches: tuple[str, ...] = ("exact",)
+    searches: tuple[str, ...] = ("certified",)
     sizes: tuple[tuple[int, int], ...] = ((256, 256),)
     batches: tuple[int, ...] = (1,)
     banks: tuple[int, ...] = (16384,)

@@ -11,6 +11,7 @@ from patchcore_trt.bench.settings import GPU_BACKENDS, MAX_BANK, MAX_IMAGES, PEE
 from patchcore_trt.cli import app
 from patchcore_trt.cli._common import check_output_dir, err, parse_size, print_table, program, step, trust_option, warn
 from patchcore_trt.errors import UserError
+from patchcore_trt.runtime.registry import OPTIONS
 
 DEFAULTS = BenchSettings()
 RUNS = Path("runs") / "bench"
@@ -74,7 +75,7 @@ def bench_command(
         None, help="Comma list of fp32, tf32, fp16, bf16. Default: each backend's own (cuda fp16, others fp32)."
     ),
     search: str = typer.Option(
-        _joined(DEFAULTS.searches), help="Comma list of cuda search modes: exact (FP32 re-rank), fast."
+        _joined(DEFAULTS.searches), help="Comma list of cuda searches. " + OPTIONS["search"].help_text()
     ),
     sizes: str = typer.Option(_joined(DEFAULTS.sizes), help="Input sizes, e.g. 256,512 or 320x256 (height x width)."),
     batch: str = typer.Option(_joined(DEFAULTS.batches), help="Batch sizes, e.g. 1,16."),
@@ -112,7 +113,7 @@ def bench_command(
     options = {
         "backends": _names(backends, "--backends", (*backend_names(), *PEERS)),
         "precisions": _names(precision, "--precision", ("fp32", "tf32", "fp16", "bf16")) if precision else (),
-        "searches": _names(search, "--search", ("exact", "fast")),
+        "searches": _names(search, "--search", OPTIONS["search"].choices),
         "sizes": tuple(parse_size(text) for text in _names(sizes, "--sizes")),
         "batches": _numbers(batch, "--batch", MAX_BATCH),
         "banks": _numbers(bank, "--bank", MAX_BANK),

@@ -1,21 +1,27 @@
-"""fast_model.FastPatchCore on one NVIDIA GPU, replayed as one CUDA graph per input shape.
+"""fast_model.FastPatchCore on one NVIDIA GPU, replayed as one CUDA graph per batch size.
 
-A batch of one is launch-bound (a hundred small kernels), so each input shape is captured once and replayed
-as a single graph launch. With host arrays the graph also holds the copies: the batch goes from a pinned
-staging buffer to the GPU and the score and map come back into pinned buffers, all in that one launch.
+A batch of one is launch-bound (a hundred small kernels), so the model is captured once per batch size and
+replayed as a single graph launch. Graphs are keyed by the batch size alone: the input is converted and resized
+to the model's resolution outside the graph (a few kernels), so any input size, and any mix of camera
+resolutions, replays the same graphs; ``captures`` counts the captures (a benchmark reads it). With host
+arrays the upload goes through a pinned staging buffer, and the graph holds the score and map downloads into
+pinned buffers.
 
 Two ways in:
 - ``CudaPatchCore.run(tensor)``: device-resident, uint8 [N, H, W, 3] or float32 [N, 3, H, W] on the GPU;
   returns the graph's device outputs (valid until the next call).
 - ``CudaPatchCore.run_host(array)``: numpy in, numpy out (what runtime/cuda_backend.py adapts to the contract).
+
+Both take a lock: one call at a time per CudaPatchCore (a graph's buffers are shared by its calls), so threads
+may share one; the capture runs on a private stream under the lock (``capture_error_mode="thread_local"``), so
+other threads' CUDA work cannot break it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
+import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +35,8 @@ from patchcore_trt.outputs import Postprocess, Prediction
 from patchcore_trt.spec import PatchCoreSpec
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
-MAX_CACHED_SHAPES = 8  # each captured shape holds its activations; a stream of odd sizes must not grow forever
+MAX_CACHED_BATCHES = 8  # each captured batch size holds its activations; a stream of sizes must not grow forever
+MAX_STAGING = 4  # pinned upload buffers, one per recent raw input shape
 
 
 def require_cuda() -> None:
@@ -54,66 +61,51 @@ def _check_layout(shape: tuple[int, ...], dtype: torch.dtype) -> None:
 
 @dataclass(frozen=True)
 class HostOutput:
-    """Normalised score [N] and map [N, 1, h, w] in pinned host memory, valid until the next call of that shape."""
+    """Normalised score [N] and map [N, 1, h, w] on the host."""
 
     pred_score: np.ndarray
     anomaly_map: np.ndarray
 
     def prediction(self, post: Postprocess) -> Prediction:
-        """A Prediction that owns its arrays; labels and masks are the same float32 comparisons as on the GPU."""
-        return Prediction.from_scores(self.pred_score.copy(), self.anomaly_map.copy(), post)
+        """The Prediction; labels and masks are the same float32 comparisons as on the GPU."""
+        return Prediction.from_scores(self.pred_score, self.anomaly_map, post)
 
 
-class _ShapeGraph:
-    """One input shape: static input (and pinned staging) buffers, warm-up, then an optional graph capture."""
+class _BatchGraph:
+    """One batch size: a static [N, 3, h, w] float32 input at the model's resize resolution, warm-up, then an
+    optional graph capture of everything after the resize (with the downloads to pinned buffers when ``host``)."""
 
     def __init__(
-        self,
-        model: FastPatchCore,
-        shape: tuple[int, ...],
-        dtype: torch.dtype,
-        *,
-        host: bool,
-        pool: tuple[int, int] | None,
+        self, model: FastPatchCore, batch: int, input_size: tuple[int, int], *, host: bool, pool: tuple[int, int] | None
     ) -> None:
         self.model = model
+        self.input_size = input_size
         device = model.index.bank.device
-        self.device_in = torch.empty(shape, dtype=dtype, device=device)
-        warm_images = torch.randint(0, 256, shape, dtype=torch.uint8)  # warm-up data, not zeros
-        self.device_in.copy_(warm_images if dtype == torch.uint8 else warm_images / 255)
-        self.host_in = torch.empty(shape, dtype=dtype, pin_memory=True) if host else None
+        size = tuple(model.preprocess.settings.resize)
+        warm_images = torch.randint(0, 256, (batch, 3, *size), dtype=torch.uint8)  # warm-up data, not zeros
+        self.device_in = (warm_images / 255).to(device)
         self.host_score: torch.Tensor | None = None
         self.host_map: torch.Tensor | None = None
         self.captured: torch.cuda.CUDAGraph | None = None
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), _autotuned_convolutions():
-            model.check_fused_backbone(self._float_images())
+        with torch.cuda.stream(side):
+            model.check_fused_backbone(self.device_in)
             warm = self._forward()  # cuDNN picks its kernels, Triton compiles, the map matrices are built
             if host:
                 self.host_score = torch.empty(warm.pred_score.shape, pin_memory=True)
                 self.host_map = torch.empty(warm.anomaly_map.shape, pin_memory=True)
-                self.host_in.copy_(self.device_in)
             self.outputs = self._step()
         torch.cuda.current_stream(device).wait_stream(side)
         if pool is not None:
             self.captured = torch.cuda.CUDAGraph()
-            with _autotuned_convolutions(), torch.cuda.graph(self.captured, pool=pool):
+            with torch.cuda.graph(self.captured, pool=pool, capture_error_mode="thread_local"):
                 self.outputs = self._step()
 
-    def _float_images(self) -> torch.Tensor:
-        if self.device_in.dtype == torch.uint8:
-            return self.device_in.permute(0, 3, 1, 2).float() / 255
-        return self.device_in
-
     def _forward(self) -> DeployOutput:
-        if self.device_in.dtype == torch.uint8:
-            return self.model.forward_uint8(self.device_in)
-        return self.model(self.device_in)
+        return self.model.forward_resized(self.device_in, self.input_size)
 
     def _step(self) -> DeployOutput:
-        if self.host_in is not None:
-            self.device_in.copy_(self.host_in, non_blocking=True)
         outputs = self._forward()
         if self.host_score is not None and self.host_map is not None:
             self.host_score.copy_(outputs.pred_score, non_blocking=True)
@@ -128,17 +120,6 @@ class _ShapeGraph:
         return self.outputs
 
 
-@contextlib.contextmanager
-def _autotuned_convolutions() -> Iterator[None]:
-    # cuDNN benchmarks its algorithms for each new shape during warm-up; the graph keeps the winners.
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
-
-
 class CudaPatchCore:
     """FastPatchCore on a CUDA device with a CUDA graph (and pinned buffers) per input shape.
 
@@ -148,6 +129,7 @@ class CudaPatchCore:
         search: ``exact`` or ``fast`` (see gpu/knn.py).
         device: A CUDA device; the current one by default.
         graphs: Capture CUDA graphs (off: plain eager launches, for profiling and comparison).
+        neighbours: The bank's neighbour table, if already computed (knn.BankIndex; by default it is built).
     """
 
     def __init__(
@@ -155,10 +137,11 @@ class CudaPatchCore:
         spec: PatchCoreSpec,
         *,
         backbone_dtype: str = "fp16",
-        search: str = "exact",
+        search: str = "certified",
         device: torch.device | str | None = None,
         graphs: bool = True,
         map_at_input_size: bool = False,
+        neighbours: torch.Tensor | None = None,
     ) -> None:
         require_cuda()
         if backbone_dtype not in BACKBONE_DTYPES:
@@ -177,39 +160,72 @@ class CudaPatchCore:
                 search=search,
                 device=self.device,
                 map_at_input_size=map_at_input_size,
+                neighbours=neighbours,
             ).eval()
             self._pool = torch.cuda.graph_pool_handle() if graphs else None
-        self._graphs: OrderedDict[tuple[tuple[int, ...], torch.dtype, bool], _ShapeGraph] = OrderedDict()
+        self._graphs: OrderedDict[tuple[int, tuple[int, int] | None, bool], _BatchGraph] = OrderedDict()
+        self._staging: OrderedDict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.captures = 0  # graphs captured (or, without graphs, batch sizes warmed up) so far
 
-    def _graph_for(self, shape: tuple[int, ...], dtype: torch.dtype, host: bool) -> _ShapeGraph:
-        _check_layout(shape, dtype)
-        key = (shape, dtype, host)
+    def _graph_for(self, batch: int, input_size: tuple[int, int], host: bool) -> _BatchGraph:
+        # The map at the input's size is interpolated inside the graph: then the size is part of the key.
+        key = (batch, input_size if self.model.map_at_input_size else None, host)
         if key in self._graphs:
             self._graphs.move_to_end(key)
         else:
-            if len(self._graphs) >= MAX_CACHED_SHAPES:
+            if len(self._graphs) >= MAX_CACHED_BATCHES:
                 self._graphs.popitem(last=False)
             with torch.cuda.device(self.device):
-                self._graphs[key] = _ShapeGraph(self.model, shape, dtype, host=host, pool=self._pool)
+                self._graphs[key] = _BatchGraph(self.model, batch, input_size, host=host, pool=self._pool)
+            self.captures += 1
         return self._graphs[key]
 
+    def _resized(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC or float32 NCHW on the device -> float32 [N, 3, resize], eagerly (outside any graph)."""
+        floats = images.permute(0, 3, 1, 2).float().div_(255) if images.dtype == torch.uint8 else images
+        return self.model.preprocess.resize(floats)
+
+    def _infer(self, images: torch.Tensor, host: bool) -> _BatchGraph:
+        input_size = (images.shape[1], images.shape[2]) if images.dtype == torch.uint8 else tuple(images.shape[-2:])
+        graph = self._graph_for(images.shape[0], input_size, host)
+        with torch.no_grad():
+            graph.device_in.copy_(self._resized(images))
+        graph.run()
+        return graph
+
     def run(self, images: torch.Tensor) -> DeployOutput:
-        """Device-resident inference. The outputs live in graph memory that every shape's graph shares: read
-        (or clone) them before the next call."""
+        """Device-resident inference. The outputs live in graph memory that every batch size's graph shares:
+        read (or clone) them before the next call."""
         if images.device != self.device:
             raise UserError(f"cuda: images are on {images.device}, the model on {self.device}")
-        graph = self._graph_for(tuple(images.shape), images.dtype, host=False)
-        graph.device_in.copy_(images)
-        return graph.run()
+        _check_layout(tuple(images.shape), images.dtype)
+        with self._lock, torch.cuda.device(self.device):
+            return self._infer(images, host=False).outputs
 
     def run_host(self, images: np.ndarray) -> HostOutput:
-        """Host arrays in and out; the upload and download are part of the graph."""
+        """Host arrays in and out: a pinned upload, the graph, the downloads inside it; the returned arrays are
+        the caller's own."""
         dtype = _TORCH_DTYPES.get(images.dtype, torch.float64)  # float64 and others fail the layout check
-        graph = self._graph_for(tuple(images.shape), dtype, host=True)
-        np.copyto(graph.host_in.numpy(), images)
-        graph.run()
-        torch.cuda.current_stream(self.device).synchronize()
-        return HostOutput(graph.host_score.numpy(), graph.host_map.numpy())
+        _check_layout(tuple(images.shape), dtype)
+        with self._lock, torch.cuda.device(self.device):
+            staging = self._staging_for(tuple(images.shape), dtype)
+            np.copyto(staging.numpy(), images)
+            graph = self._infer(staging.to(self.device, non_blocking=True), host=True)
+            torch.cuda.current_stream(self.device).synchronize()
+            return HostOutput(graph.host_score.numpy().copy(), graph.host_map.numpy().copy())
+
+    def _staging_for(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (shape, dtype)
+        if key in self._staging:
+            self._staging.move_to_end(key)
+        else:
+            if len(self._staging) >= MAX_STAGING:
+                self._staging.popitem(last=False)
+            self._staging[key] = torch.empty(shape, dtype=dtype, pin_memory=True)
+        return self._staging[key]
 
     def close(self) -> None:
-        self._graphs.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._staging.clear()

@@ -4,14 +4,21 @@ What changes, and why it keeps the outputs:
 - the backbone runs in FP16, BF16, TF32 or FP32 (``backbone_dtype``), channels-last, each BatchNorm folded into
   the convolution before it and, for timm ResNets on the tensor cores, bias, ReLU and residual add inside
   the convolution (fused_resnet.py); pooling, upsampling and everything after the backbone stay in FP32;
-- the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank (``exact``)
-  or not (``fast``);
+- the FP32 backbone (exact mode) calls cuDNN with its flags per call (``ExactConv2d``): IEEE FP32, no TF32,
+  deterministic algorithms from cuDNN's heuristics instead of timing-based autotuning, so the algorithm is
+  the same in every process on a given GPU and cuDNN, whatever process-wide flags a host sets;
+- the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank certified
+  to be anomalib's FP32 search (``exact``), or not (``fast``); the argmax patch of each image, whose bank row
+  picks the support set, is searched again over the whole bank in FP32;
 - the image score's support set comes from a table of each bank row's neighbours built once (knn.BankIndex)
   instead of a search over the whole bank per image;
 - nearest upsampling, reflect padding and the separable Gaussian blur are linear in the patch scores, so
   the map is ``A_h @ scores @ A_w^T`` with two small matrices built once per grid size by running those very
-  operations on one-hot inputs in float64 (two tiny FP32 products instead of a 33-tap convolution over the
-  full-resolution map).
+  operations on one-hot inputs in float64 (two tiny float64 products instead of a 33-tap convolution over the
+  full-resolution map: float64 also keeps them off TF32, whatever ``torch.backends`` says).
+
+No ``torch.backends`` flag is read on the way (the products that matter are Triton's, float64 or elementwise),
+so nothing here flips process-wide state around a call.
 
 Input: float32 [N, 3, H, W] in [0, 1] (``forward``) or uint8 [N, H, W, 3] (``forward_uint8``), on the model's
 device. Output: model.DeployOutput, like the deploy model.
@@ -28,8 +35,8 @@ from torch.nn import functional as F  # noqa: N812
 from torch.profiler import record_function
 
 from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, fuse_resnet
-from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest
-from patchcore_trt.model import DeployOutput, PatchCoreDeploy, squared_distances
+from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest, rescan
+from patchcore_trt.model import DeployOutput, PatchCoreDeploy
 from patchcore_trt.spec import PatchCoreSpec
 
 BACKBONE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -55,6 +62,26 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
             conv.weight.copy_(conv.weight * scale[:, None, None, None])
             conv.bias = nn.Parameter((bias - bn.running_mean) * scale + beta)
             setattr(parent, bn_name, nn.Identity())
+    return module
+
+
+class ExactConv2d(nn.Conv2d):
+    """nn.Conv2d that, on CUDA, asks cuDNN for IEEE FP32 (no TF32), no benchmarking and a deterministic
+    algorithm in the call itself (``torch.cudnn_convolution``'s arguments), not through ``torch.backends``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            return super().forward(x)
+        geometry = (self.padding, self.stride, self.dilation, self.groups)
+        out = torch.cudnn_convolution(x, self.weight, *geometry, False, True, False)  # benchmark, deterministic, tf32
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+
+def exact_convolutions(module: nn.Module) -> nn.Module:
+    """Every plain nn.Conv2d in ``module`` becomes an ExactConv2d (same parameters), in place."""
+    for conv in module.modules():
+        if type(conv) is nn.Conv2d:
+            conv.__class__ = ExactConv2d
     return module
 
 
@@ -85,11 +112,11 @@ class SeparableMap(nn.Module):
         key = (grid_h, grid_w, patch_scores.device)
         if key not in self._matrices:  # built during warm-up, never inside a CUDA graph capture
             self._matrices[key] = (
-                blur_matrix(self.taps, grid_h, self.size[0]).to(patch_scores.device, torch.float32),
-                blur_matrix(self.taps, grid_w, self.size[1]).T.contiguous().to(patch_scores.device, torch.float32),
+                blur_matrix(self.taps, grid_h, self.size[0]).to(patch_scores.device),
+                blur_matrix(self.taps, grid_w, self.size[1]).T.contiguous().to(patch_scores.device),
             )
         rows, columns = self._matrices[key]
-        return torch.matmul(torch.matmul(rows, patch_scores), columns)
+        return torch.matmul(torch.matmul(rows, patch_scores.double()), columns).float()
 
 
 class FastPatchCore(PatchCoreDeploy):
@@ -102,6 +129,7 @@ class FastPatchCore(PatchCoreDeploy):
         search: ``exact`` (FP16 candidates + FP32 re-rank) or ``fast`` (FP16 distances).
         device: Where the model runs; the bank index is built there.
         map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.
+        neighbours: The bank's neighbour table, if already computed (knn.BankIndex).
     """
 
     def __init__(
@@ -109,9 +137,10 @@ class FastPatchCore(PatchCoreDeploy):
         spec: PatchCoreSpec,
         *,
         backbone_dtype: str = "fp16",
-        search: str = "exact",
+        search: str = "certified",
         device: torch.device | str = "cpu",
         map_at_input_size: bool = False,
+        neighbours: torch.Tensor | None = None,
     ) -> None:
         if backbone_dtype not in BACKBONE_DTYPES:
             raise ValueError(f"backbone_dtype must be one of {sorted(BACKBONE_DTYPES)}, got {backbone_dtype!r}")
@@ -125,11 +154,10 @@ class FastPatchCore(PatchCoreDeploy):
         backbone = fold_batchnorm(self.backbone)
         # Fused convolutions pay on the tensor cores; cuDNN's FP32 fused engines are NCHW-only and were slower
         # at batch 16 on an H100 (benchmarks/backbone_error.py), and wrong at batch 1 in NCHW.
-        if backbone_dtype != "fp32":
-            backbone = fuse_resnet(backbone)
+        backbone = fuse_resnet(backbone) if backbone_dtype != "fp32" else exact_convolutions(backbone)
         self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
         del self.search  # the deploy model's chunked FP32 search; the index below replaces it
-        self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device)
+        self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device, neighbours)
         self.anomaly_map = SeparableMap(spec.blur_kernel, spec.preprocess.model_size)
 
     def embed(self, normalized_images: torch.Tensor) -> torch.Tensor:
@@ -164,22 +192,35 @@ class FastPatchCore(PatchCoreDeploy):
             self.backbone = self.backbone.features
 
     def image_scores(self, distances: torch.Tensor, rows: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
-        """model.image_scores with the support set read from the neighbour table. [N, P], [N, P], [N, P, D] -> [N]."""
+        """model.image_scores with the support set read from the neighbour table. [N, P], [N, P], [N, P, D] -> [N].
+
+        The argmax patch's bank row is searched again over the whole bank in FP32 (one query per image): the
+        row picks the support set, so the score would jump if it were ever wrong."""
         if self.num_neighbors == 1:
             return distances.amax(dim=1)
         max_patch = distances.argmax(dim=1, keepdim=True)
         score = distances.gather(1, max_patch).squeeze(1)
-        max_feature = patches.gather(1, max_patch[..., None].expand(-1, -1, patches.shape[-1]))
-        support = self.index.neighbours[rows.gather(1, max_patch).squeeze(1)]
+        max_feature = patches.gather(1, max_patch[..., None].expand(-1, -1, patches.shape[-1])).squeeze(1)
+        everywhere = torch.ones_like(score, dtype=torch.bool)
+        _, nearest_row = rescan(
+            max_feature, max_feature.pow(2).sum(-1), everywhere, score, rows.gather(1, max_patch)[:, 0], self.index
+        )
+        support = self.index.neighbours[nearest_row]
         support_rows = self.index.bank[support]
-        support_sq = self.index.bank_sq[support][:, None, :]
-        weights = 1 - F.softmax(squared_distances(max_feature, support_rows, support_sq).sqrt().squeeze(1), dim=1)[:, 0]
+        # anomalib's euclidean_dist term by term; elementwise, so no TF32 setting can reach it.
+        dots = (support_rows * max_feature[:, None, :]).sum(dim=-1)
+        squared = dots * -2 + max_feature.pow(2).sum(dim=-1, keepdim=True) + self.index.bank_sq[support]
+        weights = 1 - F.softmax(squared.clamp_min(0).sqrt(), dim=1)[:, 0]
         return weights * score
 
     def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised image scores [N] and maps [N, 1, h, w], as PatchCoreDeploy.raw_scores returns them."""
+        return self.raw_scores_resized(self.preprocess.resize(images))
+
+    def raw_scores_resized(self, resized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``raw_scores`` of images already resized to the model's resolution (``preprocess.resize``)."""
         with record_function("preprocess"):
-            normalized = self.preprocess(images)
+            normalized = self.preprocess.crop_and_normalize(resized)
         with record_function("backbone+embed"):
             embedding = self.embed(normalized)
         batch, dim, grid_h, grid_w = embedding.shape
@@ -194,8 +235,12 @@ class FastPatchCore(PatchCoreDeploy):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> DeployOutput:
-        with float32_matmul(conv_tf32=self.backbone_dtype == "tf32"):
-            return super().forward(images)
+        return super().forward(images)
+
+    @torch.no_grad()
+    def forward_resized(self, resized: torch.Tensor, input_size: tuple[int, int]) -> DeployOutput:
+        """``forward`` of images already resized to the model's resolution, ``input_size`` their size before."""
+        return self.outputs(*self.raw_scores_resized(resized), input_size=input_size)
 
     def forward_uint8(self, images: torch.Tensor) -> DeployOutput:
         """uint8 [N, H, W, 3] (decoders' layout) -> the same outputs as ``forward(images / 255)`` in NCHW."""

@@ -1,13 +1,20 @@
-"""Triton kernels of the memory-bank search (knn.py): FP16 candidates, then the FP32 finish.
+"""Triton kernels of the memory-bank search (knn.py): FP16 candidates, the FP32 finish, and the FP32 scan.
 
-``tile_candidates``: each program multiplies a [BLOCK_P x D] block of queries with a
-[BLOCK_M x D] tile of the memory bank on the tensor cores (FP16 operands, FP32 accumulation) and
-keeps, for every query row, the smallest one or two values of ``||y||^2 - 2 x.y`` in the tile. Only those
-few (value, bank row) pairs leave the chip: the [patches x bank] distance matrix is never written, in any
-precision. At ``keep=2`` the union of per-tile top-2 holds the global top-2.
+``tile_candidates``: each program multiplies a [BLOCK_P x D] block of queries with a [BLOCK_M x D] tile of
+the memory bank on the tensor cores (FP16 operands, FP32 accumulation) and keeps, for every query row, the
+``keep`` smallest values of ``||y||^2 - 2 x.y`` in the tile. Only those few (value, bank row) pairs leave the
+chip: the [patches x bank] distance matrix is never written, in any precision.
 
-``finish``: per query, the best one or two candidates, then (exact) their FP32 distances by the reference's
-formula, or (fast) the best FP16 value plus the query's FP32 squared norm; one pass, no [P, C, D] gather.
+``rescore`` (exact): anomalib's FP32 distances to a few picked bank rows per query and its tie rule among them,
+without gathering the [P, R, D] rows. ``fast_finish`` (fast): the best FP16 value plus the query's FP32
+squared norm.
+
+``scan``: anomalib's FP32 search over the whole bank for the queries knn.py flags (those the finish cannot
+certify, and each image's argmax patch), with IEEE FP32 products; the flagged queries are moved to the front,
+so the other programs do nothing, and the grid has a fixed size (the launch can be captured in a CUDA graph).
+
+Offsets into the query, bank and candidate arrays are computed in int64 (``_offsets``): a bank of more than
+2**31 elements is searched; bank rows themselves are int32 (fewer than 2**31 rows).
 
 Imported only when a CUDA search runs (``import triton`` needs the package, not a GPU); the tests run the
 same kernels on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -21,6 +28,19 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from patchcore_trt.errors import UserError
+
+MAX_BANK_ROWS = 2**31 - 1  # bank rows travel as int32 between the kernels
+
+
+def check_bank_rows(bank_size: int) -> None:
+    """The search's real size limit (memory aside): bank rows are int32."""
+    if bank_size > MAX_BANK_ROWS:
+        raise UserError(
+            f"the memory bank has {bank_size:,} rows; the CUDA search numbers rows in 32 bits "
+            f"(at most {MAX_BANK_ROWS:,}): subsample the bank (a smaller coreset ratio)"
+        )
 
 
 @dataclass(frozen=True)
@@ -36,10 +56,17 @@ class TileConfig:
 
 
 @triton.jit
+def _offsets(rows, width):
+    """``rows * width`` in int64: element offsets of 2-D arrays larger than 2**31 elements."""
+    return rows.to(tl.int64) * width
+
+
+@triton.jit
 def _tile_candidates_kernel(
     q_ptr,
     bank_ptr,
     bank_sq_ptr,
+    factor_ptr,
     val_ptr,
     idx_ptr,
     num_queries,
@@ -66,8 +93,8 @@ def _tile_candidates_kernel(
     row_ok = rows < num_queries
     col_ok = cols < bank_size
     # Wrapped indices keep every load in bounds without masks; the wrapped rows and columns are never kept.
-    a_ptrs = q_ptr + (rows % num_queries)[:, None] * D + tl.arange(0, BLOCK_K)[None, :]
-    b_ptrs = bank_ptr + (cols % bank_size)[:, None] * D + tl.arange(0, BLOCK_K)[None, :]
+    a_ptrs = q_ptr + _offsets(rows % num_queries, D)[:, None] + tl.arange(0, BLOCK_K)[None, :]
+    b_ptrs = bank_ptr + _offsets(cols % bank_size, D)[:, None] + tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros([BLOCK_P, BLOCK_M], dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
         if D % BLOCK_K == 0:
@@ -81,21 +108,18 @@ def _tile_candidates_kernel(
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
 
+    # The operands were scaled by powers of two (knn.py); factor = 2 / (scale_x * scale_y) undoes it exactly.
     # Rows past the bank's end get +inf, so they never win.
     bank_sq = tl.load(bank_sq_ptr + cols, mask=col_ok, other=float("inf"))
-    values = bank_sq[None, :] - 2.0 * acc
-    width = tiles_m * KEEP
-    best, best_col = tl.min(values, axis=1, return_indices=True)
-    out = rows * width + pid_m * KEEP
-    tl.store(val_ptr + out, best, mask=row_ok)
-    tl.store(idx_ptr + out, pid_m * BLOCK_M + best_col, mask=row_ok)
-    if KEEP == 2:
-        local = tl.arange(0, BLOCK_M)
-        second_values = tl.where(local[None, :] == best_col[:, None], float("inf"), values)
-        second, second_col = tl.min(second_values, axis=1, return_indices=True)
-        tl.store(val_ptr + out + 1, second, mask=row_ok)
-        # A tile with one valid column has no second: its +inf value never wins, its row must still exist.
-        tl.store(idx_ptr + out + 1, tl.minimum(pid_m * BLOCK_M + second_col, bank_size - 1), mask=row_ok)
+    values = bank_sq[None, :] - acc * tl.load(factor_ptr)
+    out = _offsets(rows, tiles_m * KEEP) + pid_m * KEEP
+    local = tl.arange(0, BLOCK_M)
+    for rank in tl.static_range(KEEP):
+        best, best_col = tl.min(values, axis=1, return_indices=True)
+        tl.store(val_ptr + out + rank, best, mask=row_ok)
+        # A tile with fewer valid columns than KEEP: the extra values are +inf (never win), the rows must exist.
+        tl.store(idx_ptr + out + rank, tl.minimum(pid_m * BLOCK_M + best_col, bank_size - 1), mask=row_ok)
+        values = tl.where(local[None, :] == best_col[:, None], float("inf"), values)
 
 
 def tile_candidates(
@@ -103,26 +127,27 @@ def tile_candidates(
     bank: torch.Tensor,
     bank_sq_norm: torch.Tensor,
     keep: int,
+    factor: torch.Tensor,
     config: TileConfig = TileConfig(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per bank tile, the ``keep`` smallest ``||y||^2 - 2 x.y`` of each query row, and their bank rows.
+    """Per bank tile, the ``keep`` smallest ``||y||^2 - factor * x.y`` of each query row, and their bank rows.
 
     Args:
-        queries: [P, D] float16, contiguous.
-        bank: [M, D] float16, contiguous.
-        bank_sq_norm: [M] float32, ``||y||^2`` of the float32 bank.
-        keep: 1 or 2 candidates per tile.
+        queries: [P, D] float16, contiguous (scaled, see knn.py).
+        bank: [M, D] float16, contiguous (scaled).
+        bank_sq_norm: [M] float32, ``||y||^2`` of the float32 rows the bank was cast from.
+        keep: candidates per tile (at most BLOCK_M).
+        factor: [1] float32 on the device, ``2 / (query scale * bank scale)``.
 
     Returns:
         values [P, tiles * keep] float32 and bank rows [P, tiles * keep] int32.
     """
-    if keep not in (1, 2):
-        raise ValueError("keep must be 1 or 2")
+    if not 1 <= keep <= config.block_m:
+        raise ValueError(f"keep must be between 1 and {config.block_m}")
     num_queries, dim = queries.shape
     bank_size = bank.shape[0]
+    check_bank_rows(bank_size)
     tiles = triton.cdiv(bank_size, config.block_m)
-    if max(queries.numel(), bank.numel(), num_queries * tiles * keep) >= 2**31:  # the kernels index in int32
-        raise ValueError(f"{num_queries} queries x {bank_size} bank rows x {dim} is too large at once: split the batch")
     values = torch.empty((num_queries, tiles * keep), device=queries.device, dtype=torch.float32)
     rows = torch.empty((num_queries, tiles * keep), device=queries.device, dtype=torch.int32)
     grid = (triton.cdiv(num_queries, config.block_p) * tiles,)
@@ -130,6 +155,7 @@ def tile_candidates(
         queries,
         bank,
         bank_sq_norm,
+        factor,
         values,
         rows,
         num_queries,
@@ -147,110 +173,216 @@ def tile_candidates(
 
 
 @triton.jit
-def _finish_kernel(
+def _fast_finish_kernel(
     val_ptr,
     idx_ptr,
+    q_sq_ptr,
+    dist_ptr,
+    row_ptr,
+    num_queries,
+    num_candidates,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_queries
+    local = tl.arange(0, BLOCK_C)
+    candidate_base = _offsets(rows, num_candidates)
+    best = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_col = tl.zeros([BLOCK_R], tl.int32)
+    for start in range(0, num_candidates, BLOCK_C):
+        ok = row_ok[:, None] & ((start + local) < num_candidates)[None, :]
+        values = tl.load(val_ptr + candidate_base[:, None] + start + local[None, :], mask=ok, other=float("inf"))
+        low, low_col = tl.min(values, axis=1, return_indices=True)
+        best_col = tl.where(low < best, low_col + start, best_col)
+        best = tl.minimum(best, low)
+    row = tl.load(idx_ptr + candidate_base + best_col, mask=row_ok, other=0)
+    query_sq = tl.load(q_sq_ptr + rows, mask=row_ok, other=0.0)
+    tl.store(dist_ptr + rows, tl.sqrt(tl.maximum(best + query_sq, 0.0)), mask=row_ok)
+    tl.store(row_ptr + rows, row.to(tl.int64), mask=row_ok)
+
+
+@triton.jit
+def _rescore_kernel(
+    picked_ptr,
     q_ptr,
+    q_sq_ptr,
     bank_ptr,
     bank_sq_ptr,
     dist_ptr,
     row_ptr,
     num_queries,
-    num_candidates,
     D: tl.constexpr,
-    EXACT: tl.constexpr,
+    R: tl.constexpr,
     BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < num_queries
-    local = tl.arange(0, BLOCK_C)
-    # The best two candidates of each query (one in fast mode), scanning the candidate list in chunks.
-    best = tl.full([BLOCK_R], float("inf"), tl.float32)
-    second = tl.full([BLOCK_R], float("inf"), tl.float32)
-    best_col = tl.zeros([BLOCK_R], tl.int32)
-    second_col = tl.zeros([BLOCK_R], tl.int32)
-    for start in range(0, num_candidates, BLOCK_C):
-        ok = row_ok[:, None] & ((start + local) < num_candidates)[None, :]
-        values = tl.load(val_ptr + rows[:, None] * num_candidates + start + local[None, :], mask=ok, other=float("inf"))
-        low, low_col = tl.min(values, axis=1, return_indices=True)
-        low_col += start
-        if EXACT:
-            rest = tl.where(local[None, :] == (low_col - start)[:, None], float("inf"), values)
-            next_low, next_col = tl.min(rest, axis=1, return_indices=True)
-            next_col += start
-            # Merge the sorted pairs (best, second) and (low, next_low).
-            new_second = tl.where(low < best, tl.minimum(best, next_low), tl.minimum(second, low))
-            new_second_col = tl.where(
-                low < best, tl.where(best <= next_low, best_col, next_col), tl.where(second <= low, second_col, low_col)
-            )
-            second, second_col = new_second, new_second_col
-        best_col = tl.where(low < best, low_col, best_col)
-        best = tl.minimum(best, low)
-    first_row = tl.load(idx_ptr + rows * num_candidates + best_col, mask=row_ok, other=0)
-    second_row = tl.load(idx_ptr + rows * num_candidates + second_col, mask=row_ok, other=0)
     dims = tl.arange(0, BLOCK_D)
-    query_sq = tl.zeros([BLOCK_R], tl.float32)
-    first_dot = tl.zeros([BLOCK_R], tl.float32)
-    second_dot = tl.zeros([BLOCK_R], tl.float32)
-    for start in range(0, D, BLOCK_D):
-        ok = row_ok[:, None] & ((start + dims) < D)[None, :]
-        x = tl.load(q_ptr + rows[:, None] * D + start + dims[None, :], mask=ok, other=0.0)
-        query_sq += tl.sum(x * x, axis=1)
-        if EXACT:
-            y = tl.load(bank_ptr + first_row[:, None] * D + start + dims[None, :], mask=ok, other=0.0)
-            first_dot += tl.sum(x * y, axis=1)
-            y = tl.load(bank_ptr + second_row[:, None] * D + start + dims[None, :], mask=ok, other=0.0)
-            second_dot += tl.sum(x * y, axis=1)
-    if EXACT:
-        # model.squared_distances's formula and order: -2 x.y + ||x||^2 + ||y||^2, clamped at 0.
-        first = tl.maximum(first_dot * -2 + query_sq + tl.load(bank_sq_ptr + first_row, mask=row_ok, other=0.0), 0.0)
-        second_sq = second_dot * -2 + query_sq + tl.load(bank_sq_ptr + second_row, mask=row_ok, other=0.0)
-        second = tl.maximum(second_sq, 0.0)
-        take_second = second < first
-        distance = tl.sqrt(tl.where(take_second, second, first))
-        row = tl.where(take_second, second_row, first_row)
-    else:
-        distance = tl.sqrt(tl.maximum(best + query_sq, 0.0))
-        row = first_row
-    tl.store(dist_ptr + rows, distance, mask=row_ok)
-    tl.store(row_ptr + rows, row.to(tl.int64), mask=row_ok)
+    query_base = _offsets(rows, D)
+    query_sq = tl.load(q_sq_ptr + rows, mask=row_ok, other=0.0)
+    best = tl.full([BLOCK_R], float("inf"), tl.float32)
+    best_row = tl.zeros([BLOCK_R], tl.int64)
+    for rank in tl.static_range(R):
+        row = tl.load(picked_ptr + _offsets(rows, R) + rank, mask=row_ok, other=0)
+        bank_base = _offsets(row, D)
+        dot = tl.zeros([BLOCK_R], tl.float32)
+        for start in range(0, D, BLOCK_D):
+            ok = row_ok[:, None] & ((start + dims) < D)[None, :]
+            x = tl.load(q_ptr + query_base[:, None] + start + dims[None, :], mask=ok, other=0.0)
+            y = tl.load(bank_ptr + bank_base[:, None] + start + dims[None, :], mask=ok, other=0.0)
+            dot += tl.sum(x * y, axis=1)
+        # anomalib's euclidean_dist: x.y * -2 + ||x||^2 + ||y||^2, clamped at 0, square-rooted; then its min's
+        # tie rule: the smaller distance, the lower bank row among equal distances.
+        squared = dot * -2 + query_sq + tl.load(bank_sq_ptr + row, mask=row_ok, other=0.0)
+        distance = tl.sqrt(tl.maximum(squared, 0.0))
+        take = (distance < best) | ((distance == best) & (row < best_row))
+        best = tl.where(take, distance, best)
+        best_row = tl.where(take, row, best_row)
+    tl.store(dist_ptr + rows, best, mask=row_ok)
+    tl.store(row_ptr + rows, best_row, mask=row_ok)
 
 
-def finish(
-    queries: torch.Tensor,
-    values: torch.Tensor,
-    rows: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq_norm: torch.Tensor,
-    exact: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest distance and bank row per query from its candidates (see knn.nearest for the two modes).
+def fast_finish(query_sq: torch.Tensor, values: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fast mode's answer per query: the best candidate's value plus ``query_sq``, square-rooted, and its row.
 
     Args:
-        queries: [P, D] float32. values, rows: [P, C] from ``tile_candidates``.
+        query_sq: [P] the term the candidate values lack. values, rows: [P, C] from ``tile_candidates``.
+    """
+    num_queries = values.shape[0]
+    distances = torch.empty(num_queries, device=values.device, dtype=torch.float32)
+    nearest = torch.empty(num_queries, device=values.device, dtype=torch.int64)
+    block_r = 16
+    _fast_finish_kernel[(triton.cdiv(num_queries, block_r),)](
+        values, rows, query_sq, distances, nearest, num_queries, values.shape[1], BLOCK_R=block_r, BLOCK_C=128
+    )
+    return distances, nearest
+
+
+def rescore(
+    queries: torch.Tensor, query_sq: torch.Tensor, picked: torch.Tensor, bank: torch.Tensor, bank_sq_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """anomalib's FP32 distance to each ``picked`` bank row and its ``min(1)`` over them (the lower row among
+    equal distances), without gathering the [P, R, D] rows.
+
+    Args:
+        queries: [P, D] float32. query_sq: [P] ``||x||^2``. picked: [P, R] int64 bank rows.
         bank: [M, D] float32. bank_sq_norm: [M].
     """
     num_queries, dim = queries.shape
     distances = torch.empty(num_queries, device=queries.device, dtype=torch.float32)
     nearest = torch.empty(num_queries, device=queries.device, dtype=torch.int64)
     block_r = 16
-    _finish_kernel[(triton.cdiv(num_queries, block_r),)](
-        values,
-        rows,
+    _rescore_kernel[(triton.cdiv(num_queries, block_r),)](
+        picked.contiguous(),
         queries,
+        query_sq,
         bank,
         bank_sq_norm,
         distances,
         nearest,
         num_queries,
-        values.shape[1],
         D=dim,
-        EXACT=exact,
+        R=picked.shape[1],
         BLOCK_R=block_r,
-        BLOCK_C=128,
         BLOCK_D=128,
         num_warps=4,
     )
     return distances, nearest
+
+
+@triton.jit
+def _scan_kernel(
+    q_ptr,
+    q_sq_ptr,
+    order_ptr,
+    count_ptr,
+    bank_ptr,
+    bank_sq_ptr,
+    out_ptr,
+    num_queries,
+    bank_size,
+    D: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUPS: tl.constexpr,
+):
+    # One bank tile per program along axis 0; the flagged queries (the first ``count`` of ``order``) are
+    # shared among GROUPS programs along axis 1, a block of BLOCK_P at a time.
+    pid_m = tl.program_id(0)
+    count = tl.load(count_ptr)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = cols < bank_size
+    bank_base = _offsets(cols % bank_size, D)
+    bank_sq = tl.load(bank_sq_ptr + cols, mask=col_ok, other=0.0)
+    dims = tl.arange(0, BLOCK_K)
+    for first in range(tl.program_id(1) * BLOCK_P, num_queries, GROUPS * BLOCK_P):
+        if first < count:
+            slots = first + tl.arange(0, BLOCK_P)
+            slot_ok = slots < count
+            queries = tl.load(order_ptr + slots, mask=slot_ok, other=0)
+            query_base = _offsets(queries, D)
+            acc = tl.zeros([BLOCK_P, BLOCK_M], dtype=tl.float32)
+            for k in range(0, D, BLOCK_K):
+                k_ok = (k + dims) < D
+                a = tl.load(q_ptr + query_base[:, None] + k + dims[None, :], mask=k_ok[None, :], other=0.0)
+                b = tl.load(bank_ptr + bank_base[:, None] + k + dims[None, :], mask=k_ok[None, :], other=0.0)
+                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
+            query_sq = tl.load(q_sq_ptr + queries, mask=slot_ok, other=0.0)
+            # anomalib's euclidean_dist; + 0.0 turns a -0.0 into +0.0, so the bit patterns order like the values.
+            distance = tl.sqrt(tl.maximum(acc * -2 + query_sq[:, None] + bank_sq[None, :], 0.0)) + 0.0
+            distance = tl.where(col_ok[None, :], distance, float("inf"))
+            best, best_col = tl.min(distance, axis=1, return_indices=True)  # lowest column among equals
+            # (distance bits, row) as one int64: its minimum is the smaller distance, then the lower row.
+            packed = (best.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (pid_m * BLOCK_M + best_col).to(tl.int64)
+            tl.atomic_min(out_ptr + queries, packed, mask=slot_ok)
+
+
+def scan(
+    queries: torch.Tensor,
+    query_sq: torch.Tensor,
+    flagged: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq_norm: torch.Tensor,
+    block_p: int = 32,
+    block_m: int = 64,
+    groups: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """anomalib's FP32 nearest neighbour over the whole bank for the ``flagged`` queries (no host sync).
+
+    Args:
+        queries: [P, D] float32. query_sq: [P] ``||x||^2``. flagged: [P] bool.
+        bank: [M, D] float32. bank_sq_norm: [M].
+
+    Returns:
+        distances [P] float32 and rows [P] int64; meaningful where ``flagged``.
+    """
+    num_queries, dim = queries.shape
+    bank_size = bank.shape[0]
+    check_bank_rows(bank_size)
+    queries = queries.contiguous()
+    order = torch.argsort(flagged.logical_not().to(torch.int8), stable=True)  # the flagged queries first
+    count = flagged.sum(dtype=torch.int32).reshape(1)
+    packed = torch.full((num_queries,), torch.iinfo(torch.int64).max, device=queries.device, dtype=torch.int64)
+    grid = (triton.cdiv(bank_size, block_m), min(groups, triton.cdiv(num_queries, block_p)))
+    _scan_kernel[grid](
+        queries,
+        query_sq,
+        order,
+        count,
+        bank,
+        bank_sq_norm,
+        packed,
+        num_queries,
+        bank_size,
+        D=dim,
+        BLOCK_P=block_p,
+        BLOCK_M=block_m,
+        BLOCK_K=32,
+        GROUPS=grid[1],
+        num_warps=4,
+    )
+    distances = (packed >> 32).to(torch.int32).view(torch.float32)
+    return distances, packed & 0xFFFFFFFF

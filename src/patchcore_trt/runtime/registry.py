@@ -47,8 +47,8 @@ def flag(option: str) -> str:
 
 # What each cuda mode runs: the backbone's arithmetic and the precision of the distances the search returns.
 CUDA_MODES = {
-    "exact": {"backbone_dtype": "fp32", "search": "exact"},
-    "fast": {"backbone_dtype": "fp16", "search": "exact"},
+    "exact": {"backbone_dtype": "fp32", "search": "certified"},
+    "fast": {"backbone_dtype": "fp16", "search": "certified"},
 }
 
 OPTIONS: dict[str, Option] = {
@@ -62,8 +62,9 @@ OPTIONS: dict[str, Option] = {
     ),
     "backbone_dtype": Option("The backbone's arithmetic, overriding the mode's.", ("fp32", "tf32", "fp16", "bf16")),
     "search": Option(
-        "The bank search, overriding the mode's: exact (FP16 candidates, FP32 re-rank) or fast (FP16).",
-        ("exact", "fast"),
+        "The bank search, overriding the mode's: certified (anomalib's FP32 nearest row and distance, proven from FP16"
+        " candidates) or fp16 (the FP16 distances themselves).",
+        ("certified", "fp16"),
     ),
     "graphs": Option("Replay CUDA graphs (off: eager launches, for profiling)."),
     "threads": Option("Intra-op threads (0: ONNX Runtime's default)."),

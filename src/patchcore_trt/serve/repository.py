@@ -170,7 +170,7 @@ def build_config(source: Source, options: ServeOptions) -> Any:
             # The cuda backend's mode and overrides as given ("" = the mode's own choice).
             mode=(options.mode or "exact") if gpu else "",
             backbone_dtype=(options.backbone_dtype or "") if gpu else "fp32",
-            search=(options.search or "") if gpu else "exact",
+            search=(options.search or "") if gpu else "certified",
             max_pixels=str(options.max_pixels or MAX_PIXELS),
             batch_buckets=",".join(map(str, buckets)),
             trust_pickled_code=str(options.trust_pickled_code).lower(),
