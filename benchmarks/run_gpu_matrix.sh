@@ -10,7 +10,8 @@
 #   trained  train anomalib PatchCore (WRN50, CPU) on generated data; cuda backend vs FP32 on it (trained.json)
 #   bench    the benchmark table beside anomalib's eager module (bench/bench.{md,csv,json,png})
 #   profile  torch.profiler: GPU time per stage and kernel (profile.txt)
-#   tests    the GPU tests (tests/test_gpu.py, tests/test_cuda_backend.py) with anomalib; golden checkpoints from
+#   tests    the GPU tests (test_gpu, test_cuda_backend, test_exact_search compiled, the contract and label tests)
+#            with anomalib; golden checkpoints from
 #            $PATCHCORE_TRT_FIXTURES (tests.txt)
 # Wheels for packages the machine lacks (anomalib for the baseline row and the tests) are installed from .whl/ or
 # .whl/*/ if present.
@@ -39,7 +40,7 @@ torch.backends.cudnn.version(), triton.__version__, timm.__version__, torch.cuda
              $BENCH_ARGS -o "$OUT/bench" ;;
     profile) run python3 benchmarks/profile_cuda.py "$OUT/profile.txt" fp16,fp32 ;;
     tests) run python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_cuda_backend.py \
-             tests/test_contract.py tests/test_labels.py \
+             tests/test_exact_search.py tests/test_contract.py tests/test_labels.py \
              | tee "$OUT/tests.txt" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;
   esac
