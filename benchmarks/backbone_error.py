@@ -36,13 +36,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from patchcore_trt.bench.matrix import device_ms, input_pool, percentile, reference_predictions
+from patchcore_trt.bench.matrix import input_pool, percentile, reference_predictions
 from patchcore_trt.bench.subjects import as_float_nchw
 from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import synthetic_spec
 from patchcore_trt.gpu.executor import CudaPatchCore
 from patchcore_trt.gpu.fast_model import FastPatchCore, fold_batchnorm
 from patchcore_trt.gpu.knn import BankIndex, candidates, float32_matmul, nearest
+from patchcore_trt.gpu.profile import device_ms
 from patchcore_trt.model import MemoryBankSearch, PatchCoreDeploy, squared_distances
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.runtime.cuda_backend import CudaBackend

@@ -85,20 +85,6 @@ def host_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def device_ms(run: Callable[[], object], reps: int = 50) -> float:
-    """Median GPU time of ``run`` in ms, CUDA events around each call (for graph replays: no host overhead)."""
-    run()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return percentile(times, 50)
-
-
 def time_subject(subject: Subject, rotation: int, settings: BenchSettings) -> list[float]:
     """Per-batch latencies in ms: warm-up, then up to ``iters`` timed batches within ``max_seconds``."""
     sync = torch.cuda.synchronize if subject.uses_cuda else (lambda: None)

@@ -20,15 +20,14 @@ _BACKBONE = re.compile(r"conv|xmma|cudnn|nvjet|gemm|cutlass|implicit|nchw|nhwc|m
 _EMBED = re.compile(r"avg_pool|upsample|CatArray|interpolate|direct_copy|copy_kernel", re.I)
 
 
-def _replay_ms(function: Any, reps: int) -> float:
-    """Median CUDA-event time of ``function`` over ``reps`` calls after three warm-ups, ms."""
-    for _ in range(3):
-        function()
+def device_ms(run: Any, reps: int = 50) -> float:
+    """Median GPU time of ``run`` in ms, CUDA events around each call (for graph replays: no host overhead)."""
+    run()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        function()
+        run()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -39,7 +38,7 @@ def _replay_ms(function: Any, reps: int) -> float:
 def stage_profile(executor: CudaPatchCore, images: torch.Tensor, runs: int = 5, top: int = 15) -> dict[str, Any]:
     """GPU time per stage and the ``top`` kernels of ``runs`` eager forwards of uint8 [N, H, W, 3] ``images`` on
     the GPU, and the graph replay's median time."""
-    replay = _replay_ms(lambda: executor.run(images), reps=30)
+    replay = device_ms(lambda: executor.run(images), reps=30)
     model = executor.model
     for _ in range(3):
         model.forward_uint8(images)
