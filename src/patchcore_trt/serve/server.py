@@ -12,12 +12,16 @@ interpreter's libpython first on LD_LIBRARY_PATH, and a tiny venv first on PATH 
 process's import path (the main venv, an editable source tree, PYTHONPATH entries), so the served model imports
 the same patchcore_trt, torch and numpy as the command that started it.
 
-The server runs in its own process group, so stopping it also ends the Python backend stubs it started.
+The server runs in its own process group, so stopping it also ends the Python backend stubs it started, and it
+gets SIGTERM when the process that started it dies (even by SIGKILL), so no server outlives its launcher. It runs
+with explicit model control: only the models named are loaded (never a leftover hidden folder), and a model can be
+reloaded while the others serve (health.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -40,6 +44,7 @@ DEFAULT_PORTS = (8000, 8001, 8002)
 EXIT_TIMEOUT_S = 10
 # Python backend shared memory per instance: room for a batch of 16 256x256 images and their maps, grown as needed.
 SHM_BYTES = 16 << 20
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,10 @@ def _backend_folder(distribution: Distribution, folder: Path) -> Path:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether tritonserver can listen on ``port``: its HTTP and gRPC servers bind with SO_REUSEADDR, so a port held
+    only by connections closing (TIME_WAIT, after a crash or a stop under load) is free for it, and for this check."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -188,6 +196,20 @@ def free_ports(host: str = "127.0.0.1", count: int = 3) -> tuple[int, ...]:
     finally:
         for probe in sockets:
             probe.close()
+
+
+def _stop_with_parent(parent: int) -> Any:
+    """A preexec_fn: the child gets SIGTERM when ``parent`` dies (Linux PR_SET_PDEATHSIG), or exits at once if it
+    already has. SIGTERM, not SIGKILL: Triton then unloads its models, and their stubs and shared memory go too."""
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 @dataclass(frozen=True)
@@ -209,6 +231,7 @@ class TritonServer:
     Args:
         repository: The model repository.
         ports: HTTP, gRPC and metrics ports.
+        models: The models to load (default: every folder of the repository not starting with '.').
         host: The address every endpoint listens on (127.0.0.1: this machine only).
         distribution: The tritonserver to run (find_distribution() when None).
         log_file: Where the server's output goes (a file in its work folder when None).
@@ -219,6 +242,7 @@ class TritonServer:
         repository: Path,
         ports: tuple[int, int, int] = DEFAULT_PORTS,
         *,
+        models: list[str] | None = None,
         host: str = "127.0.0.1",
         distribution: Distribution | None = None,
         log_file: Path | None = None,
@@ -226,6 +250,10 @@ class TritonServer:
     ) -> None:
         self.repository = Path(repository).resolve()
         self.ports = ports
+        if models is None:
+            folders = self.repository.iterdir() if self.repository.is_dir() else []
+            models = [p.name for p in folders if p.is_dir() and not p.name.startswith(".")]
+        self.names = sorted(models)
         self.host = host
         self.distribution = distribution or find_distribution()
         self.verbose = verbose
@@ -260,6 +288,8 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={metrics}",
             "--exit-on-error=false",  # a model that fails to load is reported; the others are served
             "--disable-auto-complete-config",  # the configs are complete; no extra stub per model at load
+            "--model-control-mode=explicit",  # a model whose Python process died can be reloaded (health.py)
+            *(f"--load-model={name}" for name in self.names),
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--backend-config=python,shm-region-prefix-name={prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
@@ -289,7 +319,12 @@ class TritonServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(
-                self.command(backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(backends),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_stop_with_parent(os.getpid()),
             )
         deadline = time.monotonic() + timeout_s
         while not self._live():
@@ -321,6 +356,7 @@ class TritonServer:
         return [
             ModelState(item["name"], str(item.get("version", "")), item.get("state", "UNKNOWN"), item.get("reason", ""))
             for item in index
+            if item["name"] in self.names  # the index also lists folders never loaded (a leftover staging folder)
         ]
 
     def statistics(self, model: str) -> dict[str, Any]:
