@@ -85,10 +85,10 @@ class ModelWatch:
         for name, pids in list(self.stubs.items()):
             ended = sorted(pids - current.get(name, set()))
             if ended:
-                lines.extend(self._heal(name, ended))
+                lines.append(self._heal(name, ended))
         return lines
 
-    def _heal(self, name: str, ended: list[int]) -> list[tuple[bool, str]]:
+    def _heal(self, name: str, ended: list[int]) -> tuple[bool, str]:
         import tritonclient.http as httpclient
 
         now = time.monotonic()
@@ -98,25 +98,23 @@ class ModelWatch:
             deaths.popleft()
         which = ", ".join(map(str, ended))
         died = f"model {name}: its Python process (pid {which}) ended"
+        started = time.monotonic()
+        # Triton's errors are not raised here: the model's state read below says what happened.
         with contextlib.closing(
             httpclient.InferenceServerClient(self.server.http_url, network_timeout=self.load_timeout_s)
         ) as client:
-            client.unload_model(name)  # readiness turns false now, not after the reload
+            with contextlib.suppress(httpclient.InferenceServerException):
+                client.unload_model(name, headers=self.server.control)  # readiness turns false now
             if len(deaths) > MAX_RELOADS:
                 del self.stubs[name]
-                return [(False, f"{died} {len(deaths)} times in {RELOAD_WINDOW_S:.0f} s; left unloaded")]
-            started = time.monotonic()
-            with contextlib.suppress(httpclient.InferenceServerException):  # the state below says what happened
-                client.load_model(name)
+                return False, f"{died} {len(deaths)} times in {RELOAD_WINDOW_S:.0f} s; left unloaded"
+            with contextlib.suppress(httpclient.InferenceServerException):
+                client.load_model(name, headers=self.server.control)
         state = next((s for s in self.server.models() if s.name == name), None)
         if state is None or state.state != "READY":
             del self.stubs[name]
             reason = state.line() if state is not None else f"model {name}: not in the repository any more"
-            return [(False, f"{died}; reloading failed: {reason}")]
+            return False, f"{died}; reloading failed: {reason}"
         current = stub_processes(self.server.process.pid, self.server.repository)
         self.stubs[name] = current.get(name, set())
-        return [(True, f"{died}; reloaded, READY again in {time.monotonic() - started:.1f} s")]
-
-    def ready(self) -> list[str]:
-        """The models still watched (served and not given up on)."""
-        return sorted(self.stubs)
+        return True, f"{died}; reloaded, READY again in {time.monotonic() - started:.1f} s"

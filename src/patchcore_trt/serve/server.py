@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -45,6 +46,9 @@ EXIT_TIMEOUT_S = 10
 # Python backend shared memory per instance: room for a batch of 16 256x256 images and their maps, grown as needed.
 SHM_BYTES = 16 << 20
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Explicit model control lets a client unload or load models; only requests carrying this header with the server's
+# own random value may (the model-repository API is restricted), so no client can take a model from the others.
+CONTROL_HEADER = "patchcore-trt-control"
 
 
 @dataclass(frozen=True)
@@ -260,6 +264,7 @@ class TritonServer:
         self.workspace = Path(tempfile.mkdtemp(prefix="patchcore-trt-triton-"))
         self.log_file = Path(log_file) if log_file is not None else self.workspace / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.control = {CONTROL_HEADER: secrets.token_hex(16)}
 
     @property
     def http_url(self) -> str:
@@ -290,6 +295,8 @@ class TritonServer:
             "--disable-auto-complete-config",  # the configs are complete; no extra stub per model at load
             "--model-control-mode=explicit",  # a model whose Python process died can be reloaded (health.py)
             *(f"--load-model={name}" for name in self.names),
+            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={self.control[CONTROL_HEADER]}",
+            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={self.control[CONTROL_HEADER]}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             f"--backend-config=python,shm-region-prefix-name={prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
@@ -352,7 +359,7 @@ class TritonServer:
         import tritonclient.http as httpclient
 
         with contextlib.closing(httpclient.InferenceServerClient(self.http_url)) as client:
-            index: list[dict[str, Any]] = client.get_model_repository_index()
+            index: list[dict[str, Any]] = client.get_model_repository_index(headers=self.control)
         return [
             ModelState(item["name"], str(item.get("version", "")), item.get("state", "UNKNOWN"), item.get("reason", ""))
             for item in index
