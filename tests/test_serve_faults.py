@@ -283,6 +283,25 @@ def test_a_killed_model_process_turns_unready_and_is_reloaded_while_the_others_s
     assert serving.process.poll() is None
 
 
+def test_a_model_that_cannot_come_back_ends_serve_with_one_line(single, tmp_path):
+    shutil.copytree(single / "patchcore", tmp_path / "patchcore")
+    serving = Serving.start(tmp_path)
+    assert READY_LINE in serving.out, serving.err
+    server, (stub,) = serving.server_pid, serving.stubs("patchcore")
+    (tmp_path / "patchcore" / "1" / "model.ckpt").write_bytes(b"this is not a checkpoint")  # as a disk gone bad
+    os.kill(stub, signal.SIGKILL)
+    stderr = serving.finish(timeout_s=120)
+    assert serving.process.returncode == 1 and "Traceback" not in stderr, stderr
+    (line,) = [line for line in serving.err if line.startswith("error:")]
+    assert line.startswith(
+        f"error: model patchcore: its Python process (pid {stub}) ended; reloading failed: "
+        "model patchcore (version 1): UNAVAILABLE"
+    )
+    assert "not a PyTorch checkpoint" in line
+    assert line.endswith(f"no model of {tmp_path.resolve()} is ready any more")
+    assert "no process left" in stderr and not _running(server)
+
+
 @pytest.mark.parametrize("number", [signal.SIGHUP, signal.SIGTERM])
 def test_serve_stopped_by_a_signal_leaves_no_process(single, number):
     serving = Serving.start(single)

@@ -108,7 +108,7 @@ def serve_command(
         # SIGINT is set explicitly too: a process started in the background by a shell inherits it ignored.
         previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS}
         try:
-            _serve(server, configs, timeout)
+            _serve(server, timeout)
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
@@ -127,7 +127,7 @@ def _still_stopping(signum: int, frame: object) -> None:
     err.print("  still stopping tritonserver; it is killed if it has not exited in time")
 
 
-def _serve(server: Any, configs: dict[str, Any], timeout: float) -> None:
+def _serve(server: Any, timeout: float) -> None:
     from patchcore_trt.serve.health import ModelWatch
 
     started = time.perf_counter()
@@ -146,8 +146,13 @@ def _serve(server: Any, configs: dict[str, Any], timeout: float) -> None:
         while server.alive():
             time.sleep(WATCH_INTERVAL_S)
             for healed, line in watch.check():
-                (err.print if healed else warn)(line)
-                if not healed and not any(state.state == "READY" for state in server.models()):
+                if healed:
+                    err.print(line)
+                elif not server.alive():
+                    break  # reported below, as the server's own exit
+                elif any(state.state == "READY" for state in server.models()):
+                    warn(line)
+                else:
                     raise UserError(f"{line}; no model of {server.repository} is ready any more")
         raise UserError(f"tritonserver exited by itself with code {server.process.returncode}: {server.log_tail(3)}")
     except KeyboardInterrupt:

@@ -66,6 +66,7 @@ class ModelWatch:
         server: The running server.
         load_timeout_s: How long one reload may take.
         stubs: Model name -> the stub pids it was served by when last loaded.
+        deaths: Model name -> when its stubs were found ended, within the last RELOAD_WINDOW_S.
     """
 
     server: Any
@@ -103,14 +104,18 @@ class ModelWatch:
         with contextlib.closing(
             httpclient.InferenceServerClient(self.server.http_url, network_timeout=self.load_timeout_s)
         ) as client:
-            with contextlib.suppress(httpclient.InferenceServerException):
+            with contextlib.suppress(httpclient.InferenceServerException, OSError):
                 client.unload_model(name, headers=self.server.control)  # readiness turns false now
             if len(deaths) > MAX_RELOADS:
                 del self.stubs[name]
                 return False, f"{died} {len(deaths)} times in {RELOAD_WINDOW_S:.0f} s; left unloaded"
-            with contextlib.suppress(httpclient.InferenceServerException):
+            with contextlib.suppress(httpclient.InferenceServerException, OSError):
                 client.load_model(name, headers=self.server.control)
-        state = next((s for s in self.server.models() if s.name == name), None)
+        try:
+            state = next((s for s in self.server.models() if s.name == name), None)
+        except (httpclient.InferenceServerException, OSError) as exc:  # the server itself is going
+            del self.stubs[name]
+            return False, f"{died}; reloading failed: tritonserver did not answer ({exc})"
         if state is None or state.state != "READY":
             del self.stubs[name]
             reason = state.line() if state is not None else f"model {name}: not in the repository any more"
