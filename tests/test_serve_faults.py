@@ -120,9 +120,9 @@ class Serving:
     err: list[str] = field(default_factory=list)
 
     @classmethod
-    def start(cls, target: Path, ports: tuple[int, ...] | None = None, *extra: str) -> Serving:
+    def start(cls, target: Path, ports: tuple[int, ...] | None = None) -> Serving:
         ports = ports or free_ports()
-        options = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], *extra]
+        options = ["--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
         command = [sys.executable, "-m", "patchcore_trt", "serve", str(target), *map(str, options)]
         env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
