@@ -334,6 +334,10 @@ def test_serve_killed_leaves_no_process_and_restarts_on_the_same_ports(single):
     try:
         assert READY_LINE in second.out, second.err
         assert _model_ready(second.url, "patchcore")
+        # A client that names no model finds the one served, although the repository index is serve's own.
+        for protocol, port in (("http", second.ports[0]), ("grpc", second.ports[1])):
+            served = run_cli("predict", "--server", f"{protocol}://127.0.0.1:{port}", FIXTURES / "data" / "test")
+            assert served.returncode == 0, served.stderr
     finally:
         # A double Ctrl-C: serve still waits for Triton to stop and says so truthfully.
         second.process.send_signal(signal.SIGINT)
