@@ -101,6 +101,11 @@ def _running(pid: int) -> bool:
         return False
 
 
+def _shared_memory(serving: Serving) -> list[Path]:
+    """The Python backend's shared memory regions of that server (named after serve's pid and HTTP port)."""
+    return sorted(Path("/dev/shm").glob(f"pct{serving.process.pid}p{serving.ports[0]}_*"))
+
+
 def _wait_until(condition, timeout_s: float, interval_s: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -196,6 +201,7 @@ def serving(repository: Path):
     serving.process.send_signal(signal.SIGINT)
     serving.finish()
     assert serving.process.returncode == 0
+    assert _shared_memory(serving) == []  # not even the region of the model process killed below
 
 
 def test_damaged_and_leftover_folders_leave_the_other_models_served(serving, frames):
@@ -313,6 +319,7 @@ def test_serve_stopped_by_a_signal_leaves_no_process(single, number):
     assert serving.process.returncode == 0, stderr
     assert "no process left" in stderr
     assert not _running(server) and not any(_running(pid) for pid in stubs)
+    assert _shared_memory(serving) == []
 
 
 def test_serve_killed_leaves_no_process_and_restarts_on_the_same_ports(single):

@@ -265,6 +265,8 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file is not None else self.workspace / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.control = {CONTROL_HEADER: secrets.token_hex(16)}
+        # The Python backend's shared memory regions are /dev/shm/<prefix><uuid>: unique per server on one machine.
+        self.shm_prefix = f"pct{os.getpid()}p{ports[0]}_"
 
     @property
     def http_url(self) -> str:
@@ -283,7 +285,6 @@ class TritonServer:
 
     def command(self, backends: Path) -> list[str]:
         http, grpc, metrics = self.ports
-        prefix = f"pct{os.getpid()}p{http}"  # python backend shared memory names: unique per server on one machine
         return [
             str(self.distribution.binary),
             f"--model-repository={self.repository}",
@@ -298,7 +299,7 @@ class TritonServer:
             f"--http-restricted-api=model-repository:{CONTROL_HEADER}={self.control[CONTROL_HEADER]}",
             f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={self.control[CONTROL_HEADER]}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-            f"--backend-config=python,shm-region-prefix-name={prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
             f"--log-verbose={1 if self.verbose else 0}",
@@ -414,6 +415,9 @@ class TritonServer:
         if self.group_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        # A stub that was killed leaves its region behind at times; with the server gone, none of ours is in use.
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
         shutil.rmtree(self.workspace / "backends", ignore_errors=True)
         shutil.rmtree(self.workspace / "python-env", ignore_errors=True)
         return self.process.returncode
