@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import err, out, program, warn
+from patchcore_trt.cli._common import err, out, program, version_option, warn
 from patchcore_trt.errors import UserError
 
 # NGC's release that carries Triton 2.51, the version nvidia-pytriton 0.7.0 bundles; its TensorRT is 10.5.
@@ -27,24 +27,16 @@ def container_command(repository: Path, ports: tuple[int, int, int]) -> str:
     )
 
 
-def _default_kind() -> str:
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "gpu" if torch.cuda.is_available() else "cpu"
-
-
-def _repository(target: Path, kind: str | None, work: Path) -> Path:
+def _repository(target: Path, kind: str | None, anomalib_version: str | None, work: Path) -> Path:
     """``target`` itself if it is a repository; else a repository written for the model file (default settings)."""
-    from patchcore_trt.serve.repository import ServeOptions, write_model
+    from patchcore_trt.serve.repository import ServeOptions, machine_kind, write_model
 
     if target.is_dir():
         return target
     if not target.is_file():
         raise UserError(f"{target}: no such file or folder; give a model repository or a .ckpt, .onnx or .engine")
-    chosen = kind or _default_kind()
-    written = write_model(target, work / "repository", ServeOptions(kind=chosen))
+    chosen = kind or ("gpu" if target.suffix.lower() == ".engine" else machine_kind())
+    written = write_model(target, work / "repository", ServeOptions(kind=chosen, anomalib_version=anomalib_version))
     err.print(f"  wrote {written.folder} ({written.platform}, {chosen}); 'patchcore-trt triton' chooses every setting")
     return written.folder.parent
 
@@ -82,8 +74,13 @@ def serve_command(
     log_file: Path | None = typer.Option(None, "--log-file", help="Write the server's log here."),
     verbose: bool = typer.Option(False, "--verbose", help="Triton's verbose log."),
     timeout: float = typer.Option(600.0, "--timeout", help="Seconds to wait for the models to load."),
+    anomalib_version: str | None = version_option(),
 ) -> None:
-    """Start Triton Inference Server on TARGET, print its endpoints, serve until Ctrl-C."""
+    """Start Triton Inference Server on TARGET, print its endpoints, serve until Ctrl-C.
+
+    A model whose Python process dies is reloaded (it reports not ready meanwhile); serve stops with an error when
+    no model is ready.
+    """
     from patchcore_trt.serve.repository import read_repository
     from patchcore_trt.serve.server import TritonServer, find_distribution
 
@@ -91,29 +88,48 @@ def serve_command(
     for port in ports:
         if not 1 <= port <= 65535 or ports.count(port) > 1:
             raise UserError(f"ports {http_port}, {grpc_port}, {metrics_port} must be distinct numbers in 1..65535")
+    if anomalib_version is not None and target.is_dir():
+        raise UserError("--anomalib-version applies to a .ckpt file; a repository's models carry theirs (triton)")
     with tempfile.TemporaryDirectory(prefix="patchcore-trt-serve-") as work:
-        repository = _repository(target, kind, Path(work))
-        configs = read_repository(repository)
+        repository = _repository(target, kind, anomalib_version, Path(work))
+        problems: dict[str, str] = {}
+        configs = read_repository(repository, problems)
+        for name, problem in problems.items():
+            warn(f"model {name}: not loaded: {problem}")
+        if not configs:
+            raise UserError(f"{repository}: no model of it can be loaded (see the warnings above)")
         distribution = find_distribution(tritonserver)
         _check_backends(target, repository, configs, distribution, ports)
         server = TritonServer(
-            repository, ports, host=host, distribution=distribution, log_file=log_file, verbose=verbose
-        )
-        # Ctrl-C, and SIGTERM from a service manager, stop the server and its stubs. SIGINT is set explicitly too:
-        # a process started in the background by a shell inherits it ignored.
-        previous = {number: signal.signal(number, _interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+            repository, ports, models=list(configs), host=host, distribution=distribution, log_file=log_file,
+            verbose=verbose,
+        )  # fmt: skip
+        # Ctrl-C, SIGTERM from a service manager and SIGHUP from a closed terminal stop the server and its stubs.
+        # SIGINT is set explicitly too: a process started in the background by a shell inherits it ignored.
+        previous = {number: signal.signal(number, _interrupt) for number in _STOP_SIGNALS}
         try:
-            _serve(server, configs, timeout)
+            _serve(server, timeout)
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+WATCH_INTERVAL_S = 0.5
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _serve(server: Any, configs: dict[str, Any], timeout: float) -> None:
+def _still_stopping(signum: int, frame: object) -> None:
+    """A second Ctrl-C while Triton stops: the stop goes on (SIGKILL after its timeout), and says so."""
+    err.print("  still stopping tritonserver; it is killed if it has not exited in time")
+
+
+def _serve(server: Any, timeout: float) -> None:
+    from patchcore_trt.serve.health import ModelWatch
+
     started = time.perf_counter()
     err.print(f"> starting {server.distribution.binary} on {server.repository} ...")
     try:
@@ -122,13 +138,28 @@ def _serve(server: Any, configs: dict[str, Any], timeout: float) -> None:
         for state in states:
             (out.print if state.state == "READY" else warn)(state.line())
         ready = [state.name for state in states if state.state == "READY"]
-        _print_endpoints(server, ready[0] if ready else next(iter(configs)))
+        if not ready:
+            raise UserError(f"no model of {server.repository} is ready (see the lines above); nothing to serve")
+        _print_endpoints(server, ready[0])
+        watch = ModelWatch(server, load_timeout_s=timeout)
+        watch.start(ready)
         while server.alive():
-            time.sleep(0.5)
+            time.sleep(WATCH_INTERVAL_S)
+            for healed, line in watch.check():
+                if healed:
+                    err.print(line)
+                elif not server.alive():
+                    break  # reported below, as the server's own exit
+                elif any(state.state == "READY" for state in server.models()):
+                    warn(line)
+                else:
+                    raise UserError(f"{line}; no model of {server.repository} is ready any more")
         raise UserError(f"tritonserver exited by itself with code {server.process.returncode}: {server.log_tail(3)}")
     except KeyboardInterrupt:
         err.print(f"> stopping {server.distribution.binary.name} ...")
     finally:
+        for number in _STOP_SIGNALS:
+            signal.signal(number, _still_stopping)
         code = server.stop()
         if server.process is not None:
             left = "some processes of its group are still running" if server.group_alive() else "no process left"
@@ -143,9 +174,9 @@ def _print_endpoints(server: Any, model: str) -> None:
     out.print("client:")
     out.print(f"  {program()} predict --server http://{server.http_url} --model {model} IMAGES...")
     out.print(
-        "  python: from patchcore_trt.serve.client import TritonBackend\n"
-        f"          backend = TritonBackend('http://{server.http_url}', model='{model}')\n"
-        "          prediction = backend.predict_uint8(frames)  # uint8 [N, H, W, 3] -> score, label, map, mask"
+        "  python: from patchcore_trt.runtime import open_backend\n"
+        f"          backend = open_backend('grpc://{server.grpc_url}', model='{model}')\n"
+        "          prediction = backend.predict(frames)  # uint8 [N, H, W, 3] -> score, label, map, mask"
     )
     out.print("Ctrl-C stops the server.")
     out.file.flush()

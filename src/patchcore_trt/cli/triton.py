@@ -7,7 +7,16 @@ from pathlib import Path
 import typer
 
 from patchcore_trt.cli import app
-from patchcore_trt.cli._common import check_output_dir, err, human_size, out, program, step, trust_option
+from patchcore_trt.cli._common import (
+    check_output_dir,
+    err,
+    human_size,
+    out,
+    program,
+    step,
+    trust_option,
+    version_option,
+)
 from patchcore_trt.errors import UserError
 
 
@@ -30,13 +39,20 @@ def triton_command(
         None, "--max-batch", help="Largest batch Triton forms; default: an engine's profile maximum, else 16."
     ),
     instances: int = typer.Option(1, "--instances", help="Model instances on each GPU (or on the CPU)."),
-    kind: str = typer.Option("gpu", "--kind", help="Where instances run: gpu or cpu."),
+    kind: str | None = typer.Option(
+        None, "--kind", help="Where instances run: gpu or cpu (default: gpu if torch sees one, else cpu)."
+    ),
     gpus: str | None = typer.Option(None, "--gpus", help="GPUs that get instances, e.g. 0,1 (default: all)."),
     queue_delay_us: int = typer.Option(
         1000, "--queue-delay-us", help="How long the dynamic batcher may hold a request to fill a batch."
     ),
     max_pixels: int | None = typer.Option(
         None, "--max-pixels", help="(.ckpt) Largest image a request may carry (default: predict's limit, 64 MP)."
+    ),
+    max_request_pixels: int | None = typer.Option(
+        None,
+        "--max-request-pixels",
+        help="(.ckpt) Most pixels one request may carry, all its images together (default: 64 MP or --max-pixels).",
     ),
     mode: str | None = typer.Option(
         None, "--mode", help="(.ckpt, gpu) exact (default: anomalib's FP32 results) or fast (FP16 backbone)."
@@ -46,10 +62,17 @@ def triton_command(
     ),
     search: str | None = typer.Option(None, "--search", help="(.ckpt, gpu) Nearest-neighbour search: exact or fast."),
     trust_pickled_code: bool = trust_option(),
+    anomalib_version: str | None = version_option(),
     force: bool = typer.Option(False, "--force", help="Replace REPO/NAME if it exists."),
 ) -> None:
     """Write a Triton model repository for MODEL: config.pbtxt (checked with Triton's protobuf) and version 1."""
-    from patchcore_trt.serve.repository import ServeOptions, check_output_folder, platform_of, write_model
+    from patchcore_trt.serve.repository import (
+        ServeOptions,
+        check_output_folder,
+        machine_kind,
+        platform_of,
+        write_model,
+    )
     from patchcore_trt.serve.sources import check_artifact
 
     check_artifact(model)  # a folder or a wrong file is named before anything is announced or written
@@ -58,14 +81,17 @@ def triton_command(
         name=name,
         max_batch=max_batch,
         instances=instances,
-        kind=kind,
+        # An engine, or GPUs named, can only mean gpu; otherwise what this machine can run.
+        kind=kind or ("gpu" if gpus or model.suffix.lower() == ".engine" else machine_kind()),
         gpus=parse_gpus(gpus),
         queue_delay_us=queue_delay_us,
         max_pixels=max_pixels,
+        max_request_pixels=max_request_pixels,
         mode=mode,
         backbone_dtype=backbone_dtype,
         search=search,
         trust_pickled_code=trust_pickled_code,
+        anomalib_version=anomalib_version,
     )
     options.check()
     check_output_dir(output)

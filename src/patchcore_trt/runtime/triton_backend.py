@@ -123,11 +123,11 @@ class TritonBackend(Backend):
         return client
 
     def _only_model(self) -> str:
-        if self.endpoint.protocol == "grpc":
-            index = self.client.get_model_repository_index(as_json=True).get("models", [])
-        else:
-            index = self.client.get_model_repository_index()
-        ready = sorted({item["name"] for item in index if item.get("state") == "READY"})
+        # The statistics list the loaded models; the repository index would too, but `serve` restricts it (with
+        # load and unload, its API category) to itself.
+        as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
+        statistics = self.client.get_inference_statistics(**as_json)
+        ready = sorted({item["name"] for item in statistics.get("model_stats", [])})
         if len(ready) != 1:
             found = ", ".join(ready) or "none"
             raise UserError(f"{self.endpoint.url} serves {len(ready)} ready models ({found}); name one with --model")

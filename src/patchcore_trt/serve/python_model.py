@@ -40,19 +40,21 @@ class TritonPythonModel:
         params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         self.name = args["model_name"]
         self.max_pixels = int(params["max_pixels"])
+        self.max_request_pixels = int(params.get("max_request_pixels") or self.max_pixels)  # older repositories
         self.buckets = [int(size) for size in params["batch_buckets"].split(",")]
         artifact = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
         trust = params.get("trust_pickled_code") == "true"
+        version = {"anomalib_version": params["anomalib_version"]} if params.get("anomalib_version") else {}
         if args["model_instance_kind"] == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
             options = {key: params[key] for key in ("mode", "backbone_dtype", "search") if params.get(key)}
-            self.backend = open_backend(artifact, "cuda", device=device, trust_pickled_code=trust, **options)
+            self.backend = open_backend(artifact, "cuda", device=device, trust_pickled_code=trust, **version, **options)
             where = f"{device} ({torch.cuda.get_device_name(int(args['model_instance_device_id']))})"
             precision = ", ".join(f"{key} {value}" for key, value in options.items())
             # Each batch size is a captured CUDA graph: pad to the next bucket so few sizes are ever captured.
             self.pad_to_buckets = True
         else:
-            self.backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust)
+            self.backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust, **version)
             where, precision = "cpu", "fp32"
             self.pad_to_buckets = False
         pb_utils.Logger.log_info(
@@ -109,6 +111,12 @@ class TritonPythonModel:
             raise RequestError(
                 f"{self.name}: images of {height}x{width} = {height * width:,} pixels are over this model's limit "
                 f"of {self.max_pixels:,} (max_pixels); send smaller images"
+            )
+        if count * height * width > self.max_request_pixels:
+            raise RequestError(
+                f"{self.name}: a request of {count} images of {height}x{width} = {count * height * width:,} pixels is "
+                f"over this model's limit of {self.max_request_pixels:,} per request (max_request_pixels); send "
+                "fewer images per request"
             )
         return images.numpy()
 

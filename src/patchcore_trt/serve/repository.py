@@ -68,6 +68,8 @@ class ServeOptions:
     backbone_dtype: str | None = None
     search: str | None = None
     trust_pickled_code: bool = False
+    anomalib_version: str | None = None
+    max_request_pixels: int | None = None
 
     def check(self) -> None:
         if not _NAME.match(self.name):
@@ -86,6 +88,11 @@ class ServeOptions:
             raise UserError(f"--queue-delay-us {self.queue_delay_us} must be between 0 and 10,000,000")
         if self.max_pixels is not None and self.max_pixels < MIN_SIDE * MIN_SIDE:
             raise UserError(f"--max-pixels {self.max_pixels} must be at least {MIN_SIDE * MIN_SIDE}")
+        if self.max_request_pixels is not None and self.max_request_pixels < (self.max_pixels or MAX_PIXELS):
+            raise UserError(
+                f"--max-request-pixels {self.max_request_pixels} must be at least the largest image "
+                f"(--max-pixels, {self.max_pixels or MAX_PIXELS})"
+            )
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,8 @@ def _max_batch(source: Source, options: ServeOptions) -> int:
 def _check_source_options(source: Source, options: ServeOptions) -> None:
     if source.platform != "python":
         flags = (("--mode", options.mode), ("--backbone-dtype", options.backbone_dtype), ("--search", options.search))
-        flags += (("--max-pixels", options.max_pixels),)
+        flags += (("--max-pixels", options.max_pixels), ("--max-request-pixels", options.max_request_pixels))
+        flags += (("--anomalib-version", options.anomalib_version),)
         given = [flag for flag, value in flags if value is not None]
         if given:
             raise UserError(f"{', '.join(given)}: for .ckpt models only (an .onnx or .engine carries its own limits)")
@@ -172,6 +180,9 @@ def build_config(source: Source, options: ServeOptions) -> Any:
             backbone_dtype=(options.backbone_dtype or "") if gpu else "fp32",
             search=(options.search or "") if gpu else "certified",
             max_pixels=str(options.max_pixels or MAX_PIXELS),
+            # A whole request (every image of it) is bounded too: the model process holds it and its maps at once.
+            max_request_pixels=str(options.max_request_pixels or max(options.max_pixels or MAX_PIXELS, MAX_PIXELS)),
+            anomalib_version=options.anomalib_version or "",
             batch_buckets=",".join(map(str, buckets)),
             trust_pickled_code=str(options.trust_pickled_code).lower(),
         )
@@ -257,7 +268,9 @@ def write_model(artifact: Path, repository: Path, options: ServeOptions, *, forc
     options.check()
     repository = Path(repository)
     final = check_output_folder(repository, options.name, force=force)
-    source = describe(Path(artifact), trust_pickled_code=options.trust_pickled_code)
+    source = describe(
+        Path(artifact), trust_pickled_code=options.trust_pickled_code, anomalib_version=options.anomalib_version
+    )
     _check_source_options(source, options)
     config = build_config(source, options)
     repository.mkdir(parents=True, exist_ok=True)
@@ -289,12 +302,33 @@ def _replace(staged: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_repository(repository: Path) -> dict[str, Any]:
-    """Every model of a repository, name -> checked config; a UserError for anything Triton would not load."""
+def read_repository(repository: Path, problems: dict[str, str] | None = None) -> dict[str, Any]:
+    """Every model of a repository, name -> checked config; a UserError for anything Triton would not load.
+
+    With ``problems``, a damaged model folder is recorded there (name -> the reason) and left out instead, so the
+    other models can still be served. Folders starting with '.' (a staging folder left by a crash) are no models.
+    """
     repository = Path(repository)
     if not repository.is_dir():
         raise UserError(f"{repository}: no such folder")
     folders = sorted(p for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise UserError(f"{repository}: holds no model; write one with 'patchcore-trt triton MODEL -o {repository}'")
-    return {folder.name: check_model_folder(folder) for folder in folders}
+    configs = {}
+    for folder in folders:
+        try:
+            configs[folder.name] = check_model_folder(folder)
+        except UserError as exc:
+            if problems is None:
+                raise
+            problems[folder.name] = str(exc)
+    return configs
+
+
+def machine_kind() -> str:
+    """Where this machine can run a model instance: gpu when torch sees a CUDA GPU, else cpu."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "gpu" if torch.cuda.is_available() else "cpu"

@@ -12,14 +12,19 @@ interpreter's libpython first on LD_LIBRARY_PATH, and a tiny venv first on PATH 
 process's import path (the main venv, an editable source tree, PYTHONPATH entries), so the served model imports
 the same patchcore_trt, torch and numpy as the command that started it.
 
-The server runs in its own process group, so stopping it also ends the Python backend stubs it started.
+The server runs in its own process group, so stopping it also ends the Python backend stubs it started, and it
+gets SIGTERM when the process that started it dies (even by SIGKILL), so no server outlives its launcher. It runs
+with explicit model control: only the models named are loaded (never a leftover hidden folder), and a model can be
+reloaded while the others serve (health.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.util
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,6 +45,10 @@ DEFAULT_PORTS = (8000, 8001, 8002)
 EXIT_TIMEOUT_S = 10
 # Python backend shared memory per instance: room for a batch of 16 256x256 images and their maps, grown as needed.
 SHM_BYTES = 16 << 20
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Explicit model control lets a client unload or load models; only requests carrying this header with the server's
+# own random value may (the model-repository API is restricted), so no client can take a model from the others.
+CONTROL_HEADER = "patchcore-trt-control"
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,10 @@ def _backend_folder(distribution: Distribution, folder: Path) -> Path:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether tritonserver can listen on ``port``: its HTTP and gRPC servers bind with SO_REUSEADDR, so a port held
+    only by connections closing (TIME_WAIT, after a crash or a stop under load) is free for it, and for this check."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
@@ -188,6 +200,20 @@ def free_ports(host: str = "127.0.0.1", count: int = 3) -> tuple[int, ...]:
     finally:
         for probe in sockets:
             probe.close()
+
+
+def _stop_with_parent(parent: int) -> Any:
+    """A preexec_fn: the child gets SIGTERM when ``parent`` dies (Linux PR_SET_PDEATHSIG), or exits at once if it
+    already has. SIGTERM, not SIGKILL: Triton then unloads its models, and their stubs and shared memory go too."""
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork: the child only calls it
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
 
 
 @dataclass(frozen=True)
@@ -209,6 +235,7 @@ class TritonServer:
     Args:
         repository: The model repository.
         ports: HTTP, gRPC and metrics ports.
+        models: The models to load (default: every folder of the repository not starting with '.').
         host: The address every endpoint listens on (127.0.0.1: this machine only).
         distribution: The tritonserver to run (find_distribution() when None).
         log_file: Where the server's output goes (a file in its work folder when None).
@@ -219,6 +246,7 @@ class TritonServer:
         repository: Path,
         ports: tuple[int, int, int] = DEFAULT_PORTS,
         *,
+        models: list[str] | None = None,
         host: str = "127.0.0.1",
         distribution: Distribution | None = None,
         log_file: Path | None = None,
@@ -226,12 +254,19 @@ class TritonServer:
     ) -> None:
         self.repository = Path(repository).resolve()
         self.ports = ports
+        if models is None:
+            folders = self.repository.iterdir() if self.repository.is_dir() else []
+            models = [p.name for p in folders if p.is_dir() and not p.name.startswith(".")]
+        self.names = sorted(models)
         self.host = host
         self.distribution = distribution or find_distribution()
         self.verbose = verbose
         self.workspace = Path(tempfile.mkdtemp(prefix="patchcore-trt-triton-"))
         self.log_file = Path(log_file) if log_file is not None else self.workspace / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.control = {CONTROL_HEADER: secrets.token_hex(16)}
+        # The Python backend's shared memory regions are /dev/shm/<prefix><uuid>: unique per server on one machine.
+        self.shm_prefix = f"pct{os.getpid()}p{ports[0]}_"
 
     @property
     def http_url(self) -> str:
@@ -250,7 +285,6 @@ class TritonServer:
 
     def command(self, backends: Path) -> list[str]:
         http, grpc, metrics = self.ports
-        prefix = f"pct{os.getpid()}p{http}"  # python backend shared memory names: unique per server on one machine
         return [
             str(self.distribution.binary),
             f"--model-repository={self.repository}",
@@ -260,8 +294,12 @@ class TritonServer:
             f"--metrics-address={self.host}", f"--metrics-port={metrics}",
             "--exit-on-error=false",  # a model that fails to load is reported; the others are served
             "--disable-auto-complete-config",  # the configs are complete; no extra stub per model at load
+            "--model-control-mode=explicit",  # a model whose Python process died can be reloaded (health.py)
+            *(f"--load-model={name}" for name in self.names),
+            f"--http-restricted-api=model-repository:{CONTROL_HEADER}={self.control[CONTROL_HEADER]}",
+            f"--grpc-restricted-protocol=model-repository:{CONTROL_HEADER}={self.control[CONTROL_HEADER]}",
             f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-            f"--backend-config=python,shm-region-prefix-name={prefix}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             f"--backend-config=python,shm-default-byte-size={SHM_BYTES}",
             f"--backend-config=python,shm-growth-byte-size={SHM_BYTES}",
             f"--log-verbose={1 if self.verbose else 0}",
@@ -289,7 +327,12 @@ class TritonServer:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("wb") as log:
             self.process = subprocess.Popen(
-                self.command(backends), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                self.command(backends),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_stop_with_parent(os.getpid()),
             )
         deadline = time.monotonic() + timeout_s
         while not self._live():
@@ -317,10 +360,11 @@ class TritonServer:
         import tritonclient.http as httpclient
 
         with contextlib.closing(httpclient.InferenceServerClient(self.http_url)) as client:
-            index: list[dict[str, Any]] = client.get_model_repository_index()
+            index: list[dict[str, Any]] = client.get_model_repository_index(headers=self.control)
         return [
             ModelState(item["name"], str(item.get("version", "")), item.get("state", "UNKNOWN"), item.get("reason", ""))
             for item in index
+            if item["name"] in self.names  # the index also lists folders never loaded (a leftover staging folder)
         ]
 
     def statistics(self, model: str) -> dict[str, Any]:
@@ -371,6 +415,9 @@ class TritonServer:
         if self.group_alive():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
+        # A stub that was killed leaves its region behind at times; with the server gone, none of ours is in use.
+        for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
         shutil.rmtree(self.workspace / "backends", ignore_errors=True)
         shutil.rmtree(self.workspace / "python-env", ignore_errors=True)
         return self.process.returncode

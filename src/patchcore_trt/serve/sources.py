@@ -63,7 +63,7 @@ def check_artifact(artifact: Path) -> Path:
     return artifact
 
 
-def describe(artifact: Path, *, trust_pickled_code: bool = False) -> Source:
+def describe(artifact: Path, *, trust_pickled_code: bool = False, anomalib_version: str | None = None) -> Source:
     """Read ``artifact`` (.engine, .onnx or .ckpt) into a Source, or raise a UserError saying why not."""
     artifact = check_artifact(artifact)
     suffix = artifact.suffix.lower()
@@ -71,7 +71,7 @@ def describe(artifact: Path, *, trust_pickled_code: bool = False) -> Source:
         return _engine(artifact)
     if suffix == ".onnx":
         return _onnx(artifact)
-    return _checkpoint(artifact, trust_pickled_code)
+    return _checkpoint(artifact, trust_pickled_code, anomalib_version)
 
 
 def _common(metadata: ArtifactMetadata, source_file: Path, sha256: str) -> dict[str, str]:
@@ -151,11 +151,11 @@ def _onnx(path: Path) -> Source:
     )  # fmt: skip
 
 
-def _checkpoint(path: Path, trust_pickled_code: bool) -> Source:
+def _checkpoint(path: Path, trust_pickled_code: bool, anomalib_version: str | None) -> Source:
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import build_metadata
 
-    spec = read_checkpoint(path, trust_pickled_code=trust_pickled_code)
+    spec = read_checkpoint(path, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
     metadata = build_metadata(spec, map_at_input_size=False)
     parameters = _common(metadata, path, spec.source_sha256)
     del parameters["precision"]  # the instance kind and backbone_dtype decide it (repository.py)
