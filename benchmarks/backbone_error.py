@@ -26,11 +26,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 import time
 import traceback
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +40,6 @@ from patchcore_trt.bench.matrix import input_pool, percentile, reference_predict
 from patchcore_trt.bench.subjects import as_float_nchw
 from patchcore_trt.compare import compare
 from patchcore_trt.demo.synthetic_model import synthetic_spec
-from patchcore_trt.gpu.executor import CudaPatchCore
 from patchcore_trt.gpu.fast_model import FastPatchCore, fold_batchnorm
 from patchcore_trt.gpu.knn import BankIndex, candidates, float32_matmul, nearest
 from patchcore_trt.gpu.profile import device_ms
@@ -125,23 +124,37 @@ TIMED = [
 ]
 
 
+def _graph_replay(function: Any, images: torch.Tensor) -> Any:
+    """``function(images)`` captured as one CUDA graph (after warm-up on a side stream); returns its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            function(images)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        function(images)
+    return graph.replay
+
+
+@torch.no_grad()
 def fusion_times(spec, size: tuple[int, int], batches: tuple[int, ...]) -> list[dict]:
     """Graph replay per (precision, activation layout, fused convolutions), the rest of the model unchanged."""
     rows = []
     for precision, layout, fused in TIMED:
-        runner = CudaPatchCore(spec, backbone_dtype=precision)
-        model = runner.model
+        model = FastPatchCore(spec, backbone_dtype=precision, device="cuda").eval()
         backbone = model.backbone if fused else getattr(model.backbone, "features", model.backbone)
         model.memory_format = LAYOUTS[layout]
         model.backbone = backbone.to(memory_format=LAYOUTS[layout])
         for batch in batches:
             images = torch.from_numpy(input_pool(size, batch)).cuda()
-            ms = device_ms(functools.partial(runner.run, images))
+            ms = device_ms(_graph_replay(model.forward_uint8, images))
             rows.append(
                 {"size": size[0], "batch": batch, "precision": precision, "layout": layout, "fused": fused, "ms": ms}
             )
             print(rows[-1], flush=True)
-        del runner, model, backbone
+        del model, backbone
         torch.cuda.empty_cache()
     return rows
 
@@ -225,25 +238,13 @@ def mode_times(spec, size: tuple[int, int], throughput_batches: tuple[int, ...])
 
 
 def exact_profile(spec, size: tuple[int, int], batch: int) -> list[str]:
-    """profile_cuda.py's per-stage and per-kernel GPU time of the exact mode's eager forward."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from profile_cuda import kernel_times
-    from torch.profiler import ProfilerActivity, profile
-
-    runner = CudaPatchCore(spec, **CUDA_MODES["exact"])
-    images = torch.from_numpy(input_pool(size, batch)).cuda()
-    runner.run(images)
-    for _ in range(3):
-        runner.model.forward_uint8(images)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            runner.model.forward_uint8(images)
-        torch.cuda.synchronize()
-    stages, kernels = kernel_times(prof, 5)
-    lines = [f"== exact {size[0]}^2 batch {batch}: GPU kernel time {sum(stages.values()):.3f} ms per eager run"]
-    lines += [f"   stage {name:15s} {ms:8.3f} ms" for name, ms in stages.items()]
-    lines += [f"   {ms:8.3f} ms {count:4d}x  {name[:110]}" for name, ms, count in kernels[:25]]
+    """The exact mode's GPU time per stage and per kernel of its eager forward (CudaBackend.profile)."""
+    backend = CudaBackend.from_spec(spec, mode="exact")
+    found = backend.profile(input_pool(size, batch))
+    backend.close()
+    lines = [f"== exact {size[0]}^2 batch {batch}: GPU kernel time {found['eager_gpu_ms']:.3f} ms per eager run"]
+    lines += [f"   stage {name:15s} {ms:8.3f} ms" for name, ms in found["stages_ms"].items()]
+    lines += [f"   {k['ms']:8.3f} ms  {k['stage']:10s} {k['kernel'][:110]}" for k in found["top_kernels"]]
     print("\n".join(lines), flush=True)
     return lines
 

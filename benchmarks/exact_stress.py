@@ -174,9 +174,9 @@ def table_step(bank: int, dim: int, device: str, reference: bool) -> dict[str, A
 
 def graphs_step(bank: int, size: int, calls: int) -> dict[str, Any]:
     """Two camera resolutions interleaved at batches 1 and 4: the capture count must stay at one per batch."""
-    from patchcore_trt.gpu.executor import CudaPatchCore
+    from patchcore_trt.runtime.cuda_backend import CudaBackend
 
-    executor = CudaPatchCore(synthetic_spec(bank, (size, size), device="cuda"), backbone_dtype="fp32")
+    backend = CudaBackend.from_spec(synthetic_spec(bank, (size, size), device="cuda"), mode="exact")
     shapes = [(1, 480, 640, 3), (1, 1080, 1920, 3), (4, 480, 640, 3), (4, 1080, 1920, 3)]
     rng = np.random.default_rng(0)
     inputs = {shape: rng.integers(0, 256, shape, dtype=np.uint8) for shape in shapes}
@@ -184,11 +184,11 @@ def graphs_step(bank: int, size: int, calls: int) -> dict[str, Any]:
     for call in range(calls):
         shape = shapes[call % len(shapes)]
         start = time.perf_counter()
-        executor.run_host(inputs[shape])
+        backend.predict(inputs[shape])
         seconds[str(shape)].append(time.perf_counter() - start)
     return {
         "calls": calls,
-        "captures": executor.captures,
+        "captures": backend.captures,
         "median_ms_after_first": {k: round(1e3 * float(np.median(v[1:])), 3) for k, v in seconds.items()},
         "first_call_ms": {k: round(1e3 * v[0], 3) for k, v in seconds.items()},
     }

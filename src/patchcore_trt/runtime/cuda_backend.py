@@ -92,6 +92,11 @@ class CudaBackend(Backend):
     def _infer_device(self, images: Any) -> Prediction:
         return Prediction.from_outputs(self.executor.run(images.to(self.executor.device)))
 
+    @property
+    def captures(self) -> int:
+        """CUDA graphs captured so far: one per batch size, whatever the input sizes (a benchmark reads it)."""
+        return self.executor.captures
+
     def profile(self, images: Any, runs: int = 5) -> dict[str, Any]:
         """Where the GPU time goes for uint8 [N, H, W, 3] ``images`` (numpy or on the GPU): kernel time per stage
         and the heaviest kernels of eager runs, beside the graph replay (gpu/profile.py)."""
