@@ -8,7 +8,9 @@ One self-contained run (from the repository root; every step logged, results wri
      pads to (1, 2, 4, ..., max-batch), and after the loads at the batch sizes Triton formed;
   4. writes the repository with ``patchcore-trt triton`` (``--kind gpu --gpus ...``) and serves it;
   5. for each client count: that many clients, each sending one 256x256 image at a time for ``--seconds``;
-     throughput, p50/p99 latency, and the batch sizes Triton formed (its statistics endpoint);
+     throughput (Triton's own count of the images run in the window, cross-checked against the requests the
+     clients sent and got answered inside it), p50/p99 latency of those requests, the batch sizes Triton formed
+     and its per-stage times (queue, compute input, infer, output) from its statistics endpoint;
   6. compares served outputs with the in-process ones on the same frames; stops the server.
 
 Usage:
@@ -189,8 +191,12 @@ def write_repository(checkpoint: Path, repo: Path, args: argparse.Namespace) -> 
         raise RuntimeError(f"patchcore-trt triton failed with code {done.returncode}")
 
 
-def client_process(protocol: str, url: str, model: str, size: int, seed: int, start: float, end: float, queue) -> None:
-    """One client: one image per request, the next sent when the answer is in; latencies inside [start, end]."""
+def client_process(
+    protocol: str, url: str, model: str, size: int, seed: int, warm: float, start: float, end: float, queue
+) -> None:
+    """One client: one image per request, the next sent when the answer is in, from ``warm`` to ``end``; only the
+    requests sent and answered inside [start, end] are kept (their latencies), the warm-up's and the last one's
+    that ends past the window are not."""
     import numpy as np
 
     if protocol == "grpc":
@@ -203,7 +209,7 @@ def client_process(protocol: str, url: str, model: str, size: int, seed: int, st
     outputs = [module.InferRequestedOutput(name, **kwargs) for name in names]
     images = frames(8, size, seed)
     latencies, errors, count = [], 0, 0
-    while time.time() < start:
+    while time.time() < warm:
         time.sleep(0.001)
     while time.time() < end:
         tensor = module.InferInput("image", [1, size, size, 3], "UINT8")
@@ -218,14 +224,29 @@ def client_process(protocol: str, url: str, model: str, size: int, seed: int, st
             errors += 1
             continue
         count += 1
-        if sent >= start:
-            latencies.append(1000 * (time.time() - sent))
+        answered = time.time()
+        if start <= sent and answered <= end:
+            latencies.append(1000 * (answered - sent))
     client.close()
     queue.put({"latencies": latencies, "errors": errors})
 
 
 def batch_counts(stats: dict) -> dict[int, int]:
     return {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in stats.get("batch_stats", [])}
+
+
+STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def stage_means(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Triton's per-request statistics over the window: for each stage, the requests counted and the mean time
+    per request (us), from the differences of its cumulative counters."""
+    stages = {}
+    for stage in STAGES:
+        count = int(after["inference_stats"][stage]["count"]) - int(before["inference_stats"][stage]["count"])
+        ns = int(after["inference_stats"][stage]["ns"]) - int(before["inference_stats"][stage]["ns"])
+        stages[stage] = {"count": count, "mean_us": ns / count / 1000 if count else float("nan")}
+    return stages
 
 
 def run_load(server, clients: int, args: argparse.Namespace, url: str) -> dict:
@@ -236,7 +257,8 @@ def run_load(server, clients: int, args: argparse.Namespace, url: str) -> dict:
     end = start + args.seconds
     workers = [
         context.Process(
-            target=client_process, args=(args.protocol, url, "patchcore", args.size, n, start - warm, end, queue)
+            target=client_process,
+            args=(args.protocol, url, "patchcore", args.size, n, start - warm, start, end, queue),
         )
         for n in range(clients)
     ]
@@ -260,18 +282,36 @@ def run_load(server, clients: int, args: argparse.Namespace, url: str) -> dict:
     executions = int(after["execution_count"]) - int(before["execution_count"])
     inferences = int(after["inference_count"]) - int(before["inference_count"])
     histogram = {size: count - batch_counts(before).get(size, 0) for size, count in batch_counts(after).items()}
+    served = sum(size * count for size, count in histogram.items())
+    stages = stage_means(before, after)
+    # Two counts of the same window: the clients' (sent and answered inside it) and Triton's own (requests it
+    # finished between the two statistics snapshots). They differ by the requests in flight at either edge, at
+    # most one per client; a larger gap means one of the two counts is wrong.
     return {
         "clients": clients,
         "seconds": args.seconds,
         "requests": len(latencies),
+        "triton_requests": stages["success"]["count"],
+        "triton_images": served,
+        "counts_agree": abs(len(latencies) - stages["success"]["count"]) <= 2 * clients,
         "errors": sum(outcome["errors"] for outcome in outcomes),
         "clients_reported": len(outcomes),
-        "images_per_s": len(latencies) / args.seconds,
+        # The served rate is Triton's own count of the images it ran in the window (its batch histogram).
+        "images_per_s": served / args.seconds,
+        "client_images_per_s": len(latencies) / args.seconds,
+        "stages_us": {stage: value["mean_us"] for stage, value in stages.items()},
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "mean_batch": inferences / executions if executions else None,
         "batches": {size: count for size, count in sorted(histogram.items()) if count},
     }
+
+
+def stage_cells(load: dict) -> str:
+    stages = load.get("stages_us")
+    if not stages:
+        return "not recorded"
+    return " / ".join(f"{stages[stage]:.0f}" for stage in ("queue", "compute_input", "compute_infer", "compute_output"))
 
 
 def markdown(results: dict) -> str:
@@ -290,8 +330,9 @@ def markdown(results: dict) -> str:
         f"p99 {one.get('p99_ms', float('nan')):.3f} ms",
         "",
         "| clients | served img/s | p50 ms | p99 ms | mean batch formed | in-process img/s at that batch "
-        "| served / in-process | p99 / in-process batch-1 p50 | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| served / in-process | p99 / in-process batch-1 p50 | errors | client-counted img/s "
+        "| Triton us per request: queue / input / infer / output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load in results.get("loads", []):
         formed = load["mean_batch"] or 1
@@ -302,7 +343,7 @@ def markdown(results: dict) -> str:
             f"| {load['clients']} | {load['images_per_s']:.0f} | {load['p50_ms']:.2f} | {load['p99_ms']:.2f} | "
             f"{formed:.1f} | {local_rate:.0f}{f' (x{scale} GPUs)' if scale > 1 else ''} | "
             f"{load['images_per_s'] / local_rate:.0%} | {load['p99_ms'] / one.get('p50_ms', float('nan')):.1f}x | "
-            f"{load['errors']} |"
+            f"{load['errors']} | {load.get('client_images_per_s', float('nan')):.0f} | {stage_cells(load)} |"
         )
     return "\n".join(lines) + "\n"
 
