@@ -30,9 +30,10 @@ pytest.importorskip("anomalib")
 
 BANK = 3072
 IMAGES = 4
-# anomalib's own FP32 score error from FP64 the case is scaled to: the size reported at M=16k on a GPU (8e-6),
-# where every faithful FP32 backend lands past the 1e-5 floor.
-NOISE = 5e-6
+# The FP32 rounding of the raw score (the deploy model's, against its FP64 evaluation) the normalisation range is
+# scaled to. Measured here: anomalib's own FP32 forward then lands 7.8e-6 from FP64 (as at M=16k on a GPU: 8e-6),
+# ONNX Runtime 1.4e-5 and OpenVINO 1.5e-5 from anomalib's FP32 forward (the user's checkpoint: 7e-6 and 1.3e-5).
+NOISE = 1e-5
 
 
 @pytest.fixture(scope="module")
