@@ -93,7 +93,40 @@ def serve_table(source: str = "h200_serve.json") -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, Callable[[], str]] = {"serve": serve_table}
+def _pair(figures: dict) -> str:
+    return f"{figures['max_score_error']:.1e} / {figures['max_map_error']:.1e}"
+
+
+def cpu_parity_table(source: str = "cpu_parity.json") -> str:
+    data = json.loads((RESULTS / source).read_text())
+    cases = data["cases"] if isinstance(data, dict) else data  # files before versions were recorded: a bare list
+    lines = [
+        "| backbone | model size | bank | torch (deploy model) | ONNX Runtime | OpenVINO | labels "
+        "| anomalib predict* vs forward |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case in cases:
+        rows = {row["name"]: row["figures"] for row in case["rows"]}
+        backends = [rows[name] for name in ("torch", "onnxruntime", "openvino")]
+        worst = min(backends, key=lambda figures: figures["labels_equal"] - figures["labels_compared"])
+        lightning = rows["anomalib predict*"]
+        lines.append(
+            f"| {case['backbone']} | {case['size']} | {case['bank']} | "
+            + " | ".join(_pair(figures) for figures in backends)
+            + f" | {worst['labels_equal']}/{worst['labels_compared']} | {_pair(lightning)}, labels "
+            f"{lightning['labels_equal']}/{lightning['labels_compared']} |"
+        )
+    recorded = (
+        f"versions {', '.join(f'{name} {version}' for name, version in data['versions'].items())}, commit "
+        f"{data['commit']}"
+        if isinstance(data, dict)
+        else "written before the script recorded versions and commit (anomalib 2.7.0 per cpu_parity.md)"
+    )
+    lines += ["", f"From [benchmarks/results/{source}](benchmarks/results/{source}): {recorded}."]
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {"serve": serve_table, "cpu_parity": cpu_parity_table}
 
 
 def render(text: str, *, relative_to: Path = ROOT) -> str:
