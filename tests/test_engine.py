@@ -138,7 +138,8 @@ def test_build_command_refuses_int8_over_budget_unless_forced(resnet18_onnx, dat
     # figures show first: the build must refuse, say why, and build only with --force.
     model = tmp_path / "model.onnx"
     model.write_bytes(resnet18_onnx.read_bytes())
-    int8 = write_int8_onnx(resnet18_onnx, tmp_path / "gate.int8.onnx", calibration_images(dataset.train_good))
+    int8 = tmp_path / "gate.int8.onnx"
+    write_int8_onnx(resnet18_onnx, int8, calibration_images(dataset.train_good))
     broken = over_budget(evaluate(resnet18_onnx, int8, labelled_folder(dataset.root), "int8"), BUDGETS["int8"])
     assert broken, "INT8 met its budget on this data: the refusal below would not be tested"
     common = ("build", model, "--precision", "int8", "--calibration", dataset.train_good, "--eval-data", dataset.root)
