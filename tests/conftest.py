@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -124,6 +125,18 @@ finally:
         rss = [line.split()[1] for line in status if line.startswith("VmRSS:")]
     print("peak-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, *rss, file=sys.stderr)
 """
+
+
+def started_cli(*args: object) -> tuple[subprocess.Popen[str], list[str], list[str]]:
+    """``patchcore-trt ARGS`` started in the background, and its stdout and stderr lines as they come."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "patchcore_trt", *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    errors: list[str] = []
+    for stream, sink in ((process.stdout, lines), (process.stderr, errors)):
+        threading.Thread(target=lambda s=stream, k=sink: k.extend(line.rstrip("\n") for line in s), daemon=True).start()
+    return process, lines, errors
 
 
 def peak_run(

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, started_cli
 
 from patchcore_trt.compare import PARITY_BAR, compare
 from patchcore_trt.images import collect_images, load_image
@@ -22,25 +19,13 @@ from patchcore_trt.serve.server import free_ports
 LOAD_TIMEOUT_S = 240
 
 
-def _started(command: list[str]) -> tuple[subprocess.Popen[str], list[str], list[str]]:
-    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    errors: list[str] = []
-    for stream, sink in ((process.stdout, lines), (process.stderr, errors)):
-        threading.Thread(target=lambda s=stream, k=sink: k.extend(line.rstrip("\n") for line in s), daemon=True).start()
-    return process, lines, errors
-
-
 def test_serve_a_model_file_with_its_options_and_stop_it_with_sigterm(resnet18_checkpoint, dataset, tmp_path):
     http, grpc, metrics = free_ports()
     log = tmp_path / "triton.log"
-    command = [
-        sys.executable, "-m", "patchcore_trt", "serve", str(resnet18_checkpoint), "--kind", "cpu",
-        "--host", "127.0.0.1", "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-        "--timeout", str(LOAD_TIMEOUT_S), "--log-file", str(log),
-    ]  # fmt: skip
-    process, lines, errors = _started(command)
+    process, lines, errors = started_cli(
+        "serve", resnet18_checkpoint, "--kind", "cpu", "--host", "127.0.0.1", "--http-port", http,
+        "--grpc-port", grpc, "--metrics-port", metrics, "--timeout", LOAD_TIMEOUT_S, "--log-file", log,
+    )  # fmt: skip
     deadline = time.monotonic() + LOAD_TIMEOUT_S + 30
     while "Ctrl-C stops the server." not in lines and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
