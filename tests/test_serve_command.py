@@ -13,7 +13,7 @@ from conftest import error_line, run_cli, started_cli
 from patchcore_trt.compare import PARITY_BAR, compare
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.runtime import open_backend
-from patchcore_trt.serve.client import TritonBackend
+from patchcore_trt.runtime.triton_backend import TritonBackend
 from patchcore_trt.serve.server import free_ports
 
 LOAD_TIMEOUT_S = 240
