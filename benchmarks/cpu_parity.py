@@ -2,7 +2,8 @@
 
 Trains anomalib PatchCore (pre_trained=False) on the demo's generated data for each (backbone, size),
 exports, and runs patchcore_trt.verify on the 12 test images (raw 300 x 340). Writes
-benchmarks/results/cpu_parity.md and .json.
+benchmarks/results/cpu_parity.md and .json (with the versions and the commit); then
+`python3 benchmarks/readme_tables.py` writes the README's table from the JSON.
 
     .venv/bin/python benchmarks/cpu_parity.py [WORK_DIR]
 """
@@ -10,6 +11,7 @@ benchmarks/results/cpu_parity.md and .json.
 from __future__ import annotations
 
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -53,7 +55,22 @@ def main(work_dir: Path) -> None:
         "Command: `.venv/bin/python benchmarks/cpu_parity.py`. CPU ms/img are indicative (shared 2-core machine).\n\n"
     )
     write_text_atomic(RESULTS / "cpu_parity.md", header + "\n".join(sections) + "\n" + FOOTNOTE + "\n")
-    write_json(RESULTS / "cpu_parity.json", payload)
+    write_json(RESULTS / "cpu_parity.json", {"versions": versions(), "commit": commit(), "cases": payload})
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata
+
+    names = ("patchcore-trt", "anomalib", "torch", "onnxruntime", "openvino")
+    return {name: importlib.metadata.version(name) for name in names} | {"python": platform.python_version()}
+
+
+def commit() -> str:
+    """The commit the figures were measured at (with '+changes' where the work tree differed from it)."""
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+changes" if dirty else "")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ One self-contained run (from the repository root; every step logged, results wri
   1. installs the carried wheels (nvidia-pytriton for tritonserver 2.51, tritonclient and its HTTP stack) into
      /tmp/serve-site if they are not importable;
   2. writes a synthetic WRN50 model (256x256, M=16,384 by default) as an anomalib-layout checkpoint;
-  3. times the in-process cuda backend (``predict_uint8``, host in and out) at the batch sizes the served model
+  3. times the in-process cuda backend (``predict`` on uint8 host arrays) at the batch sizes the served model
      pads to (1, 2, 4, ..., max-batch), and after the loads at the batch sizes Triton formed;
   4. writes the repository with ``patchcore-trt triton`` (``--kind gpu --gpus ...``) and serves it;
   5. for each client count: that many clients, each sending one 256x256 image at a time for ``--seconds``;
-     throughput, p50/p99 latency, and the batch sizes Triton formed (its statistics endpoint);
+     throughput (Triton's own count of the images run in the window, cross-checked against the requests the
+     clients sent and got answered inside it), p50/p99 latency of those requests, the batch sizes Triton formed
+     and its per-stage times (queue, compute input, infer, output) from its statistics endpoint;
   6. compares served outputs with the in-process ones on the same frames; stops the server.
 
 Usage:
@@ -21,7 +23,6 @@ Writes OUT/serve_gpu.json, OUT/serve_gpu.md, OUT/serve_gpu.log and OUT/tritonser
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import json
 import math
@@ -131,12 +132,9 @@ def frames(count: int, size: int, seed: int):
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-def cpu_call(backend, batch):
-    return backend.predict(batch.transpose(0, 3, 1, 2).astype("float32") / 255.0)
-
-
 def time_in_process(checkpoint: Path, batches: list[int], args: argparse.Namespace, results: dict, save) -> dict:
-    """Host-to-host latency of ``predict_uint8`` at each batch size (median of repeated calls, 8 rotating inputs).
+    """Host-to-host latency of ``predict`` on uint8 host arrays at each batch size (median of repeated calls, 8
+    rotating inputs).
 
     Rows go to results["in_process"] as they come; returns the batch-1 outputs on frame 0 (the correctness check).
     """
@@ -146,10 +144,9 @@ def time_in_process(checkpoint: Path, batches: list[int], args: argparse.Namespa
 
     if args.kind == "gpu":
         backend = open_backend(checkpoint, "cuda", device=f"cuda:{args.gpus[0]}", mode=args.mode)
-        call = backend.predict_uint8
     else:  # the CPU model, as the served CPU instance runs it (a smoke test of this script without a GPU)
         backend = open_backend(checkpoint, "torch")
-        call = functools.partial(cpu_call, backend)
+    call = backend.predict
     sets = [frames(args.max_batch, args.size, seed) for seed in range(8)]
     reference = call(sets[0][:1].copy())
     rows = {row["batch"]: row for row in results.get("in_process", [])}
@@ -189,8 +186,12 @@ def write_repository(checkpoint: Path, repo: Path, args: argparse.Namespace) -> 
         raise RuntimeError(f"patchcore-trt triton failed with code {done.returncode}")
 
 
-def client_process(protocol: str, url: str, model: str, size: int, seed: int, start: float, end: float, queue) -> None:
-    """One client: one image per request, the next sent when the answer is in; latencies inside [start, end]."""
+def client_process(
+    protocol: str, url: str, model: str, size: int, seed: int, warm: float, start: float, end: float, queue
+) -> None:
+    """One client: one image per request, the next sent when the answer is in, from ``warm`` to ``end``; only the
+    requests sent and answered inside [start, end] are kept (their latencies), the warm-up's and the last one's
+    that ends past the window are not."""
     import numpy as np
 
     if protocol == "grpc":
@@ -203,7 +204,7 @@ def client_process(protocol: str, url: str, model: str, size: int, seed: int, st
     outputs = [module.InferRequestedOutput(name, **kwargs) for name in names]
     images = frames(8, size, seed)
     latencies, errors, count = [], 0, 0
-    while time.time() < start:
+    while time.time() < warm:
         time.sleep(0.001)
     while time.time() < end:
         tensor = module.InferInput("image", [1, size, size, 3], "UINT8")
@@ -218,14 +219,29 @@ def client_process(protocol: str, url: str, model: str, size: int, seed: int, st
             errors += 1
             continue
         count += 1
-        if sent >= start:
-            latencies.append(1000 * (time.time() - sent))
+        answered = time.time()
+        if start <= sent and answered <= end:
+            latencies.append(1000 * (answered - sent))
     client.close()
     queue.put({"latencies": latencies, "errors": errors})
 
 
 def batch_counts(stats: dict) -> dict[int, int]:
     return {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in stats.get("batch_stats", [])}
+
+
+STAGES = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def stage_means(before: dict, after: dict) -> dict[str, dict[str, float]]:
+    """Triton's per-request statistics over the window: for each stage, the requests counted and the mean time
+    per request (us), from the differences of its cumulative counters."""
+    stages = {}
+    for stage in STAGES:
+        count = int(after["inference_stats"][stage]["count"]) - int(before["inference_stats"][stage]["count"])
+        ns = int(after["inference_stats"][stage]["ns"]) - int(before["inference_stats"][stage]["ns"])
+        stages[stage] = {"count": count, "mean_us": ns / count / 1000 if count else float("nan")}
+    return stages
 
 
 def run_load(server, clients: int, args: argparse.Namespace, url: str) -> dict:
@@ -236,7 +252,8 @@ def run_load(server, clients: int, args: argparse.Namespace, url: str) -> dict:
     end = start + args.seconds
     workers = [
         context.Process(
-            target=client_process, args=(args.protocol, url, "patchcore", args.size, n, start - warm, end, queue)
+            target=client_process,
+            args=(args.protocol, url, "patchcore", args.size, n, start - warm, start, end, queue),
         )
         for n in range(clients)
     ]
@@ -260,18 +277,36 @@ def run_load(server, clients: int, args: argparse.Namespace, url: str) -> dict:
     executions = int(after["execution_count"]) - int(before["execution_count"])
     inferences = int(after["inference_count"]) - int(before["inference_count"])
     histogram = {size: count - batch_counts(before).get(size, 0) for size, count in batch_counts(after).items()}
+    served = sum(size * count for size, count in histogram.items())
+    stages = stage_means(before, after)
+    # Two counts of the same window: the clients' (sent and answered inside it) and Triton's own (requests it
+    # finished between the two statistics snapshots). They differ by the requests in flight at either edge, at
+    # most one per client; a larger gap means one of the two counts is wrong.
     return {
         "clients": clients,
         "seconds": args.seconds,
         "requests": len(latencies),
+        "triton_requests": stages["success"]["count"],
+        "triton_images": served,
+        "counts_agree": abs(len(latencies) - stages["success"]["count"]) <= 2 * clients,
         "errors": sum(outcome["errors"] for outcome in outcomes),
         "clients_reported": len(outcomes),
-        "images_per_s": len(latencies) / args.seconds,
+        # The served rate is Triton's own count of the images it ran in the window (its batch histogram).
+        "images_per_s": served / args.seconds,
+        "client_images_per_s": len(latencies) / args.seconds,
+        "stages_us": {stage: value["mean_us"] for stage, value in stages.items()},
         "p50_ms": percentile(latencies, 50),
         "p99_ms": percentile(latencies, 99),
         "mean_batch": inferences / executions if executions else None,
         "batches": {size: count for size, count in sorted(histogram.items()) if count},
     }
+
+
+def stage_cells(load: dict) -> str:
+    stages = load.get("stages_us")
+    if not stages:
+        return "not recorded"
+    return " / ".join(f"{stages[stage]:.0f}" for stage in ("queue", "compute_input", "compute_infer", "compute_output"))
 
 
 def markdown(results: dict) -> str:
@@ -290,8 +325,9 @@ def markdown(results: dict) -> str:
         f"p99 {one.get('p99_ms', float('nan')):.3f} ms",
         "",
         "| clients | served img/s | p50 ms | p99 ms | mean batch formed | in-process img/s at that batch "
-        "| served / in-process | p99 / in-process batch-1 p50 | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| served / in-process | p99 / in-process batch-1 p50 | errors | client-counted img/s "
+        "| Triton us per request: queue / input / infer / output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for load in results.get("loads", []):
         formed = load["mean_batch"] or 1
@@ -302,7 +338,7 @@ def markdown(results: dict) -> str:
             f"| {load['clients']} | {load['images_per_s']:.0f} | {load['p50_ms']:.2f} | {load['p99_ms']:.2f} | "
             f"{formed:.1f} | {local_rate:.0f}{f' (x{scale} GPUs)' if scale > 1 else ''} | "
             f"{load['images_per_s'] / local_rate:.0%} | {load['p99_ms'] / one.get('p50_ms', float('nan')):.1f}x | "
-            f"{load['errors']} |"
+            f"{load['errors']} | {load.get('client_images_per_s', float('nan')):.0f} | {stage_cells(load)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -353,8 +389,7 @@ def main() -> None:
         return
     write_repository(checkpoint, work / "repo", args)
 
-    from patchcore_trt.serve.client import TritonBackend
-
+    from patchcore_trt.runtime import open_backend
     from patchcore_trt.serve.server import TritonServer, free_ports
 
     server = TritonServer(work / "repo", free_ports(), log_file=args.out / "tritonserver.log")
@@ -363,8 +398,8 @@ def main() -> None:
         for state in server.start(timeout_s=300):
             log(state.line())
         results["server_start_s"] = round(time.monotonic() - started, 1)
-        with TritonBackend(f"http://{server.http_url}", model="patchcore") as remote:
-            served = remote.predict_uint8(frames(args.max_batch, args.size, 0)[:1])
+        with open_backend(f"http://{server.http_url}", model="patchcore") as remote:
+            served = remote.predict(frames(args.max_batch, args.size, 0)[:1])
         import numpy as np
 
         results["served_vs_in_process"] = {

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -25,6 +27,31 @@ from patchcore_trt.images import collect_images, load_image
 
 WRN50 = "wide_resnet50_2"
 RESNET18 = "resnet18"
+
+
+def under_ci() -> bool:
+    """CI (.ci/run) sets CI=true: there everything the tests need was installed, so nothing may be missing."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def unavailable(what: str) -> NoReturn:
+    """A test cannot run here because ``what`` (one line: what is missing and where it is expected) is not here:
+    under CI the test fails with that line, elsewhere it skips with it."""
+    if under_ci():
+        pytest.fail(what, pytrace=False)
+    pytest.skip(what)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under CI the golden fixtures must be there: one line, before any test runs, says where they are expected."""
+    from golden import FIXTURES
+
+    if under_ci() and not FIXTURES.is_dir():
+        pytest.exit(
+            f"error: the golden fixtures are not at {FIXTURES} (CI=true; set PATCHCORE_TRT_FIXTURES or put "
+            "shared/fixtures/anomalib-versions beside the repository)",
+            returncode=1,
+        )
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +125,18 @@ finally:
         rss = [line.split()[1] for line in status if line.startswith("VmRSS:")]
     print("peak-kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, *rss, file=sys.stderr)
 """
+
+
+def started_cli(*args: object) -> tuple[subprocess.Popen[str], list[str], list[str]]:
+    """``patchcore-trt ARGS`` started in the background, and its stdout and stderr lines as they come."""
+    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "patchcore_trt", *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    errors: list[str] = []
+    for stream, sink in ((process.stdout, lines), (process.stderr, errors)):
+        threading.Thread(target=lambda s=stream, k=sink: k.extend(line.rstrip("\n") for line in s), daemon=True).start()
+    return process, lines, errors
 
 
 def peak_run(

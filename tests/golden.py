@@ -1,4 +1,4 @@
-"""The golden checkpoints of seven anomalib releases and what those releases computed on them, plus the tools the
+"""The seven golden checkpoints of five anomalib releases and what those releases computed on them, plus the tools the
 tests use to derive files from them: re-pickling a release's own object tree after editing a value, and planting
 a code-running object in one pickled slot.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
+from conftest import unavailable
 
 from patchcore_trt.images import load_image
 from patchcore_trt.model import DeployOutput
@@ -43,7 +43,7 @@ def extra_releases() -> list[str]:
 def checkpoint(release: str) -> Path:
     path = (EXTRA if release in extra_releases() else FIXTURES) / release / "model.ckpt"
     if not path.is_file():
-        pytest.skip(f"golden checkpoint {path} is not here (set PATCHCORE_TRT_FIXTURES)")
+        unavailable(f"golden checkpoint {path} is not here (set PATCHCORE_TRT_FIXTURES)")
     return path
 
 

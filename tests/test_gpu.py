@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import unavailable
 
 from patchcore_trt.compare import PARITY_BAR, Bar, compare
 from patchcore_trt.images import load_image
@@ -28,7 +29,7 @@ FAST_BAR = Bar(score=1e-3, map=1e-2)
 def golden(release: str) -> tuple[Path, list[np.ndarray], Prediction]:
     folder = FIXTURES / release
     if not (folder / "model.ckpt").is_file():
-        pytest.skip(f"golden checkpoint {folder} is not here")
+        unavailable(f"golden checkpoint {folder / 'model.ckpt'} is not here (set PATCHCORE_TRT_FIXTURES)")
     outputs = np.load(folder / "forward.npz")
     images = [load_image(FIXTURES / name) for name in outputs["files"]]
     reference = Prediction.from_outputs(

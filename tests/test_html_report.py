@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli, unavailable
 from PIL import Image
 
 from patchcore_trt.artifact import read_onnx_metadata
@@ -40,9 +40,14 @@ HOSTILE_NAMES = (
     "plain.png",
 )
 CHROMIUM = shutil.which("chromium")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium); the browser checks need it"
-)
+needs_chromium = pytest.mark.usefixtures("chromium")
+
+
+@pytest.fixture()
+def chromium() -> str:
+    if CHROMIUM is None:
+        unavailable("chromium is not installed (apt-get install -y chromium); the browser checks need it")
+    return CHROMIUM
 
 
 class _Page(HTMLParser):

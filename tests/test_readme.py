@@ -1,7 +1,8 @@
-"""The README's code blocks run as written: every ``bash`` and ``python`` block, in order, in one folder that holds
-what the README's examples name (``model.ckpt``, ``images/``, ``labelled/``) and the repository's ``.venv``.
+"""The README's code blocks run as written: every ``bash`` and ``python`` block, in order, in a fresh folder that
+holds only what the README's examples name (``model.ckpt``, ``images/``, ``labelled/``) and the environments the
+set-up made (``.venv``, ``.venv-triton``).
 
-The set-up block is what .ci/run runs (the same command, checked here), and the test command is this run.
+The set-up block's set-up is .ci/setup, which .ci/run calls too (checked here), and the test command is this run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 CI = ROOT / ".ci" / "run"
 FENCE = re.compile(r"^```(bash|python)\n(.*?)^```", re.S | re.M)
-SETUP = "python3 -m venv .venv && .venv/bin/pip install"
+SETUP = "bash .ci/setup"
 TEST_COMMAND = ".venv/bin/python -m pytest -q"
 
 
@@ -29,17 +30,23 @@ def readme_blocks() -> list[tuple[str, str]]:
 
 def test_the_setup_and_test_commands_are_what_ci_runs():
     blocks = [code.strip() for _, code in readme_blocks()]
-    setup = next(code for code in blocks if code.startswith(SETUP))
-    ci = CI.read_text()
-    install = setup.split(" && ")[:2]
-    assert " && ".join(install) in ci, "the README's set-up command and .ci/run differ"
-    assert TEST_COMMAND in blocks and TEST_COMMAND in ci
+    (setup,) = [code for code in blocks if code.startswith(SETUP)]
+    assert setup == f"{SETUP} && .venv/bin/patchcore-trt demo", setup
+    ci = [line.strip() for line in CI.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert SETUP in ci and TEST_COMMAND in blocks, "the README's set-up or test command is not what .ci/run runs"
+    # CI sets up exactly as the README does, then runs the README's test command last, with nothing in between
+    # but the browser and the linters.
+    assert ci[-1] == TEST_COMMAND and ci.index(SETUP) < ci.index(TEST_COMMAND)
+    # The set-up makes every environment the documented commands use, the Triton server's included.
+    assert "bash .ci/serve-env" in (ROOT / ".ci" / "setup").read_text()
 
 
 @pytest.fixture()
 def examples(resnet18_checkpoint, dataset, tmp_path) -> Path:
     """A folder with the files the README's examples name, and the repository's virtual environment."""
-    for environment in (".venv", ".venv-triton", ".ci"):  # the venvs .ci/run made, and the serving set-up
+    for environment in (".venv", ".venv-triton"):  # what .ci/setup made
+        if not (ROOT / environment / "bin" / "python").is_file():
+            pytest.fail(f"{ROOT / environment} is not here: run the README's set-up (bash .ci/setup)", pytrace=False)
         (tmp_path / environment).symlink_to(ROOT / environment)
     shutil.copy(resnet18_checkpoint, tmp_path / "model.ckpt")
     shutil.copytree(dataset.root / "test", tmp_path / "images")

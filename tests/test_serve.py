@@ -11,15 +11,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import error_line, run_cli
+from conftest import error_line, run_cli, started_cli
 
 from patchcore_trt.artifact import ArtifactMetadata, read_onnx_metadata
 from patchcore_trt.checkpoint import read_checkpoint
@@ -275,13 +273,7 @@ def _port_options() -> list[str]:
 
 
 def test_serve_command_prints_endpoints_and_stops_cleanly_on_ctrl_c(repository, images):
-    command = [sys.executable, "-m", "patchcore_trt", "serve", str(repository), *_port_options()]
-    env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    errors: list[str] = []
-    for stream, sink in ((process.stdout, lines), (process.stderr, errors)):
-        threading.Thread(target=lambda s=stream, k=sink: k.extend(line.rstrip("\n") for line in s), daemon=True).start()
+    process, lines, errors = started_cli("serve", repository, *_port_options())
     deadline = time.monotonic() + LOAD_TIMEOUT_S
     while "Ctrl-C stops the server." not in lines and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
