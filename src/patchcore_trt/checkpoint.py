@@ -1,16 +1,16 @@
 """anomalib's PatchCore checkpoints of every release read into a PatchCoreSpec without running pickled code; and
 written, in the 2.7 layout, for tests and synthetic models.
 
-Reading goes: the archive is checked from its zip directory (pickled.check_archive), unpickled with inert
-stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and then every value the spec needs
-is checked once, completely: a malformed file is one UserError listing each problem, never a traceback later.
+Reading goes: the archive is checked from its zip directory (pickled.check_archive), its globals from the pickle's
+opcodes (pickled.allowed_globals), every declared tensor against the bytes its record holds (storages.check_storages);
+then it is unpickled with inert stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and
+every value the spec needs is checked once, completely: a malformed file is one UserError listing each problem, never a traceback later.
 ``trust_pickled_code=True`` is the opt-in for files that pickle objects patchcore-trt does not know; it runs them.
 """
 
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,17 @@ from patchcore_trt.layouts import (
     resolve_default_release,
     shown,
 )
-from patchcore_trt.pickled import ArchiveError, UnknownGlobalsError, check_archive, enum_value, safe_load, trusted_load
+from patchcore_trt.pickled import (
+    ArchiveError,
+    UnknownGlobalsError,
+    allowed_globals,
+    check_archive,
+    enum_value,
+    safe_load,
+    trusted_load,
+)
 from patchcore_trt.spec import PatchCoreSpec, Postprocess
+from patchcore_trt.storages import StorageError, check_storages
 
 BACKBONE_PREFIX = "model.feature_extractor.feature_extractor."
 MEMORY_BANK_KEY = "model.memory_bank"
@@ -62,24 +71,34 @@ def _load_raw(path: Path, trust_pickled_code: bool) -> Any:
             "archive was re-packed or crafted; use the .ckpt file anomalib saved"
         ) from None
     try:
+        trusted_names = ""
         try:
-            return safe_load(path)
+            allowed = allowed_globals(path)
         except UnknownGlobalsError as exc:
-            names = ", ".join(exc.names[:5]) + (", ..." if len(exc.names) > 5 else "")
+            trusted_names = ", ".join(exc.names[:5]) + (", ..." if len(exc.names) > 5 else "")
             if not trust_pickled_code:
                 raise UserError(
-                    f"{path}: the checkpoint pickles objects patchcore-trt does not know ({names}) that could run "
-                    f"code when loaded; if you trust where it came from, pass {TRUST_OPTION}"
+                    f"{path}: the checkpoint pickles objects patchcore-trt does not know ({trusted_names}) that could "
+                    f"run code when loaded; if you trust where it came from, pass {TRUST_OPTION}"
                 ) from None
-            return _trusted(path, names)
+        try:
+            check_storages(path)
+        except StorageError as exc:
+            raise UserError(
+                f"{path}: refused before reading its tensors: {exc}; torch.save does not write that, so the file was "
+                "damaged or crafted: use the .ckpt file anomalib saved"
+            ) from None
+        return _trusted(path, trusted_names) if trusted_names else safe_load(path, allowed)
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         raise UserError(
             f"{path}: the checkpoint's pickle has a structure patchcore-trt does not read "
             f"({detail[0] if detail else 'unreadable'}); use the .ckpt file anomalib saved"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except UserError:
+        raise
+    except Exception as exc:  # torch's loader raises many types on a damaged file; each means the same to the user
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: the checkpoint is truncated or corrupt ({first_line}); copy it again") from None
 
 
