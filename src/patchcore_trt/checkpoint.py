@@ -4,7 +4,8 @@ written, in the 2.7 layout, for tests and synthetic models.
 Reading goes: the archive is checked from its zip directory (pickled.check_archive), its globals from the pickle's
 opcodes (pickled.allowed_globals), every declared tensor against the bytes its record holds (storages.check_storages);
 then it is unpickled with inert stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and
-every value the spec needs is checked once, completely: a malformed file is one UserError listing each problem, never a traceback later.
+every value the spec needs is checked once, completely: a malformed file is one UserError listing each problem,
+never a traceback later.
 ``trust_pickled_code=True`` is the opt-in for files that pickle objects patchcore-trt does not know; it runs them.
 """
 
@@ -203,6 +204,13 @@ def read_checkpoint(
     """
     path = Path(path)
     raw = _load_raw(path, trust_pickled_code)
+    try:
+        return _interpret(path, raw, image_size, anomalib_version)
+    except RecursionError:  # only a crafted file nests transforms or values this deep
+        raise UserError(f"{path}: the checkpoint nests its objects too deeply to be one anomalib saved") from None
+
+
+def _interpret(path: Path, raw: Any, image_size: tuple[int, int] | None, anomalib_version: str | None) -> PatchCoreSpec:
     state = _state(path, raw)
     problems: list[str] = []
     hyper = raw.get("hyper_parameters", {})

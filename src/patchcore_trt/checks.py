@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from patchcore_trt.artifact import MAX_SIDE, MIN_SIDE
 from patchcore_trt.errors import UserError
 from patchcore_trt.layouts import Leaf, Reading, shown
 from patchcore_trt.spec import Postprocess, Preprocess
@@ -88,9 +89,15 @@ def _size(value: Any, what: str, problems: list[str], *, square_from_int: bool) 
     if square_from_int and (isinstance(value, int) or (isinstance(value, (list, tuple)) and len(value) == 1)):
         value = [value, value] if isinstance(value, int) else [value[0], value[0]]
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(side) is int for side in value):
-        if min(value) > 0:
+        if min(value) <= 0:
+            problems.append(f"the pre-processor's {what} size {list(value)} is not positive")
+        elif min(value) < MIN_SIDE or max(value) > MAX_SIDE:
+            problems.append(
+                f"the pre-processor's {what} size {list(value)} is outside {MIN_SIDE}..{MAX_SIDE}, the sides an "
+                "exported model takes"
+            )
+        else:
             return int(value[0]), int(value[1])
-        problems.append(f"the pre-processor's {what} size {list(value)} is not positive")
         return None
     problems.append(f"the pre-processor's {what} size is {shown(value)}, expected [height, width]")
     return None
@@ -152,7 +159,10 @@ def _stat(state: dict[str, Any], key: str, problems: list[str]) -> float:
         seen = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else shown(value)
         problems.append(f"{key} is {seen}, expected one floating-point number")
         return math.nan
-    return float(value.reshape(-1)[0])
+    number = float(value.reshape(-1)[0])
+    if math.isinf(number):  # anomalib's statistics are minima, maxima and thresholds of real scores
+        problems.append(f"{key} is {number}, expected a finite number")
+    return number
 
 
 def _switch(switches: dict[str, Any], key: str, default: Any, problems: list[str]) -> Any:
@@ -192,10 +202,15 @@ def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: l
             pixel_threshold if math.isnan(image_threshold) else image_threshold,
             image_threshold if math.isnan(pixel_threshold) else pixel_threshold,
         )
-    if normalize and len(problems) == before and any(math.isnan(value) for value in stats.values()):
+    unset = [reading.stat_keys[name] for name, value in stats.items() if math.isnan(value)]
+    if normalize and len(problems) == before and len(unset) == len(stats):
         raise UserError(
             f"{path}: the checkpoint has no normalisation statistics (it was never validated); "
             "run anomalib's Engine.fit with a validation split, or Engine.validate, and save it again"
+        )
+    if normalize and unset and len(unset) < len(stats):  # validation sets all four together
+        problems.append(
+            f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} NaN while the other statistics are set"
         )
     # PostProcessor._normalize normalises around the midpoint of min and max when no threshold was learned.
     if math.isnan(image_threshold):

@@ -17,6 +17,7 @@ No release writes its own version, so the release is read from the layout (``Wri
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,12 +119,34 @@ def pickled_module(hyper: dict[str, Any]) -> Any:
     return None
 
 
+def _markers(raw: dict[str, Any], state: dict[str, Any], hyper: dict[str, Any]) -> dict[str, str]:
+    """layout -> the marker only that layout's releases write, for each layout whose marker the file carries."""
+    found = {}
+    if any(key in raw for key in CONFIG_KEYS):
+        found[LAYOUT_27] = "plain-data component configs (anomalib_*_config keys, added in 2.7)"
+    if any(key.startswith(("image_threshold.", "normalization_metrics.")) for key in state):
+        found[LAYOUT_1X] = "image_threshold.value / normalization_metrics.* in the state_dict"
+    if any(key in hyper for key in ("pre_processor", "post_processor")):  # 2.7 leaves both out of hyper_parameters
+        found[LAYOUT_2X] = "hyper_parameters.pre_processor / post_processor (2.0-2.6)"
+    if LAYOUT_1X in found and any(key.startswith(POST_PREFIX) for key in state):
+        found.setdefault(LAYOUT_2X, "PostProcessor buffers (post_processor.*, written by 2.0 and later)")
+    return found
+
+
 def detect(path: Path, raw: dict[str, Any], state: dict[str, Any], hyper: dict[str, Any]) -> Written:
     """The layout and release range, from markers no other release writes (anomalib source, per release)."""
-    if any(key in raw for key in CONFIG_KEYS):
-        return Written(LAYOUT_27, (2, 7), None, "plain-data component configs (anomalib_*_config keys, added in 2.7)")
-    if any(key.startswith(("image_threshold.", "normalization_metrics.")) for key in state):
-        return Written(LAYOUT_1X, (1, 0), (1, 2), "image_threshold.value / normalization_metrics.* in the state_dict")
+    markers = _markers(raw, state, hyper)
+    if len(markers) > 1:
+        (first, why_first), (second, why_second) = list(markers.items())[:2]
+        raise UserError(
+            f"{path}: the file carries markers of two anomalib layouts that no release writes together: {why_first} "
+            f"(anomalib {first}) and {why_second} (anomalib {second}); it was edited or assembled from two files: "
+            "use the .ckpt file anomalib saved"
+        )
+    if LAYOUT_27 in markers:
+        return Written(LAYOUT_27, (2, 7), None, markers[LAYOUT_27])
+    if LAYOUT_1X in markers:
+        return Written(LAYOUT_1X, (1, 0), (1, 2), markers[LAYOUT_1X])
     if not any(key.startswith(POST_PREFIX) for key in state) and "pre_processor" not in hyper:
         raise UserError(
             f"{path}: not a checkpoint of anomalib 1.0 to 2.7 (no post-processor statistics and no pre-processor "
@@ -252,7 +275,7 @@ def leaves_from_spec(spec: Any, problems: list[str]) -> list[Leaf]:
 
 def shown(value: Any) -> str:
     """A value as a message shows it: its type and the start of its repr."""
-    text = repr(value)
+    text = reprlib.repr(value)  # depth-limited: a crafted file may nest containers a million deep
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
