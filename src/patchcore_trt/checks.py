@@ -5,6 +5,7 @@ traceback later in timm, torch or the exporter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -39,14 +40,20 @@ def model_fields(hyper: dict[str, Any], problems: list[str]) -> tuple[str | None
 
 def meta_backbone(backbone: str, layers: tuple[str, ...], problems: list[str]) -> torch.nn.Module | None:
     """timm's network with shapes only (no memory, no weights): what the weights and the bank must fit."""
-    from patchcore_trt.model import create_backbone
-
     try:
-        with torch.device("meta"):
-            return create_backbone(backbone, layers)
+        return _meta_network(backbone, layers)
     except UserError as exc:
         problems.append(str(exc))
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_network(backbone: str, layers: tuple[str, ...]) -> torch.nn.Module:
+    """Built once per (backbone, layers): it holds no values, and only its shapes are read."""
+    from patchcore_trt.model import create_backbone
+
+    with torch.device("meta"):
+        return create_backbone(backbone, layers)
 
 
 def check_weights(

@@ -70,7 +70,7 @@ def _whole(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-class _Scan(pickle.Unpickler):
+class _Scan(pickle._Unpickler):  # the pure-Python one reads what is there; the C one allocates declared sizes
     """The pickle's declarations (storages by key, tensors over them) and nothing else."""
 
     def __init__(self, data: bytes) -> None:
