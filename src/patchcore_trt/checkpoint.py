@@ -22,18 +22,12 @@ from patchcore_trt.checks import BLUR_KERNEL_KEY
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import atomic_path, sha256_of
 from patchcore_trt.layouts import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     LAYOUT_27,
+    LAYOUTS,
     POST_BUFFERS,
     POST_PREFIX,
-    Leaf,
-    Reading,
-    Written,
-    check_version,
-    default_leaves,
     read_layout,
-    resolve_default_release,
+    settle_transform,
     shown,
 )
 from patchcore_trt.pickled import (
@@ -146,37 +140,6 @@ def _precision(path: Path, hyper: dict[str, Any]) -> None:
         )
 
 
-def _leaves(
-    path: Path,
-    reading: Reading,
-    hyper: dict[str, Any],
-    bank: torch.Tensor,
-    network: torch.nn.Module | None,
-    image_size: tuple[int, int] | None,
-    version: str | None,
-) -> tuple[list[Leaf], Written]:
-    written = reading.written
-    check_version(path, written, version)
-    if reading.leaves is not None:
-        return reading.leaves, written
-    if written.layout == LAYOUT_27:
-        if image_size is None:
-            raise UserError(
-                f"{path}: the checkpoint records no pre-processor transform (anomalib 2.7 saves none for a transform "
-                "it cannot store safely, or a custom pre-processor); pass --image-size HxW if the model used "
-                "anomalib's default Resize to that size with ImageNet normalisation"
-            )
-        normalize = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-        return [("Resize", {"size": list(image_size)}), ("Normalize", normalize)], written
-    if written.low == (2, 0) and written.high == (2, 2):
-        ratio = hyper.get("coreset_sampling_ratio", 0.1)
-        if network is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise UserError(f"{path}: cannot tell anomalib 2.0 from 2.1-2.2 (no usable backbone or coreset ratio)")
-        rows = int(bank.shape[0])
-        written = resolve_default_release(path, written, rows, float(ratio), checks.patches_at(network), version)
-    return default_leaves(written), written
-
-
 def _raise_problems(path: Path, problems: list[str]) -> None:
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
@@ -231,7 +194,11 @@ def _interpret(path: Path, raw: Any, image_size: tuple[int, int] | None, anomali
     taps = checks.separable_taps(state.get(BLUR_KERNEL_KEY), problems)
     if reading.leaves is None:  # the release's default transform is settled from values that must be sound
         _raise_problems(path, problems)
-    leaves, written = _leaves(path, reading, hyper, bank, network, image_size, anomalib_version)
+    patches_at = checks.patches_at(network) if network is not None else None
+    ratio = hyper.get("coreset_sampling_ratio", 0.1)
+    leaves, written = settle_transform(
+        path, reading, image_size, int(bank.shape[0]), ratio, patches_at, anomalib_version
+    )
     preprocess = checks.preprocess(path, leaves, image_size, problems)
     _raise_problems(path, problems)
     if not (backbone and layers and num_neighbors and preprocess) or taps is None:  # each None came with a problem
@@ -266,7 +233,8 @@ def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
             range).
     """
     post = spec.postprocess
-    if post.threshold_inclusive or post.zero_range != 0.5:
+    rules = LAYOUTS[LAYOUT_27]
+    if post.threshold_inclusive != rules.threshold_inclusive or post.zero_range != rules.zero_range:
         raise ValueError("the anomalib 2.7 layout records 2.7's post-processing rules only")
     taps = spec.blur_kernel.float()
     state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}

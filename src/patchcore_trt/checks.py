@@ -185,16 +185,17 @@ def _switch(switches: dict[str, Any], key: str, default: Any, problems: list[str
 def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: list[str]) -> Postprocess:
     """The statistics and switches, resolved exactly as the release's PostProcessor does at inference."""
     before = len(problems)
-    values = {field: _stat(state, key, problems) for field, key in reading.stat_keys.items()}
+    layout = reading.layout
+    values = {field: _stat(state, key, problems) for field, key in layout.stat_keys.items()}
     stats = {name: values[name] for name in ("image_min", "image_max", "pixel_min", "pixel_max")}
-    if reading.threshold_inclusive:  # 1.x: min-max normalisation with the module's own thresholds
+    if layout.min_max_1x:
         if len(problems) == before and not all(math.isfinite(value) for value in values.values()):
             raise UserError(
                 f"{path}: the anomalib 1.x checkpoint has no min-max statistics or thresholds (its normalization "
                 "method was not min_max, or it was never validated); patchcore-trt reproduces anomalib 1.x's min-max "
                 "inference only: validate it with normalization_method min_max and save it again"
             )
-        return Postprocess(**values, threshold_inclusive=True, zero_range=reading.zero_range)
+        return Postprocess(**values, threshold_inclusive=layout.threshold_inclusive, zero_range=layout.zero_range)
     switches = reading.switches
     normalize = _switch(switches, "enable_normalization", True, problems)
     matching = _switch(switches, "enable_threshold_matching", True, problems)
@@ -209,7 +210,7 @@ def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: l
             pixel_threshold if math.isnan(image_threshold) else image_threshold,
             image_threshold if math.isnan(pixel_threshold) else pixel_threshold,
         )
-    unset = [reading.stat_keys[name] for name, value in stats.items() if math.isnan(value)]
+    unset = [layout.stat_keys[name] for name, value in stats.items() if math.isnan(value)]
     if normalize and len(problems) == before and len(unset) == len(stats):
         raise UserError(
             f"{path}: the checkpoint has no normalisation statistics (it was never validated); "
@@ -230,7 +231,8 @@ def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: l
         image_sensitivity=float(_switch(switches, "image_sensitivity", 0.5, problems)),
         pixel_sensitivity=float(_switch(switches, "pixel_sensitivity", 0.5, problems)),
         normalize=normalize,
-        zero_range=reading.zero_range,
+        threshold_inclusive=layout.threshold_inclusive,
+        zero_range=layout.zero_range,
         **stats,
     )
 
