@@ -18,10 +18,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from patchcore_trt.checkpoint import read_checkpoint
-from patchcore_trt.demo.data import SyntheticDataset, make_synthetic_dataset
 from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.export import export_onnx
 from patchcore_trt.images import collect_images, load_image
+from patchcore_trt.synthetic_data import SyntheticDataset, make_synthetic_dataset
 
 WRN50 = "wide_resnet50_2"
 RESNET18 = "resnet18"
