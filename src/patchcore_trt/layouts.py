@@ -17,6 +17,7 @@ No release writes its own version, so the release is read from the layout (``Wri
 from __future__ import annotations
 
 import math
+import re
 import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,11 +160,11 @@ _RANGES = (
 
 
 def parse_version(text: str) -> tuple[int, int]:
-    """'2.0.0' or '2.1' -> (2, 0) / (2, 1); UserError for anything else."""
-    parts = text.strip().split(".")
-    if len(parts) < 2 or not all(part.isdigit() for part in parts[:2]):
+    """'2.0.0' or '2.1' -> (2, 0) / (2, 1); UserError for anything else (superscripts are digits to str.isdigit)."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(\.\S*)?", text.strip(), re.ASCII)
+    if match is None:
         raise UserError(f"{VERSION_OPTION} {text!r} is not a release number like 2.0.0; give the anomalib release")
-    return int(parts[0]), int(parts[1])
+    return int(match[1]), int(match[2])
 
 
 def pickled_module(hyper: dict[str, Any]) -> Any:

@@ -60,6 +60,8 @@ def verify_command(
 
     # Read safely first: a checkpoint that pickles code is refused here, before anomalib sees it.
     spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
+    if onnx_path is not None:
+        _check_same_source(onnx_path, checkpoint, spec.source_sha256)
     paths, _ = collect_images(inputs)
     images, used, skipped = [], [], []
     for path in paths[:limit]:
@@ -100,6 +102,18 @@ def verify_command(
         write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
     if not all(row.passed for row in rows if row.checked):
         raise typer.Exit(1)
+
+
+def _check_same_source(onnx_path: Path, checkpoint: Path, sha256: str) -> None:
+    """The graph records the SHA-256 of the checkpoint it was exported from; another one cannot match it."""
+    from patchcore_trt.artifact import read_onnx_metadata
+
+    recorded = read_onnx_metadata(onnx_path).source_checkpoint.get("sha256", "")
+    if recorded and recorded != sha256:
+        raise UserError(
+            f"{onnx_path} was exported from another checkpoint (SHA-256 {recorded}) than {checkpoint} (SHA-256 "
+            f"{sha256}); give the ONNX exported from this checkpoint, or leave --onnx out to export one now"
+        )
 
 
 def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, skipped, started) -> None:
