@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import error_line, peak_run, run_cli
-from golden import checkpoint, load_records, plant, save_records
+from golden import checkpoint, load_records, plant, records, save_records
 
 from patchcore_trt.checkpoint import MEMORY_BANK_KEY, read_checkpoint
 from patchcore_trt.errors import UserError
@@ -164,6 +164,20 @@ def test_non_finite_statistics_are_refused_at_read_time(key, value, fragment, tm
     assert fragment in _error(path)
 
 
+def test_non_finite_weights_and_normalisation_are_refused_at_read_time(tmp_path):
+    weight = "model.feature_extractor.feature_extractor.layer3.1.bn2.weight"
+
+    message = _error(_plain(tmp_path, "weights.ckpt", lambda raw: raw["state_dict"][weight].__setitem__(3, math.nan)))
+    assert "the backbone weights hold NaN or infinite values (layer3.1.bn2.weight)" in message
+    raw = load_records("2.2.0")
+    for normalize in _records(raw, "Normalize"):
+        normalize.state["std"] = [0.229, math.inf, 0.225]
+    message = _error(save_records(raw, tmp_path / "normalize.ckpt"))
+    assert (
+        "the pre-processor's Normalize has mean" in message and "std [0.229, inf, 0.225]: expected 3 numbers" in message
+    )
+
+
 def _nested(depth: int) -> bytes:
     """A list nested ``depth`` deep, as pickle opcodes."""
     return b"]" * depth + b"a" * (depth - 1)
@@ -191,17 +205,14 @@ def test_crafted_pickles_are_one_error_line(slot, payload, fragment, tmp_path):
 
 def test_a_huge_resize_is_refused(tmp_path):
     raw = load_records("2.2.0")
-    for resize in [leaf for leaf in _leaves(raw) if leaf.qualname.endswith("Resize")]:
+    for resize in _records(raw, "Resize"):
         resize.state["size"] = [1 << 20, 1 << 20]
     message = _error(save_records(raw, tmp_path / "huge.ckpt"))
     assert "the pre-processor's Resize size [1048576, 1048576] is outside 32..8192" in message
 
 
-def _leaves(raw):
-    from golden import records
-
-    pre = raw["hyper_parameters"]["pre_processor"]
-    return list(records(pre, "Resize"))
+def _records(raw, short_name: str):
+    return list(records(raw["hyper_parameters"]["pre_processor"], short_name))
 
 
 # ---- what the user sees: one error line, exit 1, nothing written

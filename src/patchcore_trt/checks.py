@@ -68,6 +68,13 @@ def check_weights(
     details += [f"{key} is {found[key]} here, {expected[key]} in timm" for key in shapes]
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     details += [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected)
+    broken = [
+        key
+        for key, value in weights.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if broken:
+        problems.append(f"the backbone weights hold NaN or infinite values ({', '.join(broken[:3])})")
     if details:
         more = f" and {len(details) - 2} more" if len(details) > 2 else ""
         problems.append(
@@ -135,7 +142,7 @@ def preprocess(
                 isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
                 for v in (mean, std)
             )
-            if not numbers or not all(x > 0 for x in std):
+            if not numbers or not all(math.isfinite(x) for x in (*mean, *std)) or not all(x > 0 for x in std):
                 problems.append(f"the pre-processor's Normalize has mean {mean!r}, std {std!r}: expected 3 numbers")
             else:
                 fields.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
