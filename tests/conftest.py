@@ -124,3 +124,13 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def baseline_kib(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """The peak memory (KiB) of ``export`` refusing a tiny file: what a refusal costs without hostile bytes."""
+    tiny = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
+    tiny.write_bytes(b"NOTAZIP")
+    result, peak_kib = peak_run("export", tiny, "-o", tiny.parent / "out")
+    assert "not a PyTorch checkpoint" in error_line(result)
+    return peak_kib

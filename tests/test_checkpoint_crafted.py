@@ -99,16 +99,6 @@ def test_an_unused_record_is_refused(tmp_path):
 ROWS = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def baseline_kib(tmp_path_factory):
-    """The peak memory of a refusal on a tiny file: what the command costs without the hostile declarations."""
-    tiny = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
-    tiny.write_bytes(b"NOTAZIP")
-    result, peak_kib = peak_run("export", tiny, "-o", tiny.parent / "out")
-    assert "not a PyTorch checkpoint" in error_line(result)
-    return peak_kib
-
-
 def test_a_bank_declaring_a_million_rows_over_one_is_refused_in_bounded_memory(tmp_path, baseline_kib):
     def one_row(raw):
         row = raw["state_dict"][MEMORY_BANK_KEY][:1].clone()

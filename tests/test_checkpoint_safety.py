@@ -174,16 +174,6 @@ def _zip_bomb(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def baseline_kib(tmp_path_factory):
-    """The peak memory of the same refusal on a tiny file: what the command costs without the hostile bytes."""
-    tiny = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
-    tiny.write_bytes(b"NOTAZIP")
-    result, peak_kib = peak_run("export", tiny, "-o", tiny.parent / "out")
-    assert "not a PyTorch checkpoint" in error_line(result)
-    return peak_kib
-
-
 def test_a_zip_bomb_is_refused_from_its_directory(tmp_path, baseline_kib):
     bomb = _zip_bomb(tmp_path / "bomb.ckpt")
     assert bomb.stat().st_size < CLAIMED // 100
