@@ -41,7 +41,8 @@ def test_verify_with_the_onnx_of_another_checkpoint_names_both_hashes(tmp_path):
     result = run_cli("verify", checkpoint("2.2.0"), FIXTURES / "data" / "test", "--onnx", onnx_path, "--report", report)
     assert error_line(result) == (
         f"error: {onnx_path} was exported from another checkpoint (SHA-256 {exported_from.source_sha256}) than "
-        f"{checkpoint('2.2.0')} (SHA-256 {verified.source_sha256}); give the ONNX exported from this checkpoint, or "
-        "leave --onnx out to export one now"
+        f"{checkpoint('2.2.0')} (SHA-256 {verified.source_sha256}) and computes another model (bank_size, "
+        "model_size, transform, postprocess differ); give the ONNX exported from this checkpoint, or leave --onnx "
+        "out to export one now"
     )
     assert not report.exists()

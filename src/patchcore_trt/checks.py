@@ -223,7 +223,7 @@ def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: l
             f"{path}: the checkpoint has no normalisation statistics (it was never validated); "
             "run anomalib's Engine.fit with a validation split, or Engine.validate, and save it again"
         )
-    if normalize and unset and len(unset) < len(stats):  # validation sets all four together
+    if normalize and len(problems) == before and unset and len(unset) < len(stats):  # validation sets all four together
         problems.append(
             f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} NaN while the other statistics are set"
         )

@@ -184,8 +184,8 @@ def _markers(raw: dict[str, Any], state: dict[str, Any], hyper: dict[str, Any]) 
         found[LAYOUT_27] = "plain-data component configs (anomalib_*_config keys, added in 2.7)"
     if any(key.startswith(("image_threshold.", "normalization_metrics.")) for key in state):
         found[LAYOUT_1X] = "image_threshold.value / normalization_metrics.* in the state_dict"
-    if any(key in hyper for key in ("pre_processor", "post_processor")):  # 2.7 leaves both out of hyper_parameters
-        found[LAYOUT_2X] = "hyper_parameters.pre_processor / post_processor (2.0-2.6)"
+    if any(is_object(hyper.get(key)) for key in ("pre_processor", "post_processor")):  # 2.7 pickles neither
+        found[LAYOUT_2X] = "a pickled PreProcessor / PostProcessor in hyper_parameters (2.0-2.6)"
     if LAYOUT_1X in found and any(key.startswith(POST_PREFIX) for key in state):
         found.setdefault(LAYOUT_2X, "PostProcessor buffers (post_processor.*, written by 2.0 and later)")
     return found
