@@ -15,10 +15,10 @@ import numpy as np
 from patchcore_trt.bench.matrix import reference_predictions
 from patchcore_trt.checkpoint import read_checkpoint
 from patchcore_trt.compare import compare
-from patchcore_trt.demo.data import make_synthetic_dataset
 from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.images import collect_images, load_batch
 from patchcore_trt.runtime.cuda_backend import CudaBackend
+from patchcore_trt.synthetic_data import make_synthetic_dataset
 
 
 def main() -> None:

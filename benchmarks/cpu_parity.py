@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from patchcore_trt.checkpoint import read_checkpoint
-from patchcore_trt.demo.data import make_synthetic_dataset
 from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.export import export_onnx
 from patchcore_trt.files import write_text_atomic
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.report import markdown_table, write_json
+from patchcore_trt.synthetic_data import make_synthetic_dataset
 from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
 
 CASES = (("wide_resnet50_2", 256), ("wide_resnet50_2", 320), ("resnet18", 256), ("resnet18", 320))

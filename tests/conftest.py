@@ -20,10 +20,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from patchcore_trt.checkpoint import read_checkpoint
-from patchcore_trt.demo.data import SyntheticDataset, make_synthetic_dataset
 from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.export import export_onnx
 from patchcore_trt.images import collect_images, load_image
+from patchcore_trt.synthetic_data import SyntheticDataset, make_synthetic_dataset
 
 WRN50 = "wide_resnet50_2"
 RESNET18 = "resnet18"
@@ -163,3 +163,13 @@ def error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def baseline_kib(tmp_path_factory: pytest.TempPathFactory) -> int:
+    """The peak memory (KiB) of ``export`` refusing a tiny file: what a refusal costs without hostile bytes."""
+    tiny = tmp_path_factory.mktemp("tiny") / "tiny.ckpt"
+    tiny.write_bytes(b"NOTAZIP")
+    result, peak_kib = peak_run("export", tiny, "-o", tiny.parent / "out")
+    assert "not a PyTorch checkpoint" in error_line(result)
+    return peak_kib

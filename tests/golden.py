@@ -181,15 +181,29 @@ def payload_system(command: str) -> bytes:
     return b"cposix\nsystem\n(" + _text_op(command) + b"tR"
 
 
-def payload_stand_in_reduce(command: str) -> bytes:
-    """A class the reader stands in, called with a shell command: it may only be recorded."""
-    return b"canomalib.pre_processing.pre_processor\nPreProcessor\n(" + _text_op(command) + b"tR"
+# A function of a package the reader stands in whose module imports os (timm/models/_hub.py): when really unpickled,
+# getattr reaches os.system through its __globals__ with no name outside the reader's stand-ins.
+_OS_HOLDER = b"timm.models._hub\nget_cache_dir\n"
+
+
+def _getattr(target: bytes, name: str) -> bytes:
+    return b"cbuiltins\ngetattr\n(" + target + _text_op(name) + b"tR"
+
+
+def _os_system() -> bytes:
+    """``getattr(getattr(get_cache_dir, "__globals__"), "get")("os").system``, as pickle opcodes."""
+    globals_get = _getattr(_getattr(b"c" + _OS_HOLDER, "__globals__"), "get")
+    return _getattr(globals_get + b"(" + _text_op("os") + b"tR", "system")
 
 
 def payload_bound_call(command: str) -> bytes:
-    """getattr(<stood-in class>, "system")(command): the recorded bound method must not be callable."""
-    target = b"c__builtin__\ngetattr\n(canomalib.pre_processing.pre_processor\nPreProcessor\n" + _text_op("system")
-    return target + b"tR(" + _text_op(command) + b"tR"
+    """os.system(command) reached through recorded bound methods (builtins.getattr) of a stood-in function."""
+    return _os_system() + b"(" + _text_op(command) + b"tR"
+
+
+def payload_stand_in_reduce(command: str) -> bytes:
+    """functools.partial (a stood-in class) over the same os.system and command, then called."""
+    return b"cfunctools\npartial\n(" + _os_system() + _text_op(command) + b"tR)R"
 
 
 def _op_span(data: bytes, slot: tuple[str, str]) -> tuple[int, int]:

@@ -136,7 +136,7 @@ def _gate(
     if data is not None:
         with step(f"accuracy gate: {graph.name} vs {fp32.name} in ONNX Runtime (CPU) on {eval_data}"):
             return evaluate(fp32, graph, data, precision)
-    from patchcore_trt.demo.data import make_synthetic_dataset
+    from patchcore_trt.synthetic_data import make_synthetic_dataset
 
     half = GENERATED_IMAGES // 2
     with tempfile.TemporaryDirectory(prefix="patchcore-trt-gate-") as scratch:

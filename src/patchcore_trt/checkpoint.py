@@ -1,16 +1,17 @@
 """anomalib's PatchCore checkpoints of every release read into a PatchCoreSpec without running pickled code; and
 written, in the 2.7 layout, for tests and synthetic models.
 
-Reading goes: the archive is checked from its zip directory (pickled.check_archive), unpickled with inert
-stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and then every value the spec needs
-is checked once, completely: a malformed file is one UserError listing each problem, never a traceback later.
+Reading goes: the archive is checked from its zip directory (pickled.check_archive), its globals from the pickle's
+opcodes (pickled.allowed_globals), every declared tensor against the bytes its record holds (storages.check_storages);
+then it is unpickled with inert stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and
+every value the spec needs is checked once, completely: a malformed file is one UserError listing each problem,
+never a traceback later.
 ``trust_pickled_code=True`` is the opt-in for files that pickle objects patchcore-trt does not know; it runs them.
 """
 
 from __future__ import annotations
 
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,25 @@ from patchcore_trt.checks import BLUR_KERNEL_KEY
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import atomic_path, sha256_of
 from patchcore_trt.layouts import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     LAYOUT_27,
+    LAYOUTS,
     POST_BUFFERS,
     POST_PREFIX,
-    Leaf,
-    Reading,
-    Written,
-    check_version,
-    default_leaves,
     read_layout,
-    resolve_default_release,
+    settle_transform,
     shown,
 )
-from patchcore_trt.pickled import ArchiveError, UnknownGlobalsError, check_archive, enum_value, safe_load, trusted_load
+from patchcore_trt.pickled import (
+    ArchiveError,
+    UnknownGlobalsError,
+    allowed_globals,
+    check_archive,
+    enum_value,
+    safe_load,
+    trusted_load,
+)
 from patchcore_trt.spec import PatchCoreSpec, Postprocess
+from patchcore_trt.storages import StorageError, check_storages
 
 BACKBONE_PREFIX = "model.feature_extractor.feature_extractor."
 MEMORY_BANK_KEY = "model.memory_bank"
@@ -62,24 +66,34 @@ def _load_raw(path: Path, trust_pickled_code: bool) -> Any:
             "archive was re-packed or crafted; use the .ckpt file anomalib saved"
         ) from None
     try:
+        trusted_names = ""
         try:
-            return safe_load(path)
+            allowed = allowed_globals(path)
         except UnknownGlobalsError as exc:
-            names = ", ".join(exc.names[:5]) + (", ..." if len(exc.names) > 5 else "")
+            trusted_names = ", ".join(exc.names[:5]) + (", ..." if len(exc.names) > 5 else "")
             if not trust_pickled_code:
                 raise UserError(
-                    f"{path}: the checkpoint pickles objects patchcore-trt does not know ({names}) that could run "
-                    f"code when loaded; if you trust where it came from, pass {TRUST_OPTION}"
+                    f"{path}: the checkpoint pickles objects patchcore-trt does not know ({trusted_names}) that could "
+                    f"run code when loaded; if you trust where it came from, pass {TRUST_OPTION}"
                 ) from None
-            return _trusted(path, names)
+        try:
+            check_storages(path)
+        except StorageError as exc:
+            raise UserError(
+                f"{path}: refused before reading its tensors: {exc}; torch.save does not write that, so the file was "
+                "damaged or crafted: use the .ckpt file anomalib saved"
+            ) from None
+        return _trusted(path, trusted_names) if trusted_names else safe_load(path, allowed)
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
         raise UserError(
             f"{path}: the checkpoint's pickle has a structure patchcore-trt does not read "
             f"({detail[0] if detail else 'unreadable'}); use the .ckpt file anomalib saved"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
-        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except UserError:
+        raise
+    except Exception as exc:  # torch's loader raises many types on a damaged file; each means the same to the user
+        first_line = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: the checkpoint is truncated or corrupt ({first_line}); copy it again") from None
 
 
@@ -126,37 +140,6 @@ def _precision(path: Path, hyper: dict[str, Any]) -> None:
         )
 
 
-def _leaves(
-    path: Path,
-    reading: Reading,
-    hyper: dict[str, Any],
-    bank: torch.Tensor,
-    network: torch.nn.Module | None,
-    image_size: tuple[int, int] | None,
-    version: str | None,
-) -> tuple[list[Leaf], Written]:
-    written = reading.written
-    check_version(path, written, version)
-    if reading.leaves is not None:
-        return reading.leaves, written
-    if written.layout == LAYOUT_27:
-        if image_size is None:
-            raise UserError(
-                f"{path}: the checkpoint records no pre-processor transform (anomalib 2.7 saves none for a transform "
-                "it cannot store safely, or a custom pre-processor); pass --image-size HxW if the model used "
-                "anomalib's default Resize to that size with ImageNet normalisation"
-            )
-        normalize = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-        return [("Resize", {"size": list(image_size)}), ("Normalize", normalize)], written
-    if written.low == (2, 0) and written.high == (2, 2):
-        ratio = hyper.get("coreset_sampling_ratio", 0.1)
-        if network is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise UserError(f"{path}: cannot tell anomalib 2.0 from 2.1-2.2 (no usable backbone or coreset ratio)")
-        rows = int(bank.shape[0])
-        written = resolve_default_release(path, written, rows, float(ratio), checks.patches_at(network), version)
-    return default_leaves(written), written
-
-
 def _raise_problems(path: Path, problems: list[str]) -> None:
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
@@ -184,6 +167,13 @@ def read_checkpoint(
     """
     path = Path(path)
     raw = _load_raw(path, trust_pickled_code)
+    try:
+        return _interpret(path, raw, image_size, anomalib_version)
+    except RecursionError:  # only a crafted file nests transforms or values this deep
+        raise UserError(f"{path}: the checkpoint nests its objects too deeply to be one anomalib saved") from None
+
+
+def _interpret(path: Path, raw: Any, image_size: tuple[int, int] | None, anomalib_version: str | None) -> PatchCoreSpec:
     state = _state(path, raw)
     problems: list[str] = []
     hyper = raw.get("hyper_parameters", {})
@@ -204,7 +194,11 @@ def read_checkpoint(
     taps = checks.separable_taps(state.get(BLUR_KERNEL_KEY), problems)
     if reading.leaves is None:  # the release's default transform is settled from values that must be sound
         _raise_problems(path, problems)
-    leaves, written = _leaves(path, reading, hyper, bank, network, image_size, anomalib_version)
+    patches_at = checks.patches_at(network) if network is not None else None
+    ratio = hyper.get("coreset_sampling_ratio", 0.1)
+    leaves, written = settle_transform(
+        path, reading, image_size, int(bank.shape[0]), ratio, patches_at, anomalib_version
+    )
     preprocess = checks.preprocess(path, leaves, image_size, problems)
     _raise_problems(path, problems)
     if not (backbone and layers and num_neighbors and preprocess) or taps is None:  # each None came with a problem
@@ -239,7 +233,8 @@ def write_checkpoint(spec: PatchCoreSpec, path: Path | str) -> Path:
             range).
     """
     post = spec.postprocess
-    if post.threshold_inclusive or post.zero_range != 0.5:
+    rules = LAYOUTS[LAYOUT_27]
+    if post.threshold_inclusive != rules.threshold_inclusive or post.zero_range != rules.zero_range:
         raise ValueError("the anomalib 2.7 layout records 2.7's post-processing rules only")
     taps = spec.blur_kernel.float()
     state = {BACKBONE_PREFIX + key: value for key, value in spec.backbone_state.items()}

@@ -5,6 +5,7 @@ traceback later in timm, torch or the exporter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from patchcore_trt.artifact import MAX_SIDE, MIN_SIDE
 from patchcore_trt.errors import UserError
 from patchcore_trt.layouts import Leaf, Reading, shown
 from patchcore_trt.spec import Postprocess, Preprocess
@@ -38,14 +40,20 @@ def model_fields(hyper: dict[str, Any], problems: list[str]) -> tuple[str | None
 
 def meta_backbone(backbone: str, layers: tuple[str, ...], problems: list[str]) -> torch.nn.Module | None:
     """timm's network with shapes only (no memory, no weights): what the weights and the bank must fit."""
-    from patchcore_trt.model import create_backbone
-
     try:
-        with torch.device("meta"):
-            return create_backbone(backbone, layers)
+        return _meta_network(backbone, layers)
     except UserError as exc:
         problems.append(str(exc))
         return None
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_network(backbone: str, layers: tuple[str, ...]) -> torch.nn.Module:
+    """Built once per (backbone, layers): it holds no values, and only its shapes are read."""
+    from patchcore_trt.model import create_backbone
+
+    with torch.device("meta"):
+        return create_backbone(backbone, layers)
 
 
 def check_weights(
@@ -60,6 +68,13 @@ def check_weights(
     details += [f"{key} is {found[key]} here, {expected[key]} in timm" for key in shapes]
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
     details += [f"missing {missing[:3]}"] * bool(missing) + [f"unexpected {unexpected[:3]}"] * bool(unexpected)
+    broken = [
+        key
+        for key, value in weights.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if broken:
+        problems.append(f"the backbone weights hold NaN or infinite values ({', '.join(broken[:3])})")
     if details:
         more = f" and {len(details) - 2} more" if len(details) > 2 else ""
         problems.append(
@@ -88,9 +103,15 @@ def _size(value: Any, what: str, problems: list[str], *, square_from_int: bool) 
     if square_from_int and (isinstance(value, int) or (isinstance(value, (list, tuple)) and len(value) == 1)):
         value = [value, value] if isinstance(value, int) else [value[0], value[0]]
     if isinstance(value, (list, tuple)) and len(value) == 2 and all(type(side) is int for side in value):
-        if min(value) > 0:
+        if min(value) <= 0:
+            problems.append(f"the pre-processor's {what} size {list(value)} is not positive")
+        elif min(value) < MIN_SIDE or max(value) > MAX_SIDE:
+            problems.append(
+                f"the pre-processor's {what} size {list(value)} is outside {MIN_SIDE}..{MAX_SIDE}, the sides an "
+                "exported model takes"
+            )
+        else:
             return int(value[0]), int(value[1])
-        problems.append(f"the pre-processor's {what} size {list(value)} is not positive")
         return None
     problems.append(f"the pre-processor's {what} size is {shown(value)}, expected [height, width]")
     return None
@@ -121,7 +142,7 @@ def preprocess(
                 isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)
                 for v in (mean, std)
             )
-            if not numbers or not all(x > 0 for x in std):
+            if not numbers or not all(math.isfinite(x) for x in (*mean, *std)) or not all(x > 0 for x in std):
                 problems.append(f"the pre-processor's Normalize has mean {mean!r}, std {std!r}: expected 3 numbers")
             else:
                 fields.update(mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
@@ -152,7 +173,10 @@ def _stat(state: dict[str, Any], key: str, problems: list[str]) -> float:
         seen = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else shown(value)
         problems.append(f"{key} is {seen}, expected one floating-point number")
         return math.nan
-    return float(value.reshape(-1)[0])
+    number = float(value.reshape(-1)[0])
+    if math.isinf(number):  # anomalib's statistics are minima, maxima and thresholds of real scores
+        problems.append(f"{key} is {number}, expected a finite number")
+    return number
 
 
 def _switch(switches: dict[str, Any], key: str, default: Any, problems: list[str]) -> Any:
@@ -168,16 +192,17 @@ def _switch(switches: dict[str, Any], key: str, default: Any, problems: list[str
 def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: list[str]) -> Postprocess:
     """The statistics and switches, resolved exactly as the release's PostProcessor does at inference."""
     before = len(problems)
-    values = {field: _stat(state, key, problems) for field, key in reading.stat_keys.items()}
+    layout = reading.layout
+    values = {field: _stat(state, key, problems) for field, key in layout.stat_keys.items()}
     stats = {name: values[name] for name in ("image_min", "image_max", "pixel_min", "pixel_max")}
-    if reading.threshold_inclusive:  # 1.x: min-max normalisation with the module's own thresholds
+    if layout.min_max_1x:
         if len(problems) == before and not all(math.isfinite(value) for value in values.values()):
             raise UserError(
                 f"{path}: the anomalib 1.x checkpoint has no min-max statistics or thresholds (its normalization "
                 "method was not min_max, or it was never validated); patchcore-trt reproduces anomalib 1.x's min-max "
                 "inference only: validate it with normalization_method min_max and save it again"
             )
-        return Postprocess(**values, threshold_inclusive=True, zero_range=reading.zero_range)
+        return Postprocess(**values, threshold_inclusive=layout.threshold_inclusive, zero_range=layout.zero_range)
     switches = reading.switches
     normalize = _switch(switches, "enable_normalization", True, problems)
     matching = _switch(switches, "enable_threshold_matching", True, problems)
@@ -192,10 +217,15 @@ def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: l
             pixel_threshold if math.isnan(image_threshold) else image_threshold,
             image_threshold if math.isnan(pixel_threshold) else pixel_threshold,
         )
-    if normalize and len(problems) == before and any(math.isnan(value) for value in stats.values()):
+    unset = [layout.stat_keys[name] for name, value in stats.items() if math.isnan(value)]
+    if normalize and len(problems) == before and len(unset) == len(stats):
         raise UserError(
             f"{path}: the checkpoint has no normalisation statistics (it was never validated); "
             "run anomalib's Engine.fit with a validation split, or Engine.validate, and save it again"
+        )
+    if normalize and len(problems) == before and unset and len(unset) < len(stats):  # validation sets all four together
+        problems.append(
+            f"{', '.join(unset)} {'is' if len(unset) == 1 else 'are'} NaN while the other statistics are set"
         )
     # PostProcessor._normalize normalises around the midpoint of min and max when no threshold was learned.
     if math.isnan(image_threshold):
@@ -208,7 +238,8 @@ def postprocess(path: Path, state: dict[str, Any], reading: Reading, problems: l
         image_sensitivity=float(_switch(switches, "image_sensitivity", 0.5, problems)),
         pixel_sensitivity=float(_switch(switches, "pixel_sensitivity", 0.5, problems)),
         normalize=normalize,
-        zero_range=reading.zero_range,
+        threshold_inclusive=layout.threshold_inclusive,
+        zero_range=layout.zero_range,
         **stats,
     )
 

@@ -127,6 +127,13 @@ def self_check(path: Path, model: PatchCoreDeploy, *, seed: int = 0) -> list[Sha
     return checks
 
 
+def check_opset(opset: int) -> None:
+    """UserError for an opset the exporter does not write."""
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"opset {opset} is not supported: patchcore-trt exports opset {MIN_OPSET} to {newest}")
+
+
 def export_onnx(
     spec: PatchCoreSpec,
     path: Path | str,
@@ -136,9 +143,7 @@ def export_onnx(
     check: bool = True,
 ) -> tuple[Path, list[ShapeCheck]]:
     """Export ``spec`` to ONNX at ``path``; return the path and the self-check results (empty if not checked)."""
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise UserError(f"opset {opset} is not supported: patchcore-trt exports opset {MIN_OPSET} to {newest}")
+    check_opset(opset)
     path = Path(path)
     model = PatchCoreDeploy(spec, map_at_input_size=map_at_input_size).eval()
     proto = _torch_export(model, opset)

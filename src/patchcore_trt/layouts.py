@@ -17,6 +17,8 @@ No release writes its own version, so the release is read from the layout (``Wri
 from __future__ import annotations
 
 import math
+import re
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,23 +91,80 @@ class Written:
 
 
 @dataclass(frozen=True)
+class Layout:
+    """What one checkpoint layout means, everything that differs between layouts in one place.
+
+    Attributes:
+        name: The layout, by the releases that write it.
+        stat_keys: Postprocess field -> state_dict key of the statistics and thresholds.
+        min_max_1x: The statistics are anomalib 1.x's min-max normalisation with the module's own thresholds (no
+            PostProcessor and no switches); otherwise anomalib 2.x's PostProcessor with its switches.
+        threshold_inclusive: A value at the threshold is anomalous (see Postprocess).
+        zero_range: The normalised value at the threshold when max == min (see Postprocess).
+        transform_default: What applies when the file records no transform: "release" (that release's default
+            pre-processor) or "image size" (none can be known: the user gives the size, ImageNet normalisation).
+        own_loader: anomalib's installed loader reproduces this layout's releases (so verify compares with it);
+            otherwise anomalib's module is built from the file as read.
+    """
+
+    name: str
+    stat_keys: dict[str, str]
+    min_max_1x: bool
+    threshold_inclusive: bool
+    zero_range: float
+    transform_default: str
+    own_loader: bool
+
+
+LAYOUTS = {
+    # anomalib 1.x labels raw >= threshold and divides by max - min, so the threshold is 0/0 when they are equal.
+    LAYOUT_1X: Layout(LAYOUT_1X, _STATS_1X, min_max_1x=True, threshold_inclusive=True, zero_range=math.nan,
+                      transform_default="release", own_loader=False),
+    # Before 2.7 the PostProcessor divides by max - min unguarded: 0/0 at the threshold when they are equal.
+    LAYOUT_2X: Layout(LAYOUT_2X, _STATS_2X, min_max_1x=False, threshold_inclusive=False, zero_range=math.nan,
+                      transform_default="release", own_loader=False),
+    # 2.7's PostProcessor._normalize returns 0.5 at the threshold when max == min.
+    LAYOUT_27: Layout(LAYOUT_27, _STATS_2X, min_max_1x=False, threshold_inclusive=False, zero_range=0.5,
+                      transform_default="image size", own_loader=True),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Reading:
     """What a layout says about pre- and post-processing, before the values are checked (checkpoint.py)."""
 
     written: Written
-    leaves: list[Leaf] | None  # None: the layout records no transform (checkpoint.py decides)
+    leaves: list[Leaf] | None  # None: the layout records no transform (settle_transform decides)
     switches: dict[str, Any]  # the PostProcessor's settings
-    stat_keys: dict[str, str]  # Postprocess field -> state_dict key
-    threshold_inclusive: bool  # anomalib 1.x: a value at the threshold is anomalous
-    zero_range: float  # the normalised value at the threshold when max == min
+
+    @property
+    def layout(self) -> Layout:
+        return LAYOUTS[self.written.layout]
+
+
+def layout_of(written_by: str) -> Layout:
+    """The layout of a spec's ``written_by`` ('anomalib 2.3-2.6', 'anomalib 2.7+', ...), from its first release."""
+    release = written_by.removeprefix("anomalib ").split("-")[0].rstrip("+")
+    version = parse_version(release.removesuffix(".x"))
+    for written in _RANGES:
+        if written.admits(version):
+            return LAYOUTS[written.layout]
+    raise ValueError(f"no anomalib layout is written by {written_by!r}")
+
+
+_RANGES = (
+    Written(LAYOUT_1X, (1, 0), (1, 2), ""),
+    Written(LAYOUT_2X, (2, 0), (2, 6), ""),
+    Written(LAYOUT_27, (2, 7), None, ""),
+)
 
 
 def parse_version(text: str) -> tuple[int, int]:
-    """'2.0.0' or '2.1' -> (2, 0) / (2, 1); UserError for anything else."""
-    parts = text.strip().split(".")
-    if len(parts) < 2 or not all(part.isdigit() for part in parts[:2]):
+    """'2.0.0' or '2.1' -> (2, 0) / (2, 1); UserError for anything else (superscripts are digits to str.isdigit)."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(\.\S*)?", text.strip(), re.ASCII)
+    if match is None:
         raise UserError(f"{VERSION_OPTION} {text!r} is not a release number like 2.0.0; give the anomalib release")
-    return int(parts[0]), int(parts[1])
+    return int(match[1]), int(match[2])
 
 
 def pickled_module(hyper: dict[str, Any]) -> Any:
@@ -118,12 +177,34 @@ def pickled_module(hyper: dict[str, Any]) -> Any:
     return None
 
 
+def _markers(raw: dict[str, Any], state: dict[str, Any], hyper: dict[str, Any]) -> dict[str, str]:
+    """layout -> the marker only that layout's releases write, for each layout whose marker the file carries."""
+    found = {}
+    if any(key in raw for key in CONFIG_KEYS):
+        found[LAYOUT_27] = "plain-data component configs (anomalib_*_config keys, added in 2.7)"
+    if any(key.startswith(("image_threshold.", "normalization_metrics.")) for key in state):
+        found[LAYOUT_1X] = "image_threshold.value / normalization_metrics.* in the state_dict"
+    if any(is_object(hyper.get(key)) for key in ("pre_processor", "post_processor")):  # 2.7 pickles neither
+        found[LAYOUT_2X] = "a pickled PreProcessor / PostProcessor in hyper_parameters (2.0-2.6)"
+    if LAYOUT_1X in found and any(key.startswith(POST_PREFIX) for key in state):
+        found.setdefault(LAYOUT_2X, "PostProcessor buffers (post_processor.*, written by 2.0 and later)")
+    return found
+
+
 def detect(path: Path, raw: dict[str, Any], state: dict[str, Any], hyper: dict[str, Any]) -> Written:
     """The layout and release range, from markers no other release writes (anomalib source, per release)."""
-    if any(key in raw for key in CONFIG_KEYS):
-        return Written(LAYOUT_27, (2, 7), None, "plain-data component configs (anomalib_*_config keys, added in 2.7)")
-    if any(key.startswith(("image_threshold.", "normalization_metrics.")) for key in state):
-        return Written(LAYOUT_1X, (1, 0), (1, 2), "image_threshold.value / normalization_metrics.* in the state_dict")
+    markers = _markers(raw, state, hyper)
+    if len(markers) > 1:
+        (first, why_first), (second, why_second) = list(markers.items())[:2]
+        raise UserError(
+            f"{path}: the file carries markers of two anomalib layouts that no release writes together: {why_first} "
+            f"(anomalib {first}) and {why_second} (anomalib {second}); it was edited or assembled from two files: "
+            "use the .ckpt file anomalib saved"
+        )
+    if LAYOUT_27 in markers:
+        return Written(LAYOUT_27, (2, 7), None, markers[LAYOUT_27])
+    if LAYOUT_1X in markers:
+        return Written(LAYOUT_1X, (1, 0), (1, 2), markers[LAYOUT_1X])
     if not any(key.startswith(POST_PREFIX) for key in state) and "pre_processor" not in hyper:
         raise UserError(
             f"{path}: not a checkpoint of anomalib 1.0 to 2.7 (no post-processor statistics and no pre-processor "
@@ -252,7 +333,7 @@ def leaves_from_spec(spec: Any, problems: list[str]) -> list[Leaf]:
 
 def shown(value: Any) -> str:
     """A value as a message shows it: its type and the start of its repr."""
-    text = repr(value)
+    text = reprlib.repr(value)  # depth-limited: a crafted file may nest containers a million deep
     return f"{type(value).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
 
 
@@ -315,14 +396,10 @@ def read_layout(
         config = _dict_at(raw, "anomalib_pre_processor_config", problems)
         transform = config.get("transform")
         leaves = leaves_from_spec(transform, problems) if transform is not None else None
-        switches = _dict_at(raw, "anomalib_post_processor_config", problems)
-        # 2.7's PostProcessor._normalize returns 0.5 at the threshold when max == min.
-        return Reading(written, leaves, switches, _STATS_2X, threshold_inclusive=False, zero_range=0.5)
+        return Reading(written, leaves, _dict_at(raw, "anomalib_post_processor_config", problems))
     if written.layout == LAYOUT_1X:
         transform = raw.get("transform")
-        leaves = leaves_from_objects(transform) if transform is not None else default_leaves(written)
-        # 1.x divides by max - min, so the threshold itself becomes 0/0 when they are equal.
-        return Reading(written, leaves, {}, _STATS_1X, threshold_inclusive=True, zero_range=math.nan)
+        return Reading(written, leaves_from_objects(transform) if transform is not None else None, {})
     pre_processor = _component(path, hyper, "pre_processor", PRE_PROCESSOR)
     leaves = None
     if pre_processor is not None:
@@ -337,6 +414,38 @@ def read_layout(
             )
         leaves = _with_training_antialias(leaves_from_objects(transform), training)
     post_processor = _component(path, hyper, "post_processor", POST_PROCESSOR)
-    switches = _switches_of(post_processor) if post_processor is not None else {}
-    # Before 2.7 the PostProcessor divides by max - min unguarded: 0/0 at the threshold when they are equal.
-    return Reading(written, leaves, switches, _STATS_2X, threshold_inclusive=False, zero_range=math.nan)
+    return Reading(written, leaves, _switches_of(post_processor) if post_processor is not None else {})
+
+
+def settle_transform(
+    path: Path,
+    reading: Reading,
+    image_size: tuple[int, int] | None,
+    bank_rows: int,
+    ratio: Any,
+    patches_at: Callable[[tuple[int, int]], int] | None,
+    version: str | None,
+) -> tuple[list[Leaf], Written]:
+    """The transform the model ran with and the releases that wrote the file, once its values are known sound.
+
+    ``ratio``: hyper_parameters.coreset_sampling_ratio; ``patches_at``: patches per image at a model size (None
+    when the backbone is unusable). Both only tell 2.0 from 2.1-2.2 when a file records no transform.
+    """
+    written = reading.written
+    check_version(path, written, version)
+    if reading.leaves is not None:
+        return reading.leaves, written
+    if reading.layout.transform_default == "image size":
+        if image_size is None:
+            raise UserError(
+                f"{path}: the checkpoint records no pre-processor transform (anomalib {written.release} saves none "
+                "for a transform it cannot store safely, or a custom pre-processor); pass --image-size HxW if the "
+                "model used anomalib's default Resize to that size with ImageNet normalisation"
+            )
+        normalize = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+        return [("Resize", {"size": list(image_size)}), ("Normalize", normalize)], written
+    if written.low == (2, 0) and written.high == (2, 2):
+        if patches_at is None or isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise UserError(f"{path}: cannot tell anomalib 2.0 from 2.1-2.2 (no usable backbone or coreset ratio)")
+        written = resolve_default_release(path, written, bank_rows, float(ratio), patches_at, version)
+    return default_leaves(written), written

@@ -219,15 +219,11 @@ def pickled_globals(path: Path) -> list[str]:
     return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
 
 
-def safe_load(path: Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with the inert stand-ins; UnknownGlobalsError for any other global.
-
-    Tensors are memory-mapped, so what the caller does not touch (a 2.0.x module's training embeddings, the
-    pickled module's copies of the weights) is never read into memory.
+def allowed_globals(path: Path) -> list[Any]:
+    """What each global the pickle names resolves to (torch's defaults aside), read from its opcodes only.
 
     Raises:
         UnknownGlobalsError: names the pickle uses that are not stood in.
-        pickle.UnpicklingError: the structure is not one weights_only can build (message from torch).
     """
     allowed: list[Any] = list(NUMPY_GLOBALS)
     unknown = []
@@ -241,7 +237,20 @@ def safe_load(path: Path) -> dict[str, Any]:
             allowed.append((target, name))
     if unknown:
         raise UnknownGlobalsError(unknown)
-    with torch.serialization.safe_globals(allowed):
+    return allowed
+
+
+def safe_load(path: Path, allowed: list[Any] | None = None) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with the inert stand-ins (``allowed``: ``allowed_globals(path)``).
+
+    Tensors are memory-mapped, so what the caller does not touch (a 2.0.x module's training embeddings, the
+    pickled module's copies of the weights) is never read into memory.
+
+    Raises:
+        UnknownGlobalsError: names the pickle uses that are not stood in.
+        pickle.UnpicklingError: the structure is not one weights_only can build (message from torch).
+    """
+    with torch.serialization.safe_globals(allowed_globals(path) if allowed is None else allowed):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from patchcore_trt.checkpoint import post_processor_buffers
 from patchcore_trt.errors import MissingDependencyError, UserError
+from patchcore_trt.layouts import layout_of
 from patchcore_trt.model import DeployOutput
 from patchcore_trt.spec import PatchCoreSpec, Postprocess
 
@@ -105,7 +106,7 @@ class AnomalibReference:
         loader; every other file (older layouts, or pickled objects the user had to trust) is anomalib's module
         built from the checkpoint as read. No Lightning error reaches the user: a loader failure is one line.
         """
-        if spec.written_by.startswith("anomalib 2.7") and not trust_pickled_code:
+        if layout_of(spec.written_by).own_loader and not trust_pickled_code:
             try:
                 return cls.from_checkpoint(checkpoint)
             except MissingDependencyError:

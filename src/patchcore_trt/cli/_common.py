@@ -44,7 +44,16 @@ def trust_option() -> typer.models.OptionInfo:
 
 def version_option() -> typer.models.OptionInfo:
     """``--anomalib-version``: the release that trained a checkpoint, where the file cannot tell."""
-    return typer.Option(None, "--anomalib-version", help=VERSION_HELP)
+    return typer.Option(None, "--anomalib-version", help=VERSION_HELP, callback=_release)
+
+
+def _release(text: str | None) -> str | None:
+    """A malformed release is answered while the command line is parsed, before any checkpoint is read."""
+    if text is not None:
+        from patchcore_trt.layouts import parse_version
+
+        parse_version(text)
+    return text
 
 
 def summary_console(*outputs: Path | None) -> Console:

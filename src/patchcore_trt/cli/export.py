@@ -49,10 +49,11 @@ def export_command(
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: {'is a folder' if checkpoint.is_dir() else 'no such file'}")
     size = parse_size(image_size)
-    # torch loads only once the cheap checks have passed, the exporter once the checkpoint has: a typo is answered
-    # at once.
+    # torch loads only once the cheap checks have passed; the opset is checked before the checkpoint is read.
     from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.export import check_opset, export_onnx
 
+    check_opset(opset)
     with step(f"reading {checkpoint}"):
         spec = read_checkpoint(
             checkpoint, trust_pickled_code=trust_pickled_code, image_size=size, anomalib_version=anomalib_version
@@ -62,8 +63,6 @@ def export_command(
         f"  {spec.backbone} {list(spec.layers)}, bank {spec.bank_size} x {spec.embedding_dim}, "
         f"k={spec.num_neighbors}, model size {spec.preprocess.model_size}",
     )
-    from patchcore_trt.export import export_onnx
-
     target = output_dir / f"{name}.onnx"
     with step(f"exporting {target}"):
         path, checks = export_onnx(spec, target, map_at_input_size=map_at_input_size, opset=opset, check=check)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -21,6 +23,9 @@ from patchcore_trt.cli._common import (
     warn,
 )
 from patchcore_trt.errors import UserError
+
+if TYPE_CHECKING:
+    from patchcore_trt.spec import PatchCoreSpec
 
 
 @app.command("verify")
@@ -60,6 +65,8 @@ def verify_command(
 
     # Read safely first: a checkpoint that pickles code is refused here, before anomalib sees it.
     spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
+    if onnx_path is not None:
+        _check_same_source(onnx_path, checkpoint, spec)
     paths, _ = collect_images(inputs)
     images, used, skipped = [], [], []
     for path in paths[:limit]:
@@ -100,6 +107,28 @@ def verify_command(
         write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
     if not all(row.passed for row in rows if row.checked):
         raise typer.Exit(1)
+
+
+def _check_same_source(onnx_path: Path, checkpoint: Path, spec: PatchCoreSpec) -> None:
+    """The graph records the SHA-256 of the checkpoint it was exported from; from another file it must still
+    compute this checkpoint's model (a copy saved again with the same model verifies), or it is refused."""
+    from patchcore_trt.artifact import read_onnx_metadata
+    from patchcore_trt.export import build_metadata
+
+    metadata = read_onnx_metadata(onnx_path)
+    recorded = metadata.source_checkpoint.get("sha256", "")
+    if not recorded or recorded == spec.source_sha256:
+        return
+    expected = build_metadata(spec, map_at_input_size=metadata.map_at_input_size)
+    fields = ("backbone", "layers", "bank_size", "embedding_dim", "num_neighbors", "model_size", "transform")
+    differ = [name for name in (*fields, "postprocess") if json.dumps(getattr(metadata, name), sort_keys=True)
+              != json.dumps(getattr(expected, name), sort_keys=True)]  # fmt: skip
+    if differ:
+        raise UserError(
+            f"{onnx_path} was exported from another checkpoint (SHA-256 {recorded}) than {checkpoint} (SHA-256 "
+            f"{spec.source_sha256}) and computes another model ({', '.join(differ)} differ); give the ONNX exported "
+            "from this checkpoint, or leave --onnx out to export one now"
+        )
 
 
 def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, skipped, started) -> None:

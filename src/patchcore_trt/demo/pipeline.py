@@ -9,13 +9,13 @@ import numpy as np
 
 from patchcore_trt.artifact import read_onnx_metadata
 from patchcore_trt.checkpoint import read_checkpoint
-from patchcore_trt.demo.data import make_synthetic_dataset
 from patchcore_trt.demo.training import TrainSettings, train_patchcore
 from patchcore_trt.export import export_onnx
 from patchcore_trt.html_report import ReportData, metadata_rows, sheet_of_predictions, write_html_report
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.report import write_json
 from patchcore_trt.steps import Step, quiet
+from patchcore_trt.synthetic_data import make_synthetic_dataset
 from patchcore_trt.verify import FOOTNOTE, BackendParity, backend_parity, table_rows
 from patchcore_trt.visuals import save_visuals
 

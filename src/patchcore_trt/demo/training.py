@@ -15,8 +15,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from patchcore_trt.demo.data import SyntheticDataset
 from patchcore_trt.errors import MissingDependencyError
+from patchcore_trt.synthetic_data import SyntheticDataset
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 _RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
