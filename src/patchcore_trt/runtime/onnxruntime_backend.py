@@ -21,7 +21,11 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, artifact: Path, *, device: str = "cpu", threads: int = 0, qdq_fusion: bool = True) -> None:
         super().__init__(artifact, device)
         self.postprocess = read_onnx_metadata(artifact).postprocess
-        config = {} if qdq_fusion else {"session.disable_quant_qdq": "1"}
+        # Idle intra-op threads sleep instead of spinning: predict decodes the next images on the same cores while
+        # a batch runs, and spinning workers starved those decoders (11 against 15 img/s end to end on 2 cores).
+        config = {"session.intra_op.allow_spinning": "0"}
+        if not qdq_fusion:
+            config["session.disable_quant_qdq"] = "1"
         self.session = ort_session(artifact, device=device, threads=threads, config=config)
 
     def _infer(self, images: np.ndarray) -> Prediction:
