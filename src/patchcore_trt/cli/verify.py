@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -114,6 +113,7 @@ def _check_same_source(onnx_path: Path, checkpoint: Path, spec: PatchCoreSpec) -
     compute this checkpoint's model (a copy saved again with the same model verifies), or it is refused."""
     from patchcore_trt.artifact import read_onnx_metadata
     from patchcore_trt.export import build_metadata
+    from patchcore_trt.report import to_json
 
     metadata = read_onnx_metadata(onnx_path)
     recorded = metadata.source_checkpoint.get("sha256", "")
@@ -121,8 +121,11 @@ def _check_same_source(onnx_path: Path, checkpoint: Path, spec: PatchCoreSpec) -
         return
     expected = build_metadata(spec, map_at_input_size=metadata.map_at_input_size)
     fields = ("backbone", "layers", "bank_size", "embedding_dim", "num_neighbors", "model_size", "transform")
-    differ = [name for name in (*fields, "postprocess") if json.dumps(getattr(metadata, name), sort_keys=True)
-              != json.dumps(getattr(expected, name), sort_keys=True)]  # fmt: skip
+    differ = [
+        name
+        for name in (*fields, "postprocess")
+        if to_json(getattr(metadata, name), indent=None) != to_json(getattr(expected, name), indent=None)
+    ]
     if differ:
         raise UserError(
             f"{onnx_path} was exported from another checkpoint (SHA-256 {recorded}) than {checkpoint} (SHA-256 "
