@@ -408,9 +408,14 @@ def _interrupt_when(process: subprocess.Popen, ready: callable, limit: float = 1
 
 
 def _popen(*args: object) -> subprocess.Popen:
+    """The command as a user's terminal starts it: Ctrl-C (SIGINT) delivered, even when this suite runs as a
+    background job (a shell starts those with SIGINT ignored, and Python then never raises KeyboardInterrupt)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "patchcore_trt", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
 
 
 def test_predict_memory_stays_flat_over_many_images(resnet18_onnx, dataset, tmp_path):
