@@ -4,15 +4,10 @@ model on the CPU against the FP32 deploy model. Fresh random inputs everywhere; 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from interpreter import run_kernels
 from torch import nn
 
 from patchcore_trt.demo.synthetic_model import gaussian_taps, synthetic_spec, texture_images
@@ -22,9 +17,6 @@ from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, fuse_resnet
 from patchcore_trt.gpu.knn import BankIndex, nearest
 from patchcore_trt.model import AnomalyMap, MemoryBankSearch, PatchCoreDeploy, create_backbone
 from patchcore_trt.runtime import backend_names
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
@@ -148,20 +140,6 @@ print("offsets agree")
 """
 
 
-def run_kernels(code: str, marker: str) -> None:
-    """Run ``code`` on the GPU where there is one (compiled kernels), else in Triton's CPU interpreter (which
-    must be enabled before triton is imported, so in a fresh process)."""
-    pytest.importorskip("triton")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
-    if device == "cpu":
-        env["TRITON_INTERPRET"] = "1"
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code), device], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0 and marker in result.stdout, result.stderr[-3000:]
-
-
 def test_triton_kernels_match_their_torch_specification():
     """The real kernels on odd sizes and planted ties: candidates, finish and scan against their torch
     specifications, the whole exact search and the neighbour table against the FP32 search."""
@@ -214,11 +192,11 @@ def test_networks_other_than_plain_resnets_are_not_fused():
     assert fuse_resnet(unfolded) is unfolded
 
 
-def _no_fused_engine(self, x):
+def _no_fused_engine(self, x, tolerance):
     raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED")
 
 
-@pytest.mark.parametrize("check", [lambda self, x: False, _no_fused_engine], ids=["disagrees", "no engine"])
+@pytest.mark.parametrize("check", [lambda self, x, tolerance: False, _no_fused_engine], ids=["disagrees", "no engine"])
 def test_a_disagreeing_fused_backbone_falls_back(spec, monkeypatch, check):
     """Fused convolutions that disagree with the plain walk, or that cuDNN cannot run, cost speed only."""
     model = FastPatchCore(spec, backbone_dtype="bf16")

@@ -1,12 +1,15 @@
 """FastPatchCore: the deploy model's function, re-planned for a GPU. model.PatchCoreDeploy is its reference.
 
 What changes, and why it keeps the outputs:
-- the backbone runs in FP16, BF16, TF32 or FP32 (``backbone_dtype``), channels-last, each BatchNorm folded into
-  the convolution before it and, for timm ResNets on the tensor cores, bias, ReLU and residual add inside
-  the convolution (fused_resnet.py); pooling, upsampling and everything after the backbone stay in FP32;
-- the FP32 backbone (exact mode) calls cuDNN with its flags per call (``ExactConv2d``): IEEE FP32, no TF32,
-  deterministic algorithms from cuDNN's heuristics instead of timing-based autotuning, so the algorithm is
-  the same in every process on a given GPU and cuDNN, whatever process-wide flags a host sets;
+- the backbone runs in FP16, BF16, TF32 or FP32 (``backbone_dtype``), each BatchNorm folded into the
+  convolution before it and, for timm ResNets, bias, ReLU and residual add fused (fused_resnet.py): inside
+  cuDNN's convolution on the tensor cores, in channels-last; pooling, upsampling and everything after the
+  backbone stay in FP32;
+- the FP32 backbone (exact mode) runs in NCHW, cuDNN's FP32 layout (in channels-last each convolution was
+  wrapped in two transposes), and calls cuDNN with its flags per call (fused_resnet.exact_conv): IEEE FP32,
+  no TF32, deterministic algorithms from cuDNN's heuristics instead of timing-based autotuning, so the
+  algorithm is the same in every process on a given GPU and cuDNN, whatever process-wide flags a host sets;
+  bias, residual and ReLU follow in one Triton pass with the bits of the separate passes;
 - the nearest-neighbour search is knn.nearest: FP16 tensor-core candidates, then an FP32 re-rank certified
   to be anomalib's FP32 search (``exact``), or not (``fast``); the argmax patch of each image, whose bank row
   picks the support set, is searched again over the whole bank in FP32;
@@ -34,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torch.profiler import record_function
 
-from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, fuse_resnet
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, conv_act, exact_conv_act, fuse_resnet
 from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest, rescan
 from patchcore_trt.model import DeployOutput, PatchCoreDeploy
 from patchcore_trt.spec import PatchCoreSpec
@@ -66,15 +69,13 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
 
 class ExactConv2d(nn.Conv2d):
-    """nn.Conv2d that, on CUDA, asks cuDNN for IEEE FP32 (no TF32), no benchmarking and a deterministic
-    algorithm in the call itself (``torch.cudnn_convolution``'s arguments), not through ``torch.backends``."""
+    """nn.Conv2d that, on CUDA, runs fused_resnet.exact_conv_act: IEEE FP32 (no TF32), no benchmarking and a
+    deterministic algorithm asked for in the call itself, not through ``torch.backends``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super().forward(x)
-        geometry = (self.padding, self.stride, self.dilation, self.groups)
-        out = torch.cudnn_convolution(x, self.weight, *geometry, False, True, False)  # benchmark, deterministic, tf32
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+        return exact_conv_act(self, x, relu=False)
 
 
 def exact_convolutions(module: nn.Module) -> nn.Module:
@@ -152,18 +153,19 @@ class FastPatchCore(PatchCoreDeploy):
         self.dtype = BACKBONE_DTYPES[backbone_dtype]
         self.preprocess.to(device)
         backbone = fold_batchnorm(self.backbone)
-        # Fused convolutions pay on the tensor cores; cuDNN's FP32 fused engines are NCHW-only and were slower
-        # at batch 16 on an H100 (benchmarks/backbone_error.py), and wrong at batch 1 in NCHW.
-        backbone = fuse_resnet(backbone) if backbone_dtype != "fp32" else exact_convolutions(backbone)
-        self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=torch.channels_last)
+        # cuDNN's engines on the tensor cores are channels-last, its IEEE FP32 engines NCHW.
+        self.memory_format = torch.contiguous_format if backbone_dtype == "fp32" else torch.channels_last
+        fused = exact_conv_act if backbone_dtype == "fp32" else conv_act
+        backbone = fuse_resnet(exact_convolutions(backbone) if backbone_dtype == "fp32" else backbone, fused)
+        self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=self.memory_format)
         del self.search  # the deploy model's chunked FP32 search; the index below replaces it
         self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device, neighbours)
         self.anomaly_map = SeparableMap(spec.blur_kernel, spec.preprocess.model_size)
 
     def embed(self, normalized_images: torch.Tensor) -> torch.Tensor:
-        """[N, 3, h, w] float32 -> [N, D, gh, gw] float32 (channels-last): PatchCoreDeploy.embed, backbone in
-        ``backbone_dtype``, everything after it in FP32."""
-        features = self.backbone(normalized_images.to(self.dtype, memory_format=torch.channels_last))
+        """[N, 3, h, w] float32 -> [N, D, gh, gw] float32 (in ``memory_format``): PatchCoreDeploy.embed, backbone
+        in ``backbone_dtype``, everything after it in FP32."""
+        features = self.backbone(normalized_images.to(self.dtype, memory_format=self.memory_format))
         pooled = [self.pool(feature.float()) for feature in features]
         grid = pooled[0].shape[-2:]
         upsampled = [pooled[0]] + [F.interpolate(feature, size=grid, mode="bilinear") for feature in pooled[1:]]
@@ -174,15 +176,17 @@ class FastPatchCore(PatchCoreDeploy):
         """Fall back to the plain folded backbone if cuDNN's fused convolutions disagree with it on ``images``.
 
         Run once per new input shape, before capture: a fused engine that computes garbage for some shape (seen
-        for FP32 NCHW at batch 1), or that cuDNN cannot run for some shape (a RuntimeError), must cost speed, never
-        correctness.
+        for cuDNN's FP32 NCHW engines at batch 1), or that cuDNN cannot run for some shape (a RuntimeError), must
+        cost speed, never correctness. The FP32 walk must give the plain walk's values exactly: its convolutions
+        are the same calls, and its epilogue has the bits of the separate passes.
         """
         if not isinstance(self.backbone, FusedResNetFeatures):
             return
-        normalized = self.preprocess(images).to(self.dtype, memory_format=torch.channels_last)
+        normalized = self.preprocess(images).to(self.dtype, memory_format=self.memory_format)
+        tolerance = 0.0 if self.backbone_dtype == "fp32" else 1e-2
         try:
             with float32_matmul(conv_tf32=self.backbone_dtype == "tf32"):  # the engines forward will run
-                agrees = self.backbone.agrees_with_plain(normalized)
+                agrees = self.backbone.agrees_with_plain(normalized, tolerance)
         except RuntimeError:  # no fused engine for this shape: the plain walk has one
             agrees = False
         if not agrees:
@@ -224,7 +228,7 @@ class FastPatchCore(PatchCoreDeploy):
         with record_function("backbone+embed"):
             embedding = self.embed(normalized)
         batch, dim, grid_h, grid_w = embedding.shape
-        # Channels-last: this permute is a view, and patches is [N, P, D] without a copy.
+        # Channels-last: this permute is a view, and patches is [N, P, D] without a copy (NCHW: one copy).
         patches = embedding.permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, dim)
         with record_function("search"):
             distances, rows = nearest(patches.reshape(-1, dim), self.index, self.search_mode)

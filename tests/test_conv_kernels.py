@@ -1,0 +1,87 @@
+"""The backbone's Triton kernels (gpu/conv_triton.py) against their torch twins, on the CPU through Triton's
+interpreter (compiled on a GPU where there is one), and the FP32 backbone's fused walk against the plain one."""
+
+from __future__ import annotations
+
+import torch
+from interpreter import run_kernels
+
+from patchcore_trt.demo.synthetic_model import synthetic_spec
+from patchcore_trt.gpu.fast_model import FastPatchCore
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, exact_conv_act
+
+EPILOGUE_CHECK = """
+import sys
+import torch
+from patchcore_trt.gpu.conv_triton import epilogue
+device = sys.argv[1]
+generator = torch.Generator().manual_seed(0)
+
+def bits(tensor):
+    return tensor.contiguous().view(torch.int32)
+
+def activations(shape, layout):
+    values = torch.randn(shape, generator=generator) * 3
+    flat = values.view(-1)
+    # Values whose sum is exactly 0 (+0.0), negative zeros, NaN and infinities: the select must keep each.
+    special = torch.tensor([-0.0, 0.0, float("nan"), float("inf"), float("-inf"), 1e-45, -1e-45])
+    flat[: min(7, flat.numel())] = special[: flat.numel()]
+    return values.contiguous(memory_format=layout)
+
+checked = 0
+# Odd shapes: channels and pixels that fill no block, a tensor smaller than one block, one channel.
+for shape in [(3, 37, 7, 5), (1, 5, 1, 1), (2, 1, 9, 11), (2, 131, 13, 3)]:
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for residual_layout in (layout, torch.contiguous_format):
+            conv, residual = activations(shape, layout), activations(shape, residual_layout)
+            bias = torch.randn(shape[1], generator=generator)
+            bias[0] = -0.0
+            for with_bias in (True, False):
+                for with_residual in (True, False):
+                    for relu in (True, False):
+                        # Today's separate passes: conv + bias, x += shortcut, an in-place ReLU.
+                        want = conv + bias.view(1, -1, 1, 1) if with_bias else conv.clone()
+                        if with_residual:
+                            want += residual
+                        if relu:
+                            torch.relu_(want)
+                        got = epilogue(conv.to(device).clone(memory_format=torch.preserve_format),
+                                       bias.to(device) if with_bias else None,
+                                       residual.to(device) if with_residual else None, relu).cpu()
+                        assert got.stride() == conv.stride()
+                        assert torch.equal(bits(got), bits(want)), (shape, layout, with_bias, with_residual, relu)
+                        checked += 1
+    # Split-K partial sums, added in order before the bias.
+    parts = torch.randn((3, *shape), generator=generator)
+    bias = torch.randn(shape[1], generator=generator)
+    want = torch.relu(((parts[0] + parts[1]) + parts[2]) + bias.view(1, -1, 1, 1))
+    got = epilogue(parts.to(device), bias.to(device), None, True, parts=3).cpu()
+    assert torch.equal(bits(got), bits(want))
+assert checked == 4 * 2 * 2 * 8
+print("epilogue agrees")
+"""
+
+
+def test_fp32_epilogue_has_the_bits_of_the_separate_passes():
+    """relu((conv + bias) + residual) in one kernel, NCHW and NHWC, on odd shapes and special values (NaN,
+    infinities, signed zeros, subnormals), bit for bit the separate bias, add and ReLU passes."""
+    run_kernels(EPILOGUE_CHECK, "epilogue agrees")
+
+
+def test_fp32_backbone_is_nchw_and_its_fused_walk_is_the_plain_walk():
+    """Exact mode's backbone: NCHW (cuDNN's FP32 layout), each convolution through exact_conv_act, and the fused
+    walk equal to timm's plain walk (the check before capture asks for equality in FP32)."""
+    spec = synthetic_spec(50, (64, 80), backbone="resnet18", seed=2)
+    model = FastPatchCore(spec, backbone_dtype="fp32").eval()
+    assert isinstance(model.backbone, FusedResNetFeatures) and model.backbone.fused is exact_conv_act
+    assert model.memory_format == torch.contiguous_format
+    assert all(p.is_contiguous() for p in model.backbone.parameters())
+    images = torch.rand(2, 3, 64, 80)
+    with torch.no_grad():
+        normalized = model.preprocess(images)
+        assert model.backbone.agrees_with_plain(normalized, 0.0)
+        model.check_fused_backbone(images)
+        assert isinstance(model.backbone, FusedResNetFeatures)
+        assert model.embed(normalized).is_contiguous()
+        half = FastPatchCore(spec, backbone_dtype="fp16")
+        assert half.memory_format == torch.channels_last and half.backbone.fused is not exact_conv_act
