@@ -85,3 +85,73 @@ def test_fp32_backbone_is_nchw_and_its_fused_walk_is_the_plain_walk():
         assert model.embed(normalized).is_contiguous()
         half = FastPatchCore(spec, backbone_dtype="fp16")
         assert half.memory_format == torch.channels_last and half.backbone.fused is not exact_conv_act
+
+
+CONV_CHECK = """
+import sys
+import torch
+from torch.nn import functional as F
+from patchcore_trt.gpu.conv_triton import ConvConfig, conv2d, pack_weight
+device = sys.argv[1]
+generator = torch.Generator().manual_seed(1)
+UNIT = 2.0**-24  # FP32's unit roundoff
+
+def bound(precision, terms, magnitude):
+    # Worst-case rounding of an FP32 sum of ``terms`` products (any order), + bias, + residual: one rounding
+    # per addition. Tensor-core accumulators may truncate rather than round (2 units per addition), and tf32x3
+    # drops the low x low product and rounds each low part to TF32: 3 * 2**-22 = 12 units per product, over
+    # three products per term.
+    additions = terms + 2 if precision == "ieee" else 3 * terms + 2
+    per_product = 0 if precision == "ieee" else 12
+    return (per_product + 2 * additions) * UNIT * magnitude
+
+# (batch, channels, out channels, H, W, kernel, stride, padding, input layout, split, bias, residual, relu):
+# channels and sizes that fill no block, odd H and W, stride 2, padding, split reductions.
+cases = [
+    (2, 37, 19, 9, 7, 3, 1, 1, torch.channels_last, 1, True, True, True),
+    (1, 20, 33, 11, 8, 3, 2, 1, torch.contiguous_format, 3, True, False, True),
+    (3, 45, 40, 5, 3, 1, 1, 0, torch.channels_last, 1, False, True, True),
+    (3, 45, 40, 5, 3, 1, 1, 0, torch.channels_last, 2, True, True, False),
+    (2, 24, 17, 7, 9, 1, 2, 0, torch.channels_last, 1, True, False, False),
+    (1, 3, 16, 13, 11, 7, 2, 3, torch.contiguous_format, 2, True, False, True),
+]
+config = ConvConfig(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1)
+for batch, c, k, h, w, size, stride, padding, layout, split, with_bias, with_residual, relu in cases:
+    x = (torch.randn(batch, c, h, w, generator=generator) + 0.5).contiguous(memory_format=layout)
+    weight = torch.randn(k, c, size, size, generator=generator) / (c * size * size) ** 0.5
+    bias = torch.randn(k, generator=generator) if with_bias else None
+    out_h, out_w = (h + 2 * padding - size) // stride + 1, (w + 2 * padding - size) // stride + 1
+    residual = torch.randn(batch, k, out_h, out_w, generator=generator) if with_residual else None
+    want = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), stride, padding)
+    magnitude = F.conv2d(x.double().abs(), weight.double().abs(), None, stride, padding)
+    if bias is not None:
+        magnitude += bias.double().abs().view(1, -1, 1, 1)
+    if residual is not None:
+        want += residual.double()
+        magnitude += residual.double().abs()
+    if relu:
+        want = want.clamp_min(0)
+    results = {}
+    for precision in ("ieee", "tf32x3", "tf32"):
+        got = conv2d(
+            x.to(device), pack_weight(weight).to(device), (size, size),
+            None if bias is None else bias.to(device), None if residual is None else residual.to(device),
+            relu, stride, padding, ConvConfig(**{**config.__dict__, "precision": precision, "split_k": split}),
+        ).cpu()
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        if precision != "tf32":  # one TF32 product: 2**-11 per operand, no FP32 bound holds
+            error = (got.double() - want).abs()
+            assert (error <= bound(precision, c * size * size, magnitude)).all(), (precision, float(error.max()))
+        results[precision] = got
+    if device == "cpu":
+        # The interpreter ignores input_precision (np.matmul in FP32): it checks indexing, masks, split-K and
+        # the epilogue, never TF32 rounding; tf32x3's accuracy is measured on a GPU (backbone_error.py layers).
+        assert torch.equal(results["ieee"], results["tf32x3"]) and torch.equal(results["ieee"], results["tf32"])
+print("convolutions agree")
+"""
+
+
+def test_implicit_gemm_convolutions_match_float64():
+    """conv2d (3x3 shifted loads, 1x1 GEMMs, stride 2, padding, the 7x7 stem, split-K, NCHW and NHWC inputs, the
+    fused epilogue) against torch's float64 convolution, within FP32's worst-case rounding bound."""
+    run_kernels(CONV_CHECK, "convolutions agree")
