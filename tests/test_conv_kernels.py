@@ -3,12 +3,13 @@ interpreter (compiled on a GPU where there is one), and the FP32 backbone's fuse
 
 from __future__ import annotations
 
+import pytest
 import torch
 from interpreter import run_kernels
 
 from patchcore_trt.demo.synthetic_model import synthetic_spec
 from patchcore_trt.gpu.fast_model import FastPatchCore
-from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, exact_conv_act
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, TritonConvAct, exact_conv_act
 
 EPILOGUE_CHECK = """
 import sys
@@ -85,6 +86,11 @@ def test_fp32_backbone_is_nchw_and_its_fused_walk_is_the_plain_walk():
         assert model.embed(normalized).is_contiguous()
         half = FastPatchCore(spec, backbone_dtype="fp16")
         assert half.memory_format == torch.channels_last and half.backbone.fused is not exact_conv_act
+        triton = FastPatchCore(spec, backbone_dtype="fp32", convolutions="ieee")
+        assert triton.memory_format == torch.channels_last and isinstance(triton.backbone.fused, TritonConvAct)
+    for dtype, convolutions in (("fp16", "tf32x3"), ("fp32", "tf32")):
+        with pytest.raises(ValueError, match="convolutions"):
+            FastPatchCore(spec, backbone_dtype=dtype, convolutions=convolutions)
 
 
 CONV_CHECK = """
@@ -155,3 +161,36 @@ def test_implicit_gemm_convolutions_match_float64():
     """conv2d (3x3 shifted loads, 1x1 GEMMs, stride 2, padding, the 7x7 stem, split-K, NCHW and NHWC inputs, the
     fused epilogue) against torch's float64 convolution, within FP32's worst-case rounding bound."""
     run_kernels(CONV_CHECK, "convolutions agree")
+
+
+WALK_CHECK = """
+import sys
+import torch
+from patchcore_trt.demo.synthetic_model import synthetic_spec, texture_images
+from patchcore_trt.gpu.fast_model import FastPatchCore
+from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, TritonConvAct
+from patchcore_trt.model import PatchCoreDeploy
+device = sys.argv[1]
+spec = synthetic_spec(150, (64, 80), backbone="resnet18", seed=3)
+images = torch.cat([texture_images(2, (64, 80), seed=11), texture_images(2, (64, 80), seed=12, defects=True)])
+floats = images.permute(0, 3, 1, 2).float() / 255
+with torch.no_grad():
+    expected = PatchCoreDeploy(spec).eval()(floats)
+    model = FastPatchCore(spec, backbone_dtype="fp32", convolutions="tf32x3", device=device).eval()
+    assert isinstance(model.backbone, FusedResNetFeatures) and isinstance(model.backbone.fused, TritonConvAct)
+    model.check_fused_backbone(floats.to(device))  # agrees with the cuDNN walk, or it would have fallen back
+    assert isinstance(model.backbone, FusedResNetFeatures)
+    got = model(floats.to(device))
+# The exact bar: anomalib's FP32 results within 1e-5 (score), 1e-4 (map), the same labels.
+assert (got.pred_score.cpu() - expected.pred_score).abs().max() <= 1e-5
+assert (got.anomaly_map.cpu() - expected.anomaly_map).abs().max() <= 1e-4
+assert torch.equal(got.pred_label.cpu(), expected.pred_label)
+print("walk agrees")
+"""
+
+
+def test_triton_backbone_walk_holds_the_exact_bar():
+    """The whole fast model with the Triton convolutions (every ResNet-18 convolution, downsample shortcuts
+    included) against the FP32 deploy model. In the interpreter the products are FP32 whatever the precision
+    asked for: this checks the walk, not tf32x3's rounding (that needs a GPU run of this test)."""
+    run_kernels(WALK_CHECK, "walk agrees")

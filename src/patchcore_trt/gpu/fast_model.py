@@ -37,12 +37,21 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torch.profiler import record_function
 
-from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, conv_act, exact_conv_act, fuse_resnet
+from patchcore_trt.gpu.fused_resnet import (
+    FusedResNetFeatures,
+    TritonConvAct,
+    conv_act,
+    exact_conv_act,
+    fuse_resnet,
+    triton_ready,
+)
 from patchcore_trt.gpu.knn import SEARCH_MODES, BankIndex, float32_matmul, nearest, rescan
 from patchcore_trt.model import DeployOutput, PatchCoreDeploy
 from patchcore_trt.spec import PatchCoreSpec
 
 BACKBONE_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The FP32 backbone's convolutions: cuDNN's IEEE FP32, or the Triton implicit GEMMs with tl.dot's precision.
+CONVOLUTIONS = ("cudnn", "tf32x3", "ieee")
 
 
 @torch.no_grad()
@@ -131,6 +140,8 @@ class FastPatchCore(PatchCoreDeploy):
         device: Where the model runs; the bank index is built there.
         map_at_input_size: Return the map at the input's H x W, as the deploy model's option does.
         neighbours: The bank's neighbour table, if already computed (knn.BankIndex).
+        convolutions: The FP32 backbone's convolutions (``CONVOLUTIONS``): cuDNN, or conv_triton's kernels
+            with ``tf32x3`` or ``ieee`` products (channels-last; Triton's interpreter off CUDA).
     """
 
     def __init__(
@@ -142,9 +153,12 @@ class FastPatchCore(PatchCoreDeploy):
         device: torch.device | str = "cpu",
         map_at_input_size: bool = False,
         neighbours: torch.Tensor | None = None,
+        convolutions: str = "cudnn",
     ) -> None:
         if backbone_dtype not in BACKBONE_DTYPES:
             raise ValueError(f"backbone_dtype must be one of {sorted(BACKBONE_DTYPES)}, got {backbone_dtype!r}")
+        if convolutions not in CONVOLUTIONS or (convolutions != "cudnn" and backbone_dtype != "fp32"):
+            raise ValueError(f"convolutions must be one of {CONVOLUTIONS} (not cudnn: fp32 only), got {convolutions!r}")
         if search not in SEARCH_MODES:
             raise ValueError(f"search must be one of {SEARCH_MODES}, got {search!r}")
         super().__init__(spec, map_at_input_size=map_at_input_size)
@@ -153,10 +167,18 @@ class FastPatchCore(PatchCoreDeploy):
         self.dtype = BACKBONE_DTYPES[backbone_dtype]
         self.preprocess.to(device)
         backbone = fold_batchnorm(self.backbone)
-        # cuDNN's engines on the tensor cores are channels-last, its IEEE FP32 engines NCHW.
-        self.memory_format = torch.contiguous_format if backbone_dtype == "fp32" else torch.channels_last
-        fused = exact_conv_act if backbone_dtype == "fp32" else conv_act
-        backbone = fuse_resnet(exact_convolutions(backbone) if backbone_dtype == "fp32" else backbone, fused)
+        # cuDNN's engines on the tensor cores are channels-last, its IEEE FP32 engines NCHW; the Triton
+        # convolutions read channels-last (a network they cannot run keeps cuDNN's).
+        convs = [module for module in backbone.modules() if isinstance(module, nn.Conv2d)]
+        self.convolutions = convolutions if all(triton_ready(conv) for conv in convs) else "cudnn"
+        self.memory_format = torch.contiguous_format if self.convolutions == "cudnn" else torch.channels_last
+        fused = conv_act
+        if backbone_dtype == "fp32":
+            backbone = exact_convolutions(backbone)
+            fused = exact_conv_act if self.convolutions == "cudnn" else TritonConvAct(self.convolutions)
+        else:
+            self.memory_format = torch.channels_last
+        backbone = fuse_resnet(backbone, fused)
         self.backbone = backbone.to(device=device, dtype=self.dtype, memory_format=self.memory_format)
         del self.search  # the deploy model's chunked FP32 search; the index below replaces it
         self.index = BankIndex(spec.memory_bank, spec.num_neighbors, device, neighbours)
@@ -183,7 +205,8 @@ class FastPatchCore(PatchCoreDeploy):
         if not isinstance(self.backbone, FusedResNetFeatures):
             return
         normalized = self.preprocess(images).to(self.dtype, memory_format=self.memory_format)
-        tolerance = 0.0 if self.backbone_dtype == "fp32" else 1e-2
+        # Triton's FP32 convolutions sum in another order: 1e-6 of the norm, a broken kernel order 1.
+        tolerance = 1e-2 if self.backbone_dtype != "fp32" else 0.0 if self.convolutions == "cudnn" else 1e-4
         try:
             with float32_matmul(conv_tf32=self.backbone_dtype == "tf32"):  # the engines forward will run
                 agrees = self.backbone.agrees_with_plain(normalized, tolerance)

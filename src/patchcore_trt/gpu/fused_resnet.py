@@ -47,9 +47,37 @@ def exact_conv_act(
     return epilogue(exact_conv(conv, x), conv.bias, residual, relu)
 
 
-def conv_act(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """relu(conv(x) + bias [+ residual]) in one cuDNN call on CUDA."""
+class TritonConvAct:
+    """[relu]((conv(x) + bias) [+ residual]) by conv_triton.conv2d (implicit GEMM, the epilogue in the kernel),
+    its products in ``precision`` (``tl.dot``'s input_precision). Runs on CUDA, or on the CPU in Triton's
+    interpreter; needs square strides and padding, no dilation, no groups (timm ResNets' convolutions)."""
+
+    def __init__(self, precision: str) -> None:
+        self.precision = precision
+
+    def __call__(
+        self, conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True
+    ) -> torch.Tensor:
+        from patchcore_trt.gpu.conv_triton import ConvConfig, conv2d, pack_weight
+
+        packed = conv.__dict__.get("packed_weight")
+        if packed is None or packed.device != conv.weight.device:  # packed once, during warm-up
+            packed = conv.packed_weight = pack_weight(conv.weight)
+        config = ConvConfig(precision=self.precision)
+        return conv2d(x, packed, conv.kernel_size, conv.bias, residual, relu, conv.stride[0], conv.padding[0], config)
+
+
+def triton_ready(conv: nn.Conv2d) -> bool:
+    """Whether TritonConvAct can run ``conv``."""
+    square = conv.stride[0] == conv.stride[1] and conv.padding[0] == conv.padding[1]
+    return square and conv.dilation == (1, 1) and conv.groups == 1
+
+
+def conv_act(conv: nn.Conv2d, x: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = True) -> torch.Tensor:
+    """relu(conv(x) + bias [+ residual]) in one cuDNN call on CUDA; without ``relu``, conv(x) + bias."""
     geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if not relu:
+        return F.conv2d(x, conv.weight, conv.bias, *geometry)
     if x.is_cuda:
         if residual is None:
             return torch.cudnn_convolution_relu(x, conv.weight, conv.bias, *geometry)
@@ -79,7 +107,7 @@ def _fusable(block: nn.Module) -> bool:
 
 class FusedResNetFeatures(nn.Module):
     """The features of a BatchNorm-folded timm ResNet ``features_only`` network, each convolution with its bias,
-    residual and ReLU run by ``fused`` (``conv_act``, or ``exact_conv_act`` for IEEE FP32)."""
+    residual and ReLU run by ``fused`` (``conv_act``, ``exact_conv_act`` for IEEE FP32, or a TritonConvAct)."""
 
     def __init__(self, features: nn.Module, fused=conv_act) -> None:
         super().__init__()
@@ -88,7 +116,7 @@ class FusedResNetFeatures(nn.Module):
         self.return_layers = list(features.return_layers)
 
     def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x if block.downsample is None else block.downsample(x)
+        shortcut = x if block.downsample is None else self.fused(block.downsample[0], x, relu=False)
         out = self.fused(block.conv1, x)
         if isinstance(block, Bottleneck):
             out = self.fused(block.conv2, out)
