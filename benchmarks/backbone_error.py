@@ -18,11 +18,17 @@ TF32 study ran at commit b483c3b (``git checkout b483c3b`` to re-run it: parts `
 results are benchmarks/results/h200_exact_split_study.json and h200_exact_run1.json (where ``exact`` was the
 split backbone, falling back to IEEE FP32, and ``fp32 backbone`` the exact mode of today).
 
-Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact]
+4. Layers (``layers``): each convolution of the backbone by the Triton implicit GEMMs (gpu/conv_triton.py) in
+   each ``tl.dot`` precision and by cuDNN's IEEE FP32, against FP64 on the activations it sees (conv_layers.py).
+   Runs on the CPU in Triton's interpreter on a tiny input (there every precision is plain FP32):
+   ``TRITON_INTERPRET=1 python benchmarks/backbone_error.py OUT.json layers --size 32 --batch 1 --only conv1``.
+
+Usage: python benchmarks/backbone_error.py OUT.json [errors,timing,exact,layers] [--size --batch --only]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import json
@@ -34,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from conv_layers import layer_errors
 from torch import nn
 
 from patchcore_trt.bench.matrix import input_pool, percentile, reference_predictions
@@ -336,10 +343,29 @@ def exact(results: dict, out: str) -> None:
     step("search_1M", functools.partial(large_bank_search, 1 << 20))
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Backbone precision: errors, timing, the exact mode, layers.")
+    parser.add_argument("out", help="the JSON file written")
+    parser.add_argument("parts", nargs="?", default="errors,timing", help="comma-separated parts")
+    parser.add_argument("--backbone", default="wide_resnet50_2", help="layers: the network")
+    parser.add_argument("--size", type=int, default=256, help="layers: input height and width")
+    parser.add_argument("--batch", type=int, default=4, help="layers: images")
+    parser.add_argument("--only", default="", help="layers: comma-separated convolution names (default all)")
+    args = parser.parse_args(argv)
+    args.parts = args.parts.split(",")
+    return args
+
+
 def main() -> None:
-    out = sys.argv[1]
-    parts = sys.argv[2].split(",") if len(sys.argv) > 2 else ["errors", "timing"]
-    results = {"device": torch.cuda.get_device_name()}
+    args = parse_args(sys.argv[1:])
+    out, parts = args.out, args.parts
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"}
+    if "layers" in parts:
+        only = tuple(name for name in args.only.split(",") if name)
+        results["layers"] = layer_errors(args.backbone, args.size, args.batch, only, device)
+        with open(out, "w") as handle:
+            json.dump(results, handle, indent=2)
     if "exact" in parts:
         exact(results, out)
     if not {"errors", "timing"} & set(parts):

@@ -3,6 +3,9 @@ interpreter (compiled on a GPU where there is one), and the FP32 backbone's fuse
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from interpreter import run_kernels
@@ -10,6 +13,8 @@ from interpreter import run_kernels
 from patchcore_trt.demo.synthetic_model import synthetic_spec
 from patchcore_trt.gpu.fast_model import FastPatchCore
 from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures, TritonConvAct, exact_conv_act
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 EPILOGUE_CHECK = """
 import sys
@@ -194,3 +199,28 @@ def test_triton_backbone_walk_holds_the_exact_bar():
     included) against the FP32 deploy model. In the interpreter the products are FP32 whatever the precision
     asked for: this checks the walk, not tf32x3's rounding (that needs a GPU run of this test)."""
     run_kernels(WALK_CHECK, "walk agrees")
+
+
+def test_layer_study_runs_and_records_each_layer(tmp_path):
+    """benchmarks/backbone_error.py's ``layers`` part on a tiny input (the interpreter without a GPU): the stem,
+    a 3x3 and a strided 1x1 shortcut of wide_resnet50_2, the Triton kernels within FP32's worst-case bound (in
+    units of u; on a GPU tf32x3 must hold it too, the interpreter computes FP32 for every precision)."""
+    out = tmp_path / "layers.json"
+    only = "conv1,layer1.0.conv2,layer2.0.downsample.0"
+    command = f"""
+import sys
+sys.argv = ["backbone_error.py", {str(out)!r}, "layers", "--size", "32", "--batch", "1", "--only", {only!r}]
+sys.path.insert(0, {str(BENCHMARKS)!r})
+import backbone_error
+backbone_error.main()
+print("study done")
+"""
+    run_kernels(command, "study done")
+    rows = json.loads(out.read_text())["layers"]
+    assert [row["layer"] for row in rows] == only.split(",")
+    assert [row["weight"][1:] for row in rows] == [[3, 7, 7], [128, 3, 3], [256, 1, 1]]
+    for row in rows:
+        # torch's own FP32 (cuDNN on a GPU may pick Winograd or FFT, outside this bound) is recorded, not bounded.
+        assert 0 <= row["torch_fp32"]["max_abs"] < 1e-3
+        for column in ("triton_ieee", "triton_tf32x3"):
+            assert 0 <= row[column]["max_units"] <= 2 * (row["terms"] + 2), (row["layer"], column)
