@@ -131,7 +131,7 @@ TIMED = [
 ]
 
 
-def _graph_replay(function: Any, images: torch.Tensor) -> Any:
+def graph_replay(function: Any, images: torch.Tensor) -> Any:
     """``function(images)`` captured as one CUDA graph (after warm-up on a side stream); returns its replay."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -156,7 +156,7 @@ def fusion_times(spec, size: tuple[int, int], batches: tuple[int, ...]) -> list[
         model.backbone = backbone.to(memory_format=LAYOUTS[layout])
         for batch in batches:
             images = torch.from_numpy(input_pool(size, batch)).cuda()
-            ms = device_ms(_graph_replay(model.forward_uint8, images))
+            ms = device_ms(graph_replay(model.forward_uint8, images))
             rows.append(
                 {"size": size[0], "batch": batch, "precision": precision, "layout": layout, "fused": fused, "ms": ms}
             )
