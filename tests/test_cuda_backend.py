@@ -68,7 +68,8 @@ import torch
 from planted import COPIES, NEAR_TIE_ROWS, planted
 from patchcore_trt.gpu import knn_triton
 from patchcore_trt.gpu.knn import BankIndex, _centred_half, nearest, neighbour_table, rescore_cpu
-from patchcore_trt.gpu.knn_triton import TileConfig, fast_finish, rescore, scan, tile_candidates
+from patchcore_trt.gpu.knn_triton import TileConfig, fast_finish, rescore, tile_candidates
+from patchcore_trt.gpu.scan_triton import scan
 from patchcore_trt.model import nearest_rows, squared_distances
 device = sys.argv[1]
 # Sizes that fill no block exactly: queries, bank tiles and the feature dimension all have tails.

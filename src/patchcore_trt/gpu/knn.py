@@ -210,9 +210,9 @@ def rescan(
     index: BankIndex,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``distances`` and ``rows`` with each ``flagged`` query's answer replaced by anomalib's FP32 search of the
-    whole bank (knn_triton.scan on CUDA, without a host sync; model.nearest_rows on the CPU)."""
+    whole bank (scan_triton.scan on CUDA, without a host sync; model.nearest_rows on the CPU)."""
     if runs_kernels(queries):
-        from patchcore_trt.gpu.knn_triton import scan
+        from patchcore_trt.gpu.scan_triton import scan
 
         full, full_rows = scan(queries, query_sq, flagged, index.bank, index.bank_sq)
         return torch.where(flagged, full, distances), torch.where(flagged, full_rows, rows)

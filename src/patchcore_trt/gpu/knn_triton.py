@@ -9,9 +9,7 @@ chip: the [patches x bank] distance matrix is never written, in any precision.
 without gathering the [P, R, D] rows. ``fast_finish`` (fast): the best FP16 value plus the query's FP32
 squared norm.
 
-``scan``: anomalib's FP32 search over the whole bank for the queries knn.py flags (those the finish cannot
-certify, and each image's argmax patch), with IEEE FP32 products; the flagged queries are moved to the front,
-so the other programs do nothing, and the grid has a fixed size (the launch can be captured in a CUDA graph).
+``scan`` (scan_triton.py): anomalib's FP32 search over the whole bank for the queries the finish cannot certify.
 
 Offsets into the query, bank and candidate arrays are computed in int64 (``_offsets``): a bank of more than
 2**31 elements is searched; bank rows themselves are int32 (fewer than 2**31 rows).
@@ -290,99 +288,3 @@ def rescore(
         num_warps=4,
     )
     return distances, nearest
-
-
-@triton.jit
-def _scan_kernel(
-    q_ptr,
-    q_sq_ptr,
-    order_ptr,
-    count_ptr,
-    bank_ptr,
-    bank_sq_ptr,
-    out_ptr,
-    num_queries,
-    bank_size,
-    D: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUPS: tl.constexpr,
-):
-    # One bank tile per program along axis 0; the flagged queries (the first ``count`` of ``order``) are
-    # shared among GROUPS programs along axis 1, a block of BLOCK_P at a time.
-    pid_m = tl.program_id(0)
-    count = tl.load(count_ptr)
-    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    col_ok = cols < bank_size
-    bank_base = _offsets(cols % bank_size, D)
-    bank_sq = tl.load(bank_sq_ptr + cols, mask=col_ok, other=0.0)
-    dims = tl.arange(0, BLOCK_K)
-    for first in range(tl.program_id(1) * BLOCK_P, num_queries, GROUPS * BLOCK_P):
-        if first < count:
-            slots = first + tl.arange(0, BLOCK_P)
-            slot_ok = slots < count
-            queries = tl.load(order_ptr + slots, mask=slot_ok, other=0)
-            query_base = _offsets(queries, D)
-            acc = tl.zeros([BLOCK_P, BLOCK_M], dtype=tl.float32)
-            for k in range(0, D, BLOCK_K):
-                k_ok = (k + dims) < D
-                a = tl.load(q_ptr + query_base[:, None] + k + dims[None, :], mask=k_ok[None, :], other=0.0)
-                b = tl.load(bank_ptr + bank_base[:, None] + k + dims[None, :], mask=k_ok[None, :], other=0.0)
-                acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
-            query_sq = tl.load(q_sq_ptr + queries, mask=slot_ok, other=0.0)
-            # anomalib's euclidean_dist; + 0.0 turns a -0.0 into +0.0, so the bit patterns order like the values.
-            distance = tl.sqrt(tl.maximum(acc * -2 + query_sq[:, None] + bank_sq[None, :], 0.0)) + 0.0
-            distance = tl.where(col_ok[None, :], distance, float("inf"))
-            best, best_col = tl.min(distance, axis=1, return_indices=True)  # lowest column among equals
-            # (distance bits, row) as one int64: its minimum is the smaller distance, then the lower row.
-            packed = (best.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (pid_m * BLOCK_M + best_col).to(tl.int64)
-            tl.atomic_min(out_ptr + queries, packed, mask=slot_ok)
-
-
-def scan(
-    queries: torch.Tensor,
-    query_sq: torch.Tensor,
-    flagged: torch.Tensor,
-    bank: torch.Tensor,
-    bank_sq_norm: torch.Tensor,
-    block_p: int = 32,
-    block_m: int = 64,
-    groups: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """anomalib's FP32 nearest neighbour over the whole bank for the ``flagged`` queries (no host sync).
-
-    Args:
-        queries: [P, D] float32. query_sq: [P] ``||x||^2``. flagged: [P] bool.
-        bank: [M, D] float32. bank_sq_norm: [M].
-
-    Returns:
-        distances [P] float32 and rows [P] int64; meaningful where ``flagged``.
-    """
-    num_queries, dim = queries.shape
-    bank_size = bank.shape[0]
-    check_bank_rows(bank_size)
-    queries = queries.contiguous()
-    order = torch.argsort(flagged.logical_not().to(torch.int8), stable=True)  # the flagged queries first
-    count = flagged.sum(dtype=torch.int32).reshape(1)
-    packed = torch.full((num_queries,), torch.iinfo(torch.int64).max, device=queries.device, dtype=torch.int64)
-    grid = (triton.cdiv(bank_size, block_m), min(groups, triton.cdiv(num_queries, block_p)))
-    _scan_kernel[grid](
-        queries,
-        query_sq,
-        order,
-        count,
-        bank,
-        bank_sq_norm,
-        packed,
-        num_queries,
-        bank_size,
-        D=dim,
-        BLOCK_P=block_p,
-        BLOCK_M=block_m,
-        BLOCK_K=32,
-        GROUPS=grid[1],
-        num_warps=4,
-    )
-    distances = (packed >> 32).to(torch.int32).view(torch.float32)
-    return distances, packed & 0xFFFFFFFF
