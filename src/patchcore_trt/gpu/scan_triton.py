@@ -4,8 +4,8 @@ are moved to the front, so the other programs do nothing, and the grid has a fix
 captured in a CUDA graph).
 
 ``pruned_scan``: the same search over the bank sorted by row norm (prune.NormTiles), skipping for each block of
-queries the tiles that prune.py's norm bound proves cannot hold any of their nearest rows (nor a tie with it);
-rows are reported by their original number and ties still go to the lowest one.
+queries (sorted by norm) the tiles that prune.py's norm bound proves cannot hold any of their nearest rows (nor
+a tie with it); rows are reported by their original number and ties still go to the lowest one.
 
 Imported only when a CUDA search runs; the tests run it on the CPU through Triton's interpreter.
 """
@@ -132,7 +132,8 @@ def scan(
     Returns:
         distances [P] float32 and rows [P] int64; meaningful where ``flagged``.
     """
-    distances, rows, _ = _launch(queries, query_sq, flagged, bank, bank_sq_norm, None, block_p, block_m, groups)
+    order = torch.argsort(flagged.logical_not().to(torch.int8), stable=True)  # the flagged queries first
+    distances, rows, _ = _launch(queries, query_sq, flagged, order, bank, bank_sq_norm, None, block_p, block_m, groups)
     return distances, rows
 
 
@@ -152,17 +153,22 @@ def pruned_scan(
         distances [P], original bank rows [P] (meaningful where ``flagged``), and the number of (query block,
         tile) pairs skipped ([1] int32).
     """
-    norms = queries.double().norm(dim=1).float()
-    pruning = (tiles.rows, norms, upper, tiles.low, tiles.high)
-    return _launch(queries, query_sq, flagged, tiles.bank, tiles.bank_sq, pruning, block_p, tiles.block_m, groups)
+    norms = queries.double().norm(dim=1)
+    # The flagged queries by norm: a block of queries with similar norms is far from the same tiles (on the
+    # golden banks, 36-47% of (block, tile) pairs are skipped so, against 1-6% in image order).
+    order = torch.argsort(torch.where(flagged, norms, torch.inf), stable=True)
+    pruning = (tiles.rows, norms.float(), upper, tiles.low, tiles.high)
+    return _launch(
+        queries, query_sq, flagged, order, tiles.bank, tiles.bank_sq, pruning, block_p, tiles.block_m, groups
+    )
 
 
-def _launch(queries, query_sq, flagged, bank, bank_sq_norm, pruning, block_p, block_m, groups):
+def _launch(queries, query_sq, flagged, order, bank, bank_sq_norm, pruning, block_p, block_m, groups):
+    """``order``: the queries' order in the scan, the flagged ones first."""
     num_queries, dim = queries.shape
     bank_size = bank.shape[0]
     check_bank_rows(bank_size)
     queries = queries.contiguous()
-    order = torch.argsort(flagged.logical_not().to(torch.int8), stable=True)  # the flagged queries first
     count = flagged.sum(dtype=torch.int32).reshape(1)
     packed = torch.full((num_queries,), torch.iinfo(torch.int64).max, device=queries.device, dtype=torch.int64)
     skipped = torch.zeros(1, device=queries.device, dtype=torch.int32)
