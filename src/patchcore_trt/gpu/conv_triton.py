@@ -194,7 +194,7 @@ def _conv_kernel(
     out = rows.to(tl.int64)[:, None] * K + cols[None, :]
     ok = row_ok[:, None] & col_ok[None, :]
     if SPLIT_K > 1:
-        tl.store(out_ptr + pid_k * num_rows * K + out, acc, mask=ok)
+        tl.store(out_ptr + pid_k.to(tl.int64) * num_rows * K + out, acc, mask=ok)
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
