@@ -4,6 +4,7 @@ interpreter (compiled on a GPU where there is one), and the FP32 backbone's fuse
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,27 @@ print("study done")
         assert 0 <= row["torch_fp32"]["max_abs"] < 1e-3
         for column in ("triton_ieee", "triton_tf32x3"):
             assert 0 <= row[column]["max_units"] <= 2 * (row["terms"] + 2), (row["layer"], column)
+
+
+def test_tf32x3_emulation_rounds_as_the_tensor_cores_split():
+    """benchmarks/tf32x3_estimate.py's emulation: TF32 keeps 10 mantissa bits, to nearest with ties away from
+    zero; big + small recovers the value to 2**-22; a tf32x3 convolution lands near FP32's accuracy and one
+    TF32 product near TF32's."""
+    sys.path.insert(0, str(BENCHMARKS))
+    from tf32x3_estimate import emulated, split, tf32
+
+    ones = torch.tensor([1.0, -1.0])
+    half_ulp = ones * (1 + 2.0**-11)  # exactly halfway between two TF32 values: away from zero
+    assert torch.equal(tf32(half_ulp), ones * (1 + 2.0**-10))
+    assert torch.equal(tf32(ones * (1 + 2.0**-11 - 2.0**-23)), ones)
+    x = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    assert ((tf32(x).view(torch.int32) & 0x1FFF) == 0).all()
+    big, small = split(x)
+    assert ((big.double() + small.double() - x.double()).abs() <= 2.0**-22 * x.double().abs()).all()
+    conv = torch.nn.Conv2d(64, 8, 3, padding=1)
+    images = torch.rand(2, 64, 9, 7, generator=torch.Generator().manual_seed(1))
+    want = torch.nn.functional.conv2d(images.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with torch.no_grad():
+        errors = [float((emulated(terms)(conv, images, relu=False).double() - want).abs().max()) for terms in (3, 1)]
+    scale = float(want.abs().max())
+    assert errors[0] < 1e-6 * scale and errors[1] > 1e-5 * scale
