@@ -51,7 +51,7 @@ def _block_fraction(skip: torch.Tensor) -> float:
 
 
 def fractions(queries: torch.Tensor, upper: torch.Tensor, bank: torch.Tensor, block_m: int) -> dict:
-    tiles = norm_tiles(bank, bank.pow(2).sum(-1), block_m)
+    tiles = norm_tiles(bank, block_m)
     skip = skippable(queries, upper, tiles)
     by_norm = torch.argsort(queries.double().norm(dim=1))
     return {

@@ -27,9 +27,10 @@ def test_skippable_tiles_hold_no_row_as_near_as_the_fp32_winner():
     best, best_rows = nearest_rows(queries, bank, bank_sq)
     generator = torch.Generator().manual_seed(3)
     for guesses in (best_rows, torch.randint(0, len(bank), (len(queries),), generator=generator)):
-        tiles = norm_tiles(bank, bank_sq, 16)
+        tiles = norm_tiles(bank, 16)
         skip = skippable(queries, upper_bounds(queries, guesses, bank), tiles)
-        distances = squared_distances(queries, tiles.bank, tiles.bank_sq).clamp_min(0).sqrt()
+        in_order = tiles.rows.long()
+        distances = squared_distances(queries, bank[in_order], bank_sq[in_order]).clamp_min(0).sqrt()
         per_tile = torch.nn.functional.pad(distances, (0, skip.shape[1] * 16 - len(bank)), value=float("inf"))
         nearest_in_tile = per_tile.view(len(queries), -1, 16).amin(dim=2)
         assert (nearest_in_tile[skip] > best[:, None].expand_as(skip)[skip]).all()
@@ -62,10 +63,12 @@ flagged = torch.ones(len(queries), dtype=torch.bool)
 flagged[-9:] = False
 block_p = 8
 for block_m in (16, 64):
-    tiles = norm_tiles(bank, bank_sq, block_m)
+    tiles = norm_tiles(bank, block_m)
     to = lambda t: t.to(device)
     moved = type(tiles)(*(to(v) if isinstance(v, torch.Tensor) else v for v in tiles.__dict__.values()))
-    distances, rows, skipped = pruned_scan(to(queries), to(query_sq), to(flagged), moved, to(upper), block_p, groups=2)
+    distances, rows, skipped = pruned_scan(
+        to(queries), to(query_sq), to(flagged), to(bank), to(bank_sq), moved, to(upper), block_p, groups=2
+    )
     plain, plain_rows = scan(to(queries), to(query_sq), to(flagged), to(bank), to(bank_sq), block_p, block_m, 2)
     rows, distances, plain_rows = rows.cpu(), distances.cpu(), plain_rows.cpu()
     assert torch.equal(rows[flagged], expected_rows[flagged]) and torch.equal(plain_rows[flagged], rows[flagged])

@@ -28,11 +28,10 @@ TIE_FACTOR = 1 + 8 * UNIT  # squares this far apart have FP32 square roots that 
 
 @dataclass(frozen=True)
 class NormTiles:
-    """The bank sorted by row norm, cut into ``block_m``-row tiles with bounds on their norms."""
+    """The bank's rows in increasing norm, cut into ``block_m``-row tiles with bounds on their norms (the rows
+    are read in place: no sorted copy of the bank)."""
 
-    rows: torch.Tensor  # [M] int32: the original bank row of each sorted row
-    bank: torch.Tensor  # [M, D] float32, sorted
-    bank_sq: torch.Tensor  # [M] float32: the index's own ||y||^2 (the scan's values), sorted
+    rows: torch.Tensor  # [M] int32: the bank rows, by increasing norm
     low: torch.Tensor  # [tiles] float32, at most every norm in the tile
     high: torch.Tensor  # [tiles] float32, at least every norm in the tile
     low64: torch.Tensor  # [tiles] float64, the tile's smallest norm
@@ -45,8 +44,8 @@ def margin(dim: int, x_norm: torch.Tensor, y_norm: torch.Tensor) -> torch.Tensor
     return (2 * dim + 8) * UNIT * (x_norm + y_norm) ** 2
 
 
-def norm_tiles(bank: torch.Tensor, bank_sq: torch.Tensor, block_m: int) -> NormTiles:
-    """``bank`` [M, D] float32 and its ``||y||^2`` [M] as the scan reads them, sorted by norm, in tiles."""
+def norm_tiles(bank: torch.Tensor, block_m: int) -> NormTiles:
+    """``bank`` [M, D] float32's rows by increasing norm, in tiles."""
     norms = bank.double().norm(dim=1)
     order = torch.argsort(norms, stable=True)
     ordered = norms[order]
@@ -57,9 +56,7 @@ def norm_tiles(bank: torch.Tensor, bank_sq: torch.Tensor, block_m: int) -> NormT
     low, high = low64.float(), high64.float()
     low = torch.where(low.double() > low64, torch.nextafter(low, torch.tensor(-torch.inf)), low)
     high = torch.where(high.double() < high64, torch.nextafter(high, torch.tensor(torch.inf)), high)
-    return NormTiles(
-        order.to(torch.int32), bank[order].contiguous(), bank_sq[order].contiguous(), low, high, low64, high64, block_m
-    )
+    return NormTiles(order.to(torch.int32), low, high, low64, high64, block_m)
 
 
 def upper_bounds(queries: torch.Tensor, guesses: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:

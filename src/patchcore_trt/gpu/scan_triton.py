@@ -3,7 +3,7 @@
 are moved to the front, so the other programs do nothing, and the grid has a fixed size (the launch can be
 captured in a CUDA graph).
 
-``pruned_scan``: the same search over the bank sorted by row norm (prune.NormTiles), skipping for each block of
+``pruned_scan``: the same search over the bank's rows in norm order (prune.NormTiles), skipping for each block of
 queries (sorted by norm) the tiles that prune.py's norm bound proves cannot hold any of their nearest rows (nor
 a tie with it); rows are reported by their original number and ties still go to the lowest one.
 
@@ -55,13 +55,13 @@ def _scan_kernel(
     count = tl.load(count_ptr)
     cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     col_ok = cols < bank_size
-    bank_base = _offsets(cols % bank_size, D)
-    bank_sq = tl.load(bank_sq_ptr + cols, mask=col_ok, other=0.0)
-    rows = cols.to(tl.int64)
-    if PRUNE:
-        rows = tl.load(rows_ptr + cols, mask=col_ok, other=0).to(tl.int64)  # original rows of the sorted tile
+    rows = cols % bank_size  # wrapped: every load in bounds; the wrapped columns never win (distance +inf)
+    if PRUNE:  # the tile's rows in the norm order, read in place (no sorted copy of the bank)
+        rows = tl.load(rows_ptr + cols, mask=col_ok, other=0)
         low = tl.load(low_ptr + pid_m)
         high = tl.load(high_ptr + pid_m)
+    bank_base = _offsets(rows, D)
+    bank_sq = tl.load(bank_sq_ptr + rows, mask=col_ok, other=0.0)
     for first in range(tl.program_id(1) * BLOCK_P, num_queries, GROUPS * BLOCK_P):
         if first < count:
             slots = first + tl.arange(0, BLOCK_P)
@@ -105,7 +105,7 @@ def _scan_block(
     # (distance bits, row) as one int64: its minimum is the smaller distance, then the lower row.
     if PRUNE:  # sorted rows: the lowest column among equal distances need not be the lowest row
         bits = distance.to(tl.int32, bitcast=True).to(tl.int64) << 32
-        packed = tl.min(bits | rows[None, :], axis=1)
+        packed = tl.min(bits | rows.to(tl.int64)[None, :], axis=1)
     else:
         best, best_col = tl.min(distance, axis=1, return_indices=True)  # lowest column among equals
         best_bits = best.to(tl.int32, bitcast=True).to(tl.int64) << 32
@@ -141,13 +141,15 @@ def pruned_scan(
     queries: torch.Tensor,
     query_sq: torch.Tensor,
     flagged: torch.Tensor,
+    bank: torch.Tensor,
+    bank_sq_norm: torch.Tensor,
     tiles: NormTiles,
     upper: torch.Tensor,
     block_p: int = 32,
     groups: int = 16,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``scan``'s answer over ``tiles`` (prune.norm_tiles of the same bank and ``||y||^2``), skipping the tiles
-    prune.py's bound excludes given ``upper`` (prune.upper_bounds, [P] float32).
+    """``scan``'s answer, the bank read tile by tile in ``tiles``' norm order (prune.norm_tiles of ``bank``),
+    skipping the tiles prune.py's bound excludes given ``upper`` (prune.upper_bounds, [P] float32).
 
     Returns:
         distances [P], original bank rows [P] (meaningful where ``flagged``), and the number of (query block,
@@ -158,9 +160,7 @@ def pruned_scan(
     # golden banks, 36-47% of (block, tile) pairs are skipped so, against 1-6% in image order).
     order = torch.argsort(torch.where(flagged, norms, torch.inf), stable=True)
     pruning = (tiles.rows, norms.float(), upper, tiles.low, tiles.high)
-    return _launch(
-        queries, query_sq, flagged, order, tiles.bank, tiles.bank_sq, pruning, block_p, tiles.block_m, groups
-    )
+    return _launch(queries, query_sq, flagged, order, bank, bank_sq_norm, pruning, block_p, tiles.block_m, groups)
 
 
 def _launch(queries, query_sq, flagged, order, bank, bank_sq_norm, pruning, block_p, block_m, groups):
