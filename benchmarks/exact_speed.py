@@ -84,20 +84,18 @@ def require_gpu() -> None:
 
 
 @torch.no_grad()
-def measure(workload: Workload, variant: str, reps: int) -> dict:
+def measure(workload: Workload, spec, variant: str, reps: int) -> dict:
     """One variant on one workload: accuracy against the FP32 deploy model, then batch-1 and throughput."""
     from backbone_error import graph_replay
 
     from patchcore_trt.bench.matrix import input_pool, reference_predictions
     from patchcore_trt.compare import compare
-    from patchcore_trt.demo.synthetic_model import synthetic_spec
     from patchcore_trt.gpu.fast_model import FastPatchCore
     from patchcore_trt.gpu.fused_resnet import FusedResNetFeatures
     from patchcore_trt.gpu.profile import device_ms
     from patchcore_trt.outputs import Prediction
 
     convolutions, plain = VARIANTS[variant]
-    spec = synthetic_spec(workload.bank, workload.size, device="cuda")
     model = FastPatchCore(spec, backbone_dtype="fp32", convolutions=convolutions, device="cuda").eval()
     if plain:
         model.memory_format = torch.channels_last
@@ -134,13 +132,16 @@ def measure(workload: Workload, variant: str, reps: int) -> dict:
 def main(argv: list[str]) -> None:
     args = parse_args(argv)
     require_gpu()
+    from patchcore_trt.demo.synthetic_model import synthetic_spec
+
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     by_key = {workload.key: workload for workload in WORKLOADS}
     for key in args.workloads:
+        spec = synthetic_spec(by_key[key].bank, by_key[key].size, device="cuda")
         for variant in args.variants:
             start = time.perf_counter()
             try:
-                row = measure(by_key[key], variant, args.reps)
+                row = measure(by_key[key], spec, variant, args.reps)
             except Exception:  # record and go on: one variant failing must not cost the others' figures
                 row = {"workload": key, "variant": variant, "error": traceback.format_exc()[-3000:]}
             row["seconds"] = time.perf_counter() - start
