@@ -44,9 +44,14 @@ def margin(dim: int, x_norm: torch.Tensor, y_norm: torch.Tensor) -> torch.Tensor
     return (2 * dim + 8) * UNIT * (x_norm + y_norm) ** 2
 
 
+def row_norms(rows: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """[N] float64 norms of [N, D] rows, a chunk at a time (a float64 copy of a 1M-row bank would be 12 GB)."""
+    return torch.cat([part.double().norm(dim=1) for part in rows.split(chunk)])
+
+
 def norm_tiles(bank: torch.Tensor, block_m: int) -> NormTiles:
     """``bank`` [M, D] float32's rows by increasing norm, in tiles."""
-    norms = bank.double().norm(dim=1)
+    norms = row_norms(bank)
     order = torch.argsort(norms, stable=True)
     ordered = norms[order]
     tiles = -(-len(ordered) // block_m)
@@ -71,6 +76,6 @@ def upper_bounds(queries: torch.Tensor, guesses: torch.Tensor, bank: torch.Tenso
 
 def skippable(queries: torch.Tensor, upper: torch.Tensor, tiles: NormTiles) -> torch.Tensor:
     """[P, tiles] bool: the float64 specification of the kernel's test (which skips a subset of these)."""
-    norm = queries.double().norm(dim=1)[:, None]
+    norm = row_norms(queries)[:, None]
     gap = torch.maximum(tiles.low64[None, :] - norm, norm - tiles.high64[None, :]).clamp_min(0)
     return gap.square() - margin(queries.shape[1], norm, tiles.high64[None, :]) > upper.double()[:, None]

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from patchcore_trt.gpu.knn_triton import _offsets, check_bank_rows
-from patchcore_trt.gpu.prune import UNIT, NormTiles
+from patchcore_trt.gpu.prune import UNIT, NormTiles, row_norms
 
 # The kernel's skip test in FP32: its inputs' and operations' rounding (a few units) stays inside these.
 SLACK = 4 * UNIT
@@ -155,7 +155,7 @@ def pruned_scan(
         distances [P], original bank rows [P] (meaningful where ``flagged``), and the number of (query block,
         tile) pairs skipped ([1] int32).
     """
-    norms = queries.double().norm(dim=1)
+    norms = row_norms(queries)
     # The flagged queries by norm: a block of queries with similar norms is far from the same tiles (on the
     # golden banks, 36-47% of (block, tile) pairs are skipped so, against 1-6% in image order).
     order = torch.argsort(torch.where(flagged, norms, torch.inf), stable=True)
