@@ -9,12 +9,14 @@ sum of n products in any order stays within n of them, tf32x3 adds a few per pro
 
 Used by backbone_error.py (part ``layers``); runs on a GPU, or on the CPU in Triton's interpreter
 (``TRITON_INTERPRET=1``) on a tiny input, where every precision computes plain FP32 (the interpreter ignores
-``input_precision``), so only the ``torch_fp32`` column and the indexing are meaningful there.
+``input_precision``), so there the Triton columns check the indexing only; ``emulated_tf32x3``
+(tf32x3_estimate.py's operand split, float64 sums) estimates tf32x3's rounding anywhere.
 """
 
 from __future__ import annotations
 
 import torch
+from tf32x3_estimate import emulated
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -63,6 +65,8 @@ def layer_errors(
             got = conv2d(nhwc, packed, conv.kernel_size, conv.bias, None, False, conv.stride[0], conv.padding[0],
                          ConvConfig(precision=precision))  # fmt: skip
             row[f"triton_{precision}"] = _errors(got, want, magnitude)
+        # tf32x3's operand split emulated in float64 (what the interpreter cannot show), on any device.
+        row["emulated_tf32x3"] = _errors(emulated(3)(conv, x, relu=False), want, magnitude)
         rows.append(row)
         print(row, flush=True)
 
