@@ -44,7 +44,7 @@ def margin(dim: int, x_norm: torch.Tensor, y_norm: torch.Tensor) -> torch.Tensor
     return (2 * dim + 8) * UNIT * (x_norm + y_norm) ** 2
 
 
-def row_norms(rows: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+def row_norms(rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """[N] float64 norms of [N, D] rows, a chunk at a time (a float64 copy of a 1M-row bank would be 12 GB)."""
     return torch.cat([part.double().norm(dim=1) for part in rows.split(chunk)])
 
@@ -67,9 +67,12 @@ def norm_tiles(bank: torch.Tensor, block_m: int) -> NormTiles:
 def upper_bounds(queries: torch.Tensor, guesses: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """[P] float32, at least ``TIE_FACTOR`` times the FP32 squared distance of each query's nearest row, from
     any one bank row per query (``guesses`` [P]; the nearer, the more tiles are skipped)."""
-    x, y = queries.double(), bank[guesses].double()
-    true = (x - y).pow(2).sum(dim=-1) * (1 + 1e-12)  # float64's own rounding, generously
-    bound = (true + margin(queries.shape[1], x.norm(dim=1), y.norm(dim=1))) * TIE_FACTOR
+    parts = []
+    for x, rows in zip(queries.split(4096), guesses.split(4096), strict=True):  # float64 a chunk at a time
+        x, y = x.double(), bank[rows].double()
+        true = (x - y).pow(2).sum(dim=-1) * (1 + 1e-12)  # float64's own rounding, generously
+        parts.append((true + margin(queries.shape[1], x.norm(dim=1), y.norm(dim=1))) * TIE_FACTOR)
+    bound = torch.cat(parts)
     rounded = bound.float()
     return torch.where(rounded.double() < bound, torch.nextafter(rounded, torch.tensor(torch.inf)), rounded)
 
