@@ -42,6 +42,7 @@ import sys
 import torch
 from planted import COPIES, NEAR_TIE_ROWS
 from test_prune import spread_bank
+from patchcore_trt.gpu.knn import BankIndex, nearest, rescan
 from patchcore_trt.gpu.prune import norm_tiles, skippable, upper_bounds
 from patchcore_trt.gpu.scan_triton import pruned_scan, scan
 from patchcore_trt.model import nearest_rows
@@ -81,6 +82,17 @@ for block_m in (16, 64):
     allowed_blocks = int(blocks.view(-1, block_p, allowed.shape[1]).all(dim=1).sum())
     assert 0 < int(skipped) <= allowed_blocks, (int(skipped), allowed_blocks)
     print(block_m, int(skipped), allowed_blocks, blocks.shape[0] // block_p * allowed.shape[1])
+# The exact search on a bank large enough to be rescanned with pruning: the planted answers, and every query
+# rescanned from a random row.
+index = BankIndex(to(bank), 9, prune_from_rows=len(bank))
+assert index.tiles is not None and BankIndex(to(bank), 9, prune_from_rows=len(bank) + 1).tiles is None
+distances, rows = nearest(to(queries), index)
+assert torch.equal(rows.cpu(), expected_rows)
+everywhere = torch.ones(len(queries), dtype=torch.bool, device=device)
+far = torch.full((len(queries),), float("inf"), device=device)
+distances, rows = rescan(to(queries), to(query_sq), everywhere, far, to(guesses), index)
+assert torch.equal(rows.cpu(), expected_rows)
+torch.testing.assert_close(distances.cpu().square(), expected.square(), rtol=1e-5, atol=1e-4)
 print("pruned scan agrees")
 """
 
@@ -88,5 +100,5 @@ print("pruned scan agrees")
 def test_pruned_scan_is_the_exhaustive_fp32_search():
     """Planted exact ties (guessed by their higher copy), the five-way near-tie (guessed by its farthest row),
     random guesses and odd sizes: the pruned kernel returns the exhaustive search's rows, skips tiles, and only
-    where the bound allows."""
+    where the bound allows; the exact search on a bank it prunes (knn.nearest, knn.rescan) gives those rows."""
     run_kernels(PRUNED_CHECK, "pruned scan agrees")

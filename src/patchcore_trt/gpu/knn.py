@@ -10,7 +10,8 @@ Two modes, same bank, same answer format (distance and bank row of each query's 
   distance, the lower row among equal distances. ``certified()`` then proves, from a worst-case bound on the FP16
   and FP32 rounding errors (``BankIndex.error_bound``), that every bank row not re-scored is strictly farther;
   a query it cannot prove
-  is searched again over the whole bank in FP32 (``rescan``), by the same formula and rule. So the row and
+  is searched again over the whole bank in FP32 (``rescan``), by the same formula and rule (on banks of
+  PRUNE_FROM_ROWS rows or more, skipping the tiles a certified norm bound excludes: prune.py). So the row and
   distance are those of an FP32 search of the whole bank by anomalib's formula and tie rule: rows with equal
   FP32 distances (identical features, anywhere in the bank) resolve to the lowest index, as anomalib's do.
   What no FP32 search can promise is kept out of the claim: two rows whose distances differ by a few FP32 ulps
@@ -31,15 +32,20 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from patchcore_trt.gpu.prune import norm_tiles, upper_bounds
 from patchcore_trt.model import DEFAULT_BANK_CHUNK, MemoryBankSearch, nearest_rows
 
 SEARCH_MODES = ("certified", "fp16")
 # Kept per tile and re-scored per query: the rows not re-scored are then no nearer than the last re-scored
 # candidate. 4 certifies 97% of the patches of a trained ResNet-18 bank (2: 65%, 8: 100%; exact_stress.py).
 CANDIDATES_PER_TILE = 4
+SCAN_BLOCK_M = 64  # bank rows per tile of the FP32 scan
 NEIGHBOUR_CANDIDATES = 24  # per tile, for the neighbour table's k (<= 12 or so) nearest
 U16 = 2.0**-11  # FP16 unit roundoff
 U32 = 2.0**-24  # FP32 unit roundoff
+# Banks this large are rescanned tile by tile in norm order, skipping the tiles prune.py's bound excludes (the
+# golden banks' features: about half of them per query); below it the plain scan reads the bank in order.
+PRUNE_FROM_ROWS = 2**18
 SQRT_MARGIN = 2.0**-18  # r > d^2 (1 + this) guarantees fl(sqrt(r)) > d for d = fl(sqrt(r_best))
 
 
@@ -82,6 +88,7 @@ class BankIndex(nn.Module):
         memory_bank: [M, D] the fitted bank.
         num_neighbors: anomalib's k (1: no table).
         device: Where the search runs.
+        prune_from_rows: Banks with this many rows or more get ``tiles`` (prune.NormTiles), which ``rescan`` uses.
         neighbours: A precomputed table (``neighbour_table``'s result for this bank and k). Building it is an FP16
             k-NN of the bank against itself on the candidate kernel (M^2 D multiply-adds, 24 candidates kept per
             tile), a top-k and an FP32 re-rank per block of rows: estimated at 10-30 s for M=1M, D=1536 on an H100,
@@ -95,9 +102,11 @@ class BankIndex(nn.Module):
         num_neighbors: int,
         device: torch.device | str = "cpu",
         neighbours: torch.Tensor | None = None,
+        prune_from_rows: int = PRUNE_FROM_ROWS,
     ) -> None:
         super().__init__()
         bank = memory_bank.to(device=device, dtype=torch.float32).contiguous()
+        self.tiles = norm_tiles(bank, SCAN_BLOCK_M) if len(bank) >= prune_from_rows else None
         chunks = range(0, len(bank), 65536)  # no FP32 or FP64 copy of a million-row bank at once
         centre = sum(bank[s : s + 65536].sum(dim=0, dtype=torch.float64) for s in chunks) / max(len(bank), 1)
         centre = torch.as_tensor(centre, device=bank.device).float()
@@ -212,9 +221,14 @@ def rescan(
     """``distances`` and ``rows`` with each ``flagged`` query's answer replaced by anomalib's FP32 search of the
     whole bank (scan_triton.scan on CUDA, without a host sync; model.nearest_rows on the CPU)."""
     if runs_kernels(queries):
-        from patchcore_trt.gpu.scan_triton import scan
+        from patchcore_trt.gpu.scan_triton import pruned_scan, scan
 
-        full, full_rows = scan(queries, query_sq, flagged, index.bank, index.bank_sq)
+        if index.tiles is None:
+            full, full_rows = scan(queries, query_sq, flagged, index.bank, index.bank_sq, block_m=SCAN_BLOCK_M)
+        else:  # each query's current row bounds its answer
+            upper = upper_bounds(queries, rows, index.bank)
+            found = pruned_scan(queries, query_sq, flagged, index.bank, index.bank_sq, index.tiles, upper)
+            full, full_rows = found[:2]
         return torch.where(flagged, full, distances), torch.where(flagged, full_rows, rows)
     which = flagged.nonzero()[:, 0]
     if len(which) == 0:

@@ -59,8 +59,8 @@ def norm_tiles(bank: torch.Tensor, block_m: int) -> NormTiles:
     low64, high64 = padded[:, 0].clone(), padded.amax(dim=1)
     # Rounded outward to FP32, so they stay bounds.
     low, high = low64.float(), high64.float()
-    low = torch.where(low.double() > low64, torch.nextafter(low, torch.tensor(-torch.inf)), low)
-    high = torch.where(high.double() < high64, torch.nextafter(high, torch.tensor(torch.inf)), high)
+    low = torch.where(low.double() > low64, torch.nextafter(low, torch.full_like(low, -torch.inf)), low)
+    high = torch.where(high.double() < high64, torch.nextafter(high, torch.full_like(high, torch.inf)), high)
     return NormTiles(order.to(torch.int32), low, high, low64, high64, block_m)
 
 
@@ -74,7 +74,7 @@ def upper_bounds(queries: torch.Tensor, guesses: torch.Tensor, bank: torch.Tenso
         parts.append((true + margin(queries.shape[1], x.norm(dim=1), y.norm(dim=1))) * TIE_FACTOR)
     bound = torch.cat(parts)
     rounded = bound.float()
-    return torch.where(rounded.double() < bound, torch.nextafter(rounded, torch.tensor(torch.inf)), rounded)
+    return torch.where(rounded.double() < bound, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)), rounded)
 
 
 def skippable(queries: torch.Tensor, upper: torch.Tensor, tiles: NormTiles) -> torch.Tensor:
