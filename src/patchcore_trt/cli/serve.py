@@ -129,6 +129,7 @@ def _still_stopping(signum: int, frame: object) -> None:
 
 def _serve(server: Any, timeout: float) -> None:
     from patchcore_trt.serve.health import ModelWatch
+    from patchcore_trt.serve.versions import VersionWatch
 
     started = time.perf_counter()
     err.print(f"> starting {server.distribution.binary} on {server.repository} ...")
@@ -143,8 +144,16 @@ def _serve(server: Any, timeout: float) -> None:
         _print_endpoints(server, ready[0])
         watch = ModelWatch(server, load_timeout_s=timeout)
         watch.start(ready)
+        new_versions = VersionWatch(server, load_timeout_s=timeout)
+        new_versions.start(ready)
         while server.alive():
             time.sleep(WATCH_INTERVAL_S)
+            for loaded, name, line in new_versions.check():
+                if loaded:
+                    err.print(line)
+                    watch.follow(name)
+                else:
+                    warn(line)
             for healed, line in watch.check():
                 if healed:
                     err.print(line)

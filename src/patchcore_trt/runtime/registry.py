@@ -71,6 +71,7 @@ OPTIONS: dict[str, Option] = {
     "qdq_fusion": Option("Fuse QuantizeLinear/DequantizeLinear pairs into INT8 kernels."),
     "cuda_graph": Option("Replay a CUDA graph per input shape."),
     "model": Option("The served model's name; default: the server's only ready model."),
+    "product": Option("The product to score, on a line model (one served model for many products)."),
     "concurrency": Option("Requests in flight at once."),
     "timeout_s": Option("Seconds to wait for each answer."),
 }
@@ -124,7 +125,7 @@ REGISTRY: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "triton", "patchcore_trt.runtime.triton_backend:TritonBackend", (), ("server",),
-            ("model", "concurrency", "timeout_s"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
+            ("model", "product", "concurrency", "timeout_s"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
         ),
     )
 }  # fmt: skip
