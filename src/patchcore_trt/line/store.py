@@ -47,7 +47,7 @@ def _link(source: Path, target: Path) -> None:
 
 def write_version(
     folder: Path,
-    plan: list[tuple[str, Path | None]],
+    plan: list[tuple[str, Path | PatchCoreSpec | None]],
     *,
     previous: tuple[Path, Manifest] | None = None,
     trust_pickled_code: bool = False,
@@ -57,8 +57,8 @@ def write_version(
     """Fill ``folder`` (a new, empty staging folder) with the line ``plan`` describes and return its manifest.
 
     Args:
-        plan: (product name, checkpoint) in the line's order; a None checkpoint carries the product over from
-            ``previous`` (its folder and manifest) unchanged.
+        plan: (product name, checkpoint) in the line's order; the checkpoint may be one already read (a
+            PatchCoreSpec); None carries the product over from ``previous`` (its folder and manifest) unchanged.
         on_product: Called with each product's name before it is read (progress).
     """
     from safetensors.torch import save_file
@@ -82,10 +82,15 @@ def write_version(
                 _link(old_folder / old.groups[product.group].weights, folder / old.groups[product.group].weights)
             products[name] = product
             continue
-        try:
-            spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
-        except UserError as exc:
-            raise UserError(f"product {name}: {exc}") from None
+        if isinstance(checkpoint, PatchCoreSpec):
+            spec = checkpoint
+        else:
+            try:
+                spec = read_checkpoint(
+                    checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version
+                )
+            except UserError as exc:
+                raise UserError(f"product {name}: {exc}") from None
         key = group_key(spec)[:16]
         if key not in groups:
             weights = f"backbones/{key}.safetensors"
@@ -98,7 +103,7 @@ def write_version(
         np.save(folder / bank, np.ascontiguousarray(spec.memory_bank.float().numpy()))
         metadata = build_metadata(spec, map_at_input_size=False)
         taps = tuple(float(tap) for tap in spec.blur_kernel.float().reshape(-1))
-        products[name] = Product(name, checkpoint.name, spec.source_sha256, key, bank, taps, metadata)
+        products[name] = Product(name, spec.source_name, spec.source_sha256, key, bank, taps, metadata)
     manifest = Manifest(products, groups)
     (folder / MANIFEST).write_text(manifest.to_json())
     return manifest

@@ -114,10 +114,25 @@ class TritonPythonModel:
             by_size[images.shape[1:3]].append((index, product, images))
         for items in by_size.values():
             for chunk in self._chunks(items):
-                results = self.model.run([(product, images) for _, product, images in chunk])
+                results = self._run([(product, images) for _, product, images in chunk])
                 for (index, product, _), result in zip(chunk, results, strict=True):
                     responses[index] = self._answer(requests[index], product, result)
         return responses
+
+    def _run(self, pairs: list[tuple[str | None, np.ndarray]]) -> list[Prediction | Exception]:
+        """The merged run; should it fail as a whole, each request alone, so that only the one at fault fails."""
+        try:
+            return list(self.model.run(pairs))
+        except Exception as exc:  # whatever broke the merged batch is answered per request below
+            if len(pairs) == 1:
+                return [exc]
+        results: list[Prediction | Exception] = []
+        for pair in pairs:
+            try:
+                results.extend(self.model.run([pair]))
+            except Exception as exc:  # this request's own failure, answered to it alone
+                results.append(exc)
+        return results
 
     def _chunks(self, items: list[Any]) -> list[list[Any]]:
         """Requests of one image size in runs of at most ``max_request_pixels``: the dynamic batcher merges up to
@@ -183,12 +198,17 @@ class TritonPythonModel:
             )
         return images.numpy()
 
-    def _answer(self, request: Any, product: str | None, result: Prediction | UserError) -> Any:
-        if isinstance(result, NonFiniteOutputError):
+    def _answer(self, request: Any, product: str | None, result: Prediction | Exception) -> Any:
+        if isinstance(result, Exception):
             who = f"{self.name} product {product}" if product else self.name
-            return _error(f"{who}: image(s) {result.bad} of the request scored NaN or infinity")
-        if isinstance(result, UserError):
-            return _error(f"{self.name}: {result}")
+            if isinstance(result, NonFiniteOutputError):
+                message = f"{who}: image(s) {result.bad} of the request scored NaN or infinity"
+            elif isinstance(result, UserError):
+                message = f"{who}: {result}"
+            else:
+                message = f"{who}: {type(result).__name__}: {result}"
+            pb_utils.Logger.log_warn(f"patchcore-trt: {message}")  # the server log names the product at fault
+            return _error(message)
         wanted = set(request.requested_output_names()) or {*OUTPUT_NAMES, *LINE_OUTPUT_NAMES}
         arrays = (result.pred_score, result.pred_label, result.anomaly_map, result.pred_mask)
         values = dict(zip(OUTPUT_NAMES, arrays, strict=True))
