@@ -278,3 +278,46 @@ def test_a_bad_checkpoint_is_refused_and_a_version_that_fails_to_load_leaves_the
     finally:
         serving.process.terminate()
         serving.finish()
+
+
+def test_line_command_mistakes_are_one_line_each(repository, products, tmp_path):
+    """Each refused before any checkpoint is read or anything written."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    shutil.copy(products["a"], folder / "bolt.ckpt")
+    shutil.copy(products["b"], folder / "nut.ckpt")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = repository / "line"
+    cases = {
+        ("triton", f"x={products['a']}", f"x={products['b']}", "-o", tmp_path / "r"):
+            f"error: product 'x' is named twice ({products['a']} and {products['b']}); name them with NAME=PATH",
+        ("triton", folder, empty, "-o", tmp_path / "r"): f"error: {empty}: a folder with no .ckpt file in it",
+        ("triton", f".hidden={products['a']}", folder, "-o", tmp_path / "r"):
+            "error: product name '.hidden' must be 1-64 letters, digits, '_', '.' or '-' (not starting '.' or '-')",
+        ("triton", folder, "-o", tmp_path / "r", "--mode", "fast"):
+            "error: --mode: for one checkpoint on the cuda backend; a line runs every product in FP32 (anomalib's "
+            "arithmetic) on its instances",
+        ("triton", "--replace", str(products["a"]), repository, "--name", "line"):
+            f"error: --replace takes NAME=PATH, got {products['a']}",
+        ("triton", "--remove", "zz", repository, "--name", "line"):
+            f"error: {line}: has no product(s) zz; it serves {', '.join(read_manifest(newest(line)).products)}",
+        ("triton", "--add", f"a={products['a']}", repository, "--name", "line"):
+            f"error: {line}: already serves a; replace it with --replace NAME=PATH",
+        ("triton", "--add", f"z={products['a']}", repository, "--name", "single_a"):
+            f"error: {repository / 'single_a'}: serves one model file, not a line of products; --add/--replace/"
+            "--remove need one",
+    }  # fmt: skip
+    before = sorted(p.name for p in line.iterdir())
+    for args, expected in cases.items():
+        assert error_line(run_cli(*args)) == expected, args
+    assert sorted(p.name for p in line.iterdir()) == before
+    assert not (tmp_path / "r").exists()
+    # A folder of checkpoints is a line named after its files.
+    result = run_cli("triton", folder, "-o", tmp_path / "r", "--name", "pair")
+    assert result.returncode == 0, result.stderr
+    assert list(read_manifest(tmp_path / "r" / "pair" / "1").products) == ["bolt", "nut"]
+
+
+def newest(folder: Path) -> Path:
+    return folder / str(max(int(p.name) for p in folder.iterdir() if p.name.isdigit()))
