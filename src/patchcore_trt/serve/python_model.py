@@ -33,6 +33,7 @@ from patchcore_trt.errors import UserError
 from patchcore_trt.line.model import Line
 from patchcore_trt.outputs import NonFiniteOutputError, Prediction
 from patchcore_trt.runtime import Backend, open_backend
+from patchcore_trt.serve.batching import runs_within
 
 
 class RequestError(Exception):
@@ -113,7 +114,8 @@ class TritonPythonModel:
                 continue
             by_size[images.shape[1:3]].append((index, product, images))
         for items in by_size.values():
-            for chunk in self._chunks(items):
+            # The batcher merged up to max_batch requests: no run may hold more pixels than one request may.
+            for chunk in runs_within(items, self.max_request_pixels, lambda item: item[2][..., 0].size):
                 results = self._run([(product, images) for _, product, images in chunk])
                 for (index, product, _), result in zip(chunk, results, strict=True):
                     responses[index] = self._answer(requests[index], product, result)
@@ -133,20 +135,6 @@ class TritonPythonModel:
             except Exception as exc:  # this request's own failure, answered to it alone
                 results.append(exc)
         return results
-
-    def _chunks(self, items: list[Any]) -> list[list[Any]]:
-        """Requests of one image size in runs of at most ``max_request_pixels``: the dynamic batcher merges up to
-        max_batch requests, and no merge may hold more pixels at once than one request may."""
-        chunks: list[list[Any]] = []
-        pixels = self.max_request_pixels + 1
-        for item in items:
-            size = item[2].shape[0] * item[2].shape[1] * item[2].shape[2]
-            if pixels + size > self.max_request_pixels:
-                chunks.append([])
-                pixels = 0
-            chunks[-1].append(item)
-            pixels += size
-        return chunks
 
     def _product(self, request: Any) -> str | None:
         try:
