@@ -10,6 +10,7 @@ separate model is a Python process with its own torch and backbone). Reported pe
   img_s       requests completed inside the measuring window / its length (one image per request)
   triton_img_s  the same window counted by Triton's own statistics (successful inferences, all models)
   p50_ms, p99_ms  latency of the requests completed inside the window
+With ``--kind gpu`` the instances run on the GPUs and ``gpu_mb`` (nvidia-smi's memory in use) is recorded too.
 Traffic: ``--clients`` threads, each sending one 256x256 frame at a time to a product drawn at random (seeded).
 For a product count not in ``--separate``, the separate models' memory is computed from the measured ones (the
 increment per model, times N) and marked so. Results: JSON and Markdown under --out, with versions, machine, commit.
@@ -70,6 +71,16 @@ def group_memory(server_pid: int) -> tuple[float, float]:
         pss += values.get("Pss", 0)
         rss += values.get("Rss", 0)
     return pss / 1024, rss / 1024
+
+
+def gpu_memory_mb() -> float:
+    """Memory in use on the GPUs, as nvidia-smi reports it (every process: run on an otherwise idle machine)."""
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    return float(
+        sum(int(line) for line in subprocess.run(query, capture_output=True, text=True, check=True).stdout.split())
+    )
 
 
 def successes(url: str, models: list[str]) -> int:
@@ -143,6 +154,8 @@ def serve_and_measure(repository: Path, route: list[tuple[str, dict]], models: l
             raise SystemExit(f"not ready: {bad}")
         result = traffic(server.grpc_url, route, args.clients, args.warmup, args.seconds, models, server.http_url)
         result["pss_mb"], result["rss_mb"] = group_memory(server.process.pid)
+        if args.kind == "gpu":
+            result["gpu_mb"] = gpu_memory_mb()
     return result
 
 
@@ -156,6 +169,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--kind", default="cpu", choices=("cpu", "gpu"), help="where the model instances run")
     args = parser.parse_args()
     from patchcore_trt.serve.line_repository import write_line
     from patchcore_trt.serve.repository import ServeOptions, write_model
@@ -169,7 +183,7 @@ def main() -> None:
         for count in counts:
             chosen = dict(list(products.items())[:count])
             repository = work / f"line{count}"
-            write_line(chosen, repository, ServeOptions(name="line", kind="cpu"))
+            write_line(chosen, repository, ServeOptions(name="line", kind=args.kind))
             route = [("line", {"product": name}) for name in chosen]
             row = {"serving": "line", "products": count, **serve_and_measure(repository, route, ["line"], args)}
             results["rows"].append(row)
@@ -178,7 +192,7 @@ def main() -> None:
             chosen = dict(list(products.items())[:count])
             repository = work / f"separate{count}"
             for name, path in chosen.items():
-                write_model(path, repository, ServeOptions(name=name, kind="cpu"))
+                write_model(path, repository, ServeOptions(name=name, kind=args.kind))
             route = [(name, {}) for name in chosen]
             row = {"serving": "separate", "products": count, **serve_and_measure(repository, route, list(chosen), args)}
             results["rows"].append(row)
