@@ -16,6 +16,7 @@ import torch
 from conftest import unavailable
 
 from patchcore_trt.compare import PARITY_BAR, Bar, compare
+from patchcore_trt.gpu.executor import chunks
 from patchcore_trt.images import load_image
 from patchcore_trt.runtime import Prediction, open_backend
 
@@ -85,7 +86,7 @@ def test_fast_mode_stays_in_its_budget(resnet18_checkpoint, test_images):
 
 def test_graphs_are_keyed_by_batch_size_and_shared_across_threads(resnet18_checkpoint):
     """Two camera resolutions interleaved replay one graph per batch size (the resize runs before the graph), and
-    threads sharing one executor get the answers they get alone."""
+    threads sharing one executor get the answers they get alone (the lock covers only the enqueueing)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from patchcore_trt.checkpoint import read_checkpoint
@@ -107,3 +108,67 @@ def test_graphs_are_keyed_by_batch_size_and_shared_across_threads(resnet18_check
         np.testing.assert_array_equal(output.pred_score, alone[index % 2].pred_score)
         np.testing.assert_array_equal(output.anomaly_map, alone[index % 2].anomaly_map)
     assert executor.captures == 2
+
+
+@pytest.fixture(scope="module")
+def small_executor(resnet18_checkpoint):
+    from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.gpu.executor import CudaPatchCore
+
+    executor = CudaPatchCore(read_checkpoint(resnet18_checkpoint), backbone_dtype="fp32", max_batch=4)
+    yield executor
+    executor.close()
+
+
+def assert_same(got: Prediction, want: Prediction) -> None:
+    for field in Prediction.__dataclass_fields__:
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def test_every_batch_size_has_its_graph_and_larger_batches_run_in_chunks(small_executor):
+    """max_batch 4: batches of 1..4 are one graph each, captured ahead; 6 and 9 replay those graphs in chunks
+    (4 + 2, 4 + 4 + 1), with the results of those chunks run alone, from host arrays or GPU tensors."""
+    images = np.random.default_rng(11).integers(0, 256, (9, 200, 240, 3), dtype=np.uint8)
+    small_executor.capture(range(1, 5))
+    assert small_executor.captures == 4
+    for count in (6, 9):
+        runs = [small_executor.run_host(images[start:stop]) for start, stop in chunks(count, 4)]
+        assert_same(small_executor.run_host(images[:count]), Prediction.concat(runs))
+        on_device = torch.from_numpy(images[:count]).cuda()
+        assert_same(Prediction.from_outputs(small_executor.run(on_device)), Prediction.concat(runs))
+    assert small_executor.captures == 4
+
+
+def test_the_host_path_returns_the_gpu_labels_by_the_postprocess_rule_and_owns_them(small_executor):
+    """Labels and masks come down from the graph: they are Postprocess's rule on the scores and maps returned;
+    a Prediction held while later batches run (through the same slots and graphs) does not change."""
+    post = small_executor.model.post
+    rng = np.random.default_rng(12)
+    batches = [rng.integers(0, 256, (n, 224, 224, 3), dtype=np.uint8) for n in (3, 3, 1, 4, 2, 3)]
+    first = small_executor.run_host(batches[0])
+    kept = Prediction.concat([first])  # a copy, to compare the held views with later
+    pending = [small_executor.submit(batch) for batch in batches[1:]]
+    results = [item.result() for item in pending]
+    assert_same(first, kept)
+    for batch, result in zip(batches[1:], results, strict=True):
+        np.testing.assert_array_equal(result.pred_label, post.label(result.pred_score))
+        np.testing.assert_array_equal(result.pred_mask, post.mask(result.anomaly_map))
+        assert_same(result, small_executor.run_host(batch))
+
+
+def test_a_lent_slot_and_threads_give_the_answers_of_one_call_at_a_time(resnet18_checkpoint):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(13)
+    batches = [rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8) for _ in range(4)]
+    with open_backend(resnet18_checkpoint, "cuda") as backend:
+        alone = [backend.predict(batch) for batch in batches]
+        slot = backend.slot(2, 256, 256)
+        slot[...] = batches[1]
+        assert_same(backend.predict(slot), alone[1])
+        device = backend.predict(torch.from_numpy(batches[2]).cuda())
+        assert_same(device, alone[2])
+        with ThreadPoolExecutor(4) as pool:
+            shared = list(pool.map(backend.predict, batches * 6))
+    for index, prediction in enumerate(shared):
+        assert_same(prediction, alone[index % 4])
