@@ -7,6 +7,7 @@ are checkpoints that anomalib itself trained and the outputs that anomalib itsel
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -172,3 +173,24 @@ def test_a_lent_slot_and_threads_give_the_answers_of_one_call_at_a_time(resnet18
             shared = list(pool.map(backend.predict, batches * 6))
     for index, prediction in enumerate(shared):
         assert_same(prediction, alone[index % 4])
+
+
+def test_predict_stacks_its_batches_into_the_backends_pinned_slots(resnet18_checkpoint, test_images, tmp_path):
+    """predict's decoded 8-bit batches go into the cuda backend's slots (no copy on the way up): the results are
+    those of the same batches predicted from plain arrays, and every slot lent came back to the ring."""
+    from PIL import Image
+
+    from patchcore_trt.gpu.staging import RING_SLOTS
+    from patchcore_trt.predict import header, run_predict
+    from patchcore_trt.report import JsonResults
+
+    paths, _ = test_images
+    decoded = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])
+    with open_backend(resnet18_checkpoint, "cuda") as backend:
+        expected = Prediction.concat([backend.predict(decoded[i : i + 4]) for i in range(0, len(decoded), 4)])
+        json_path = tmp_path / "r.json"
+        summary = run_predict(backend, paths, sinks=[JsonResults(json_path, header(backend))], batch_size=4)
+        assert len(backend.executor.ring) == RING_SLOTS
+    assert summary.scored == len(paths)
+    rows = json.loads(json_path.read_text())["results"]
+    assert [row["score"] for row in rows] == [float(score) for score in expected.pred_score]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +53,11 @@ class Slot:
         self.uploaded: Any = None
         self.consumed: Any = None
         self.claimed = False
-        self.lent = False
+        self.lent: weakref.ref[np.ndarray] | None = None  # the array a producer holds, while lent
+
+    def free(self) -> bool:
+        """Not claimed, or lent to a producer that dropped the array (and every view of it) unsubmitted."""
+        return not self.claimed or (self.lent is not None and self.lent() is None)
 
     def array(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """The first bytes of the host buffer as a C-contiguous ``dtype`` array of ``shape``."""
@@ -90,7 +95,7 @@ class Slot:
 
 class SlotRing:
     """Staging slots handed out in turn; thread-safe. Holds ``slots`` slots, more while producers hold them all
-    (a slot lent and never submitted goes back with ``release``)."""
+    (a slot lent and never submitted is free again once the producer drops the array)."""
 
     def __init__(self, slots: int = RING_SLOTS, *, pin: bool = True) -> None:
         if slots < 1:
@@ -106,12 +111,12 @@ class SlotRing:
     def _claim(self, nbytes: int) -> Slot:
         with self._lock:
             order = self._slots[self._next :] + self._slots[: self._next]
-            slot = next((slot for slot in order if not slot.claimed), None)
+            slot = next((slot for slot in order if slot.free()), None)
             if slot is None:  # every slot is held by a producer or an upload being enqueued
                 slot = Slot(self.pin)
                 self._slots.append(slot)
             self._next = (self._slots.index(slot) + 1) % len(self._slots)
-            slot.claimed = True
+            slot.claimed, slot.lent = True, None
         try:
             slot._reserve(nbytes)  # outside the lock: waiting on one slot's upload must not stall the others
         except BaseException:
@@ -124,18 +129,14 @@ class SlotRing:
         ``take`` (through the backend's ``predict``) uploads it without a copy. Good for one batch."""
         dtype = np.dtype(dtype)
         slot = self._claim(math.prod(shape) * dtype.itemsize)
-        slot.lent = True
-        return slot.array(tuple(shape), dtype)
-
-    def release(self, images: np.ndarray) -> None:
-        """Give back a lent array that will not be submitted."""
-        with self._lock:
-            slot = self._lent_slot(images)
-            if slot is not None:
-                slot.lent = slot.claimed = False
+        array = slot.array(tuple(shape), dtype)
+        # Every view of ``array`` has the same numpy base (numpy collapses view chains onto the array over the
+        # torch storage): the slot is the producer's while that base lives, whichever views it kept.
+        slot.lent = weakref.ref(array.base)
+        return array
 
     def _lent_slot(self, images: np.ndarray) -> Slot | None:
-        return next((slot for slot in self._slots if slot.lent and slot.holds(images)), None)
+        return next((slot for slot in self._slots if slot.lent is not None and slot.holds(images)), None)
 
     def take(self, images: np.ndarray) -> tuple[Slot, bool]:
         """The slot to upload ``images`` from, and whether they had to be copied into it: a lent array is its own
@@ -143,7 +144,7 @@ class SlotRing:
         with self._lock:
             slot = self._lent_slot(images)
             if slot is not None:
-                slot.lent = False
+                slot.lent = None
                 return slot, False
         slot = self._claim(images.nbytes)
         try:
@@ -157,7 +158,7 @@ class SlotRing:
         """The executor enqueued ``slot``'s upload (or gave up on it: ``None`` events); it may be claimed again."""
         with self._lock:
             slot.uploaded, slot.consumed = uploaded, consumed
-            slot.lent = slot.claimed = False
+            slot.lent, slot.claimed = None, False
 
 
 def carve(layout: Sequence[tuple[tuple[int, ...], torch.dtype]], *, pin: bool) -> list[torch.Tensor]:

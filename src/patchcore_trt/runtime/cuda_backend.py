@@ -92,13 +92,8 @@ class CudaBackend(Backend):
         )
 
     def slot(self, count: int, height: int, width: int) -> np.ndarray:
-        """A uint8 [count, height, width, 3] array in pinned memory for a producer (a decoder) to fill; ``predict``
-        on it uploads it without a host copy. Good for one ``predict``; ``release`` it if it will not be run."""
+        """A slot of the executor's ring, in pinned memory: ``predict`` on it uploads it without a host copy."""
         return self.executor.ring.lend((count, height, width, 3))
-
-    def release(self, images: np.ndarray) -> None:
-        """Give back a ``slot`` that will not be predicted."""
-        self.executor.ring.release(images)
 
     def _infer(self, images: np.ndarray) -> Prediction:
         return self.executor.run_host(images)
