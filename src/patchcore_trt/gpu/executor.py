@@ -11,7 +11,8 @@ both sized for ``max_batch`` (per image 12 bytes per model pixel in, 5 bytes per
 256x256 with the map at the model's size), and the graphs share one memory pool, whose activations are freed at
 the end of each capture and so reused by the next: device memory is about one ``max_batch`` graph's activations
 whatever the number of graphs. What each further graph adds is its executable (its kernel nodes, driver memory);
-benchmarks/profile_cuda.py ``--host-vs-device`` reports the memory before and after capturing 1..max_batch.
+benchmarks/profile_cuda.py ``--host-vs-device`` reports the memory before and after capturing 1..max_batch. The
+upload ring adds three slots, each as large as the largest host batch it has carried, pinned and on the device.
 
 Two ways in:
 - ``CudaPatchCore.run(tensor)``: device-resident, uint8 [N, H, W, 3] or float32 [N, 3, H, W] on the GPU;
@@ -47,7 +48,7 @@ from patchcore_trt.outputs import Prediction
 from patchcore_trt.spec import PatchCoreSpec
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
-DEFAULT_MAX_BATCH = 64  # the served model's largest batch bucket
+DEFAULT_MAX_BATCH = 64  # the benchmarks' largest batch (benchmarks/h200_table.py); a server passes its own
 MAX_MAP_SIZES = 4  # with the map at the input's size, graph sets kept for this many recent input sizes
 
 
@@ -143,9 +144,6 @@ class PendingPrediction:
     def __init__(self, done: torch.cuda.Event, prediction: Prediction) -> None:
         self._done = done
         self._prediction = prediction
-
-    def ready(self) -> bool:
-        return self._done.query()
 
     def result(self) -> Prediction:
         self._done.synchronize()
