@@ -14,6 +14,8 @@ import torch
 from patchcore_trt.gpu.executor import chunks
 from patchcore_trt.gpu.staging import SlotRing, carve
 
+CPU = torch.device("cpu")
+
 
 class Upload:
     """A stand-in for the CUDA event recorded after a slot's upload: ``synchronize`` notes that the host waited."""
@@ -34,8 +36,9 @@ def test_batches_go_through_the_slots_in_turn_and_wait_only_for_their_own_slots_
     waits: list[str] = []
     used = []
     for batch in range(5):
-        slot, copied = ring.take(images(batch))
-        assert copied
+        slot, copy = ring.take(images(batch))
+        assert copy
+        slot.upload(images(batch), CPU, copy=copy)
         np.testing.assert_array_equal(slot.array((2, 8, 8, 3), np.uint8), images(batch))
         used.append(ring._slots.index(slot))
         ring.queued(slot, Upload(waits, f"upload {batch}"), None)
@@ -50,6 +53,8 @@ def test_a_slot_being_filled_is_never_handed_out_again():
     first, _ = ring.take(images(0))
     second, _ = ring.take(images(1))  # neither queued yet: both still being enqueued
     third, _ = ring.take(images(2))
+    for slot, seed in ((first, 0), (second, 1), (third, 2)):
+        slot.upload(images(seed), CPU, copy=True)
     assert len({id(first), id(second), id(third)}) == 3 and len(ring) == 3
     np.testing.assert_array_equal(first.array((2, 8, 8, 3), np.uint8), images(0))
     np.testing.assert_array_equal(second.array((2, 8, 8, 3), np.uint8), images(1))
@@ -59,24 +64,24 @@ def test_a_lent_slot_goes_up_without_a_copy_and_only_once():
     ring = SlotRing(2, pin=False)
     lent = ring.lend((2, 8, 8, 3))
     lent[...] = images(4)
-    slot, copied = ring.take(lent)
-    assert not copied and slot.holds(lent)
+    slot, copy = ring.take(lent)
+    assert not copy and slot.holds(lent)
+    np.testing.assert_array_equal(slot.upload(lent, CPU, copy=copy).numpy(), images(4))
     ring.queued(slot, None, None)
     # Submitted once, the array is the slot's again: a second predict on it is copied into a slot like any array.
-    again, copied = ring.take(lent)
-    assert copied
-    np.testing.assert_array_equal(again.array((2, 8, 8, 3), np.uint8), images(4))
+    _, copy = ring.take(lent)
+    assert copy
 
 
 def test_a_lent_view_that_is_not_the_whole_slot_start_is_copied():
     ring = SlotRing(2, pin=False)
     lent = ring.lend((4, 8, 8, 3))
     lent[...] = np.concatenate([images(5), images(6)])
-    slot, copied = ring.take(lent[2:])
-    assert copied and not slot.holds(lent)
-    np.testing.assert_array_equal(slot.array((2, 8, 8, 3), np.uint8), images(6))
-    head, copied = ring.take(lent[:2])  # the slot's first bytes: the lent slot itself
-    assert not copied and head.holds(lent)
+    slot, copy = ring.take(lent[2:])
+    assert copy and not slot.holds(lent)
+    np.testing.assert_array_equal(slot.upload(lent[2:], CPU, copy=copy).numpy(), images(6))
+    head, copy = ring.take(lent[:2])  # the slot's first bytes: the lent slot itself
+    assert not copy and head.holds(lent)
 
 
 def test_a_lent_slot_dropped_unsubmitted_is_handed_out_again():
@@ -97,15 +102,28 @@ def test_a_slot_grows_for_a_larger_batch_and_its_device_copy_is_the_batch():
     ring = SlotRing(1, pin=False)
     small, large = images(8, count=1), images(9, count=5, side=16)
     for batch in (small, large, small):
-        slot, _ = ring.take(batch)
-        on_device = slot.upload(batch, torch.device("cpu"))
+        slot, copy = ring.take(batch)
+        on_device = slot.upload(batch, CPU, copy=copy)
         assert on_device.dtype == torch.uint8 and tuple(on_device.shape) == batch.shape
         np.testing.assert_array_equal(on_device.numpy(), batch)
         ring.queued(slot, None, None)
     assert slot.host.numel() == large.nbytes and slot.device.numel() == large.nbytes
     floats = np.random.default_rng(1).random((1, 3, 8, 8), dtype=np.float32)
-    slot, _ = ring.take(floats)
-    assert torch.equal(slot.upload(floats, torch.device("cpu")), torch.from_numpy(floats))
+    slot, copy = ring.take(floats)
+    assert torch.equal(slot.upload(floats, CPU, copy=copy), torch.from_numpy(floats))
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
+def test_a_copy_uploaded_chunk_by_chunk_is_the_batch(chunk):
+    """Chunks of any size, ending inside a pixel or a float, leave the slot and its device copy equal to the batch."""
+    ring = SlotRing(1, pin=False)
+    floats = np.random.default_rng(2).random((3, 3, 9, 11), dtype=np.float32)
+    for batch in (images(10, count=3, side=9), floats):
+        slot, copy = ring.take(batch)
+        on_device = slot.upload(batch, CPU, copy=copy, chunk=chunk)
+        np.testing.assert_array_equal(on_device.numpy(), batch)
+        np.testing.assert_array_equal(slot.array(batch.shape, batch.dtype), batch)
+        ring.queued(slot, None, None)
 
 
 def test_threads_sharing_a_ring_never_share_a_slot():
@@ -116,7 +134,8 @@ def test_threads_sharing_a_ring_never_share_a_slot():
 
     def use(seed: int) -> None:
         for _ in range(50):
-            slot, _ = ring.take(images(seed))
+            slot, copy = ring.take(images(seed))
+            slot.upload(images(seed), CPU, copy=copy)
             with lock:
                 if id(slot) in held:
                     problems.append("two threads hold one slot")

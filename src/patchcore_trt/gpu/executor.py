@@ -24,9 +24,9 @@ Two ways in:
   Prediction owns. ``submit`` returns at once: a caller that submits batch i+1 before reading batch i's
   results overlaps its host work with the GPU, as do threads sharing one executor.
 
-One lock serialises what touches the graphs (the enqueueing, not the host copies or the waiting), so threads may
-share one executor; the capture runs on a private stream under the lock (``capture_error_mode="thread_local"``),
-so other threads' CUDA work cannot break it.
+One lock serialises what touches the graphs (enqueueing their work; not the host copies, the uploads or the
+waiting), so threads may share one executor; the capture runs on a private stream under the lock
+(``capture_error_mode="thread_local"``), so other threads' CUDA work cannot break it.
 """
 
 from __future__ import annotations
@@ -288,22 +288,26 @@ class CudaPatchCore:
         dtype = _TORCH_DTYPES.get(images.dtype, torch.float64)  # float64 and others fail the layout check
         _check_layout(tuple(images.shape), dtype)
         images = np.ascontiguousarray(images)
-        slot, _ = self.ring.take(images)  # the host copy, if any, outside the lock
+        slot, copy = self.ring.take(images)
         uploaded = consumed = None
         try:
-            with self._lock, torch.cuda.device(self.device):
+            with torch.cuda.device(self.device):
+                # Outside the lock: the slot is this call's alone, and the copy stream takes any thread's uploads.
                 if slot.consumed is not None:  # the last batch from this slot may still be reading its device copy
                     self._copy.wait_event(slot.consumed)
                 with torch.cuda.stream(self._copy):
-                    on_device = slot.upload(images, self.device, streams=(self._copy, self._compute))
-                    uploaded = torch.cuda.Event()
-                    uploaded.record(self._copy)
-                self._compute.wait_event(uploaded)
-                try:
-                    return self._download(on_device)
-                finally:
-                    consumed = torch.cuda.Event()
-                    consumed.record(self._compute)
+                    try:
+                        on_device = slot.upload(images, self.device, copy=copy, streams=(self._copy, self._compute))
+                    finally:  # also after a partial upload: the host must not rewrite bytes a DMA may still read
+                        uploaded = torch.cuda.Event()
+                        uploaded.record(self._copy)
+                with self._lock:
+                    self._compute.wait_event(uploaded)
+                    try:
+                        return self._download(on_device)
+                    finally:
+                        consumed = torch.cuda.Event()
+                        consumed.record(self._compute)
         finally:
             # Nothing enqueued for the slot: whatever read its device copy before still does.
             self.ring.queued(slot, uploaded, consumed if consumed is not None else slot.consumed)

@@ -2,14 +2,14 @@
 
 Why a ring: with one staging buffer, the host could not write batch i+1 into it until batch i's upload had read
 it, and its results could not be read while the next batch ran; everything the CPU does was serialised with the
-GPU. With a few slots, a producer fills one slot (or ``take`` copies a caller's array into one) while the GPU
-uploads and runs another.
+GPU. With a few slots, a producer fills one slot while the GPU uploads and runs another.
 
-A slot's life: claimed (``lend``: a producer fills ``slot.array``; or ``take`` copies the caller's array in) ->
-queued (the executor enqueued its upload and hands back two events: ``uploaded``, after which the host bytes may
-be written again, and ``consumed``, after which the GPU no longer reads the slot's device copy) -> claimable again.
-The host waits only on ``uploaded``, and only when it claims that slot again; the device copy is rewritten on the
-copy stream after it waits on ``consumed`` (a GPU-side wait: the host does not block).
+A slot's life: claimed (``lend``: a producer fills it; or ``take``, then ``Slot.upload`` copies the caller's
+array in chunk by chunk, each chunk's upload enqueued before the next is copied, so the copy overlaps the DMA) ->
+queued (the executor hands back two events: ``uploaded``, after which the host bytes may be written again, and
+``consumed``, after which the GPU no longer reads the slot's device copy) -> claimable again. The host waits only
+on ``uploaded``, and only when it claims that slot again; the device copy is rewritten on the copy stream after
+it waits on ``consumed`` (a GPU-side wait: the host does not block).
 
 Outputs are not in the ring: each batch gets its own block (``carve``), and the Prediction returned is views of it.
 A reused output slot would be overwritten by a later batch while the caller still reads (the served model slices
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 RING_SLOTS = 3  # one being filled, one uploading, one whose device copy the running batch reads
+UPLOAD_CHUNK = 2 << 20  # bytes copied into a slot before their upload is enqueued: the copy overlaps the DMA
 _ALIGN = 256  # every carved view starts on a 256-byte boundary (any dtype view of it is aligned)
 
 _NUMPY_TO_TORCH = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
@@ -80,16 +81,31 @@ class Slot:
         if self.host.numel() < nbytes:
             self.host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
-    def upload(self, images: np.ndarray, device: torch.device, streams: Sequence[Any] = ()) -> torch.Tensor:
-        """Enqueue the copy of the slot's first ``images.nbytes`` bytes to its device copy (on the current stream;
-        the caller has made that stream wait on ``consumed``) and return it as a ``images``-shaped tensor there.
-        A fresh device buffer is recorded on ``streams`` (the streams that read it) for the caching allocator."""
+    def upload(
+        self,
+        images: np.ndarray,
+        device: torch.device,
+        *,
+        copy: bool,
+        streams: Sequence[Any] = (),
+        chunk: int = UPLOAD_CHUNK,
+    ) -> torch.Tensor:
+        """Enqueue the upload of C-contiguous ``images`` to the slot's device copy (on the current stream, which
+        the caller has made wait on ``consumed``) and return them as a tensor there. With ``copy`` they are first
+        copied into the slot, ``chunk`` bytes at a time, each chunk's upload enqueued before the next is copied;
+        otherwise they are the slot's bytes already (lent). A fresh device buffer is recorded on ``streams`` (the
+        streams that read it) for the caching allocator."""
         nbytes = images.nbytes
         if self.device is None or self.device.numel() < nbytes or self.device.device != device:
             self.device = torch.empty(self.host.numel(), dtype=torch.uint8, device=device)
             for stream in streams:
                 self.device.record_stream(stream)
-        self.device[:nbytes].copy_(self.host[:nbytes], non_blocking=True)
+        source, host = images.reshape(-1).view(np.uint8), self.host[:nbytes].numpy()
+        for start in range(0, nbytes, chunk if copy else max(nbytes, 1)):
+            stop = min(start + chunk, nbytes) if copy else nbytes
+            if copy:
+                np.copyto(host[start:stop], source[start:stop])
+            self.device[start:stop].copy_(self.host[start:stop], non_blocking=True)
         return self.device[:nbytes].view(_NUMPY_TO_TORCH[images.dtype]).view(images.shape)
 
 
@@ -139,20 +155,15 @@ class SlotRing:
         return next((slot for slot in self._slots if slot.lent is not None and slot.holds(images)), None)
 
     def take(self, images: np.ndarray) -> tuple[Slot, bool]:
-        """The slot to upload ``images`` from, and whether they had to be copied into it: a lent array is its own
-        slot; anything else is copied into the next free slot. The slot stays claimed until ``queued``."""
+        """The slot to upload ``images`` from, and whether they must be copied into it (``Slot.upload``): a lent
+        array is its own slot; anything else goes into the next free slot. The slot stays claimed until
+        ``queued``."""
         with self._lock:
             slot = self._lent_slot(images)
             if slot is not None:
                 slot.lent = None
                 return slot, False
-        slot = self._claim(images.nbytes)
-        try:
-            np.copyto(slot.array(images.shape, images.dtype), images)
-        except BaseException:
-            self.queued(slot, None, None)
-            raise
-        return slot, True
+        return self._claim(images.nbytes), True
 
     def queued(self, slot: Slot, uploaded: Any, consumed: Any) -> None:
         """The executor enqueued ``slot``'s upload (or gave up on it: ``None`` events); it may be claimed again."""
