@@ -194,3 +194,17 @@ def test_predict_stacks_its_batches_into_the_backends_pinned_slots(resnet18_chec
     assert summary.scored == len(paths)
     rows = json.loads(json_path.read_text())["results"]
     assert [row["score"] for row in rows] == [float(score) for score in expected.pred_score]
+
+
+def test_outputs_downloaded_from_a_device_copy_are_the_direct_downloads(small_executor, monkeypatch):
+    """Large outputs are copied on the device and downloaded off the compute stream (executor.STAGED_DOWNLOAD);
+    forced on for every size and off for every size, the results are the same bits."""
+    from patchcore_trt.gpu import executor as module
+
+    images = np.random.default_rng(14).integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    monkeypatch.setattr(module, "STAGED_DOWNLOAD", 1 << 62)
+    direct = [small_executor.run_host(images[:count]) for count in (1, 3)]
+    monkeypatch.setattr(module, "STAGED_DOWNLOAD", 0)
+    staged = [small_executor.submit(images[:count]) for count in (1, 3)]
+    for want, got in zip(direct, staged, strict=True):
+        assert_same(got.result(), want)

@@ -49,6 +49,7 @@ from patchcore_trt.spec import PatchCoreSpec
 
 _TORCH_DTYPES = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}
 DEFAULT_MAX_BATCH = 64  # the benchmarks' largest batch (benchmarks/h200_table.py); a server passes its own
+STAGED_DOWNLOAD = 1 << 20  # output bytes from which a chunk is copied on the device and downloaded from the copy
 MAX_MAP_SIZES = 4  # with the map at the input's size, graph sets kept for this many recent input sizes
 
 
@@ -201,7 +202,8 @@ class CudaPatchCore:
             ).eval()
             self._pool = torch.cuda.graph_pool_handle() if graphs else None
             self._compute = torch.cuda.Stream(self.device)
-            self._copy = torch.cuda.Stream(self.device)
+            self._copy = torch.cuda.Stream(self.device)  # uploads
+            self._fetch = torch.cuda.Stream(self.device)  # downloads of staged outputs
         self._statics: OrderedDict[tuple[int, int] | None, _Statics] = OrderedDict()
         self._graphs: dict[tuple[int, tuple[int, int] | None], _BatchGraph] = {}
         self.ring = SlotRing(slots, pin=True)
@@ -268,18 +270,31 @@ class CudaPatchCore:
 
     def _download(self, on_device: torch.Tensor) -> PendingPrediction:
         """Replay ``on_device`` (ordered on the compute stream) and download each output once, chunk by chunk,
-        into a pinned block of its own; the caller holds the lock."""
+        into a pinned block of its own; the caller holds the lock.
+
+        The next replay overwrites the static outputs, so a download from them holds the compute stream for its
+        whole DMA (about a millisecond for 64 maps at 256x256). Outputs of ``STAGED_DOWNLOAD`` bytes or more are
+        first copied on the device (tens of microseconds) and downloaded from the copy on the fetch stream, while
+        the next batch computes; smaller ones go down directly, where the extra copy would cost more than it saves."""
         outputs: list[torch.Tensor] = []
 
         def download(start: int, out: DeployOutput) -> None:
             if not outputs:  # the first chunk's shapes and dtypes size the whole batch's block
                 outputs.extend(carve([((len(on_device), *t.shape[1:]), t.dtype) for t in out], pin=True))
-            for host, device_out in zip(outputs, out, strict=True):
-                host[start : start + len(device_out)].copy_(device_out, non_blocking=True)
+            sources, stream = list(out), self._compute
+            if sum(t.numel() * t.element_size() for t in out) >= STAGED_DOWNLOAD:
+                sources, stream = [t.clone() for t in out], self._fetch
+                stream.wait_stream(self._compute)
+                for source in sources:
+                    source.record_stream(stream)  # the caching allocator keeps it until the download is done
+            with torch.cuda.stream(stream):
+                for host, source in zip(outputs, sources, strict=True):
+                    host[start : start + len(source)].copy_(source, non_blocking=True)
 
         self._replay(on_device, download)
+        self._fetch.wait_stream(self._compute)
         done = torch.cuda.Event()
-        done.record(self._compute)
+        done.record(self._fetch)
         return PendingPrediction(done, Prediction.from_outputs(outputs))
 
     def submit(self, images: np.ndarray) -> PendingPrediction:
