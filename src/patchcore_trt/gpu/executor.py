@@ -14,15 +14,16 @@ whatever the number of graphs. What each further graph adds is its executable (i
 benchmarks/profile_cuda.py ``--host-vs-device`` reports the memory before and after capturing 1..max_batch. The
 upload ring adds three slots, each as large as the largest host batch it has carried, pinned and on the device.
 
-Two ways in:
+Ways in:
 - ``CudaPatchCore.run(tensor)``: device-resident, uint8 [N, H, W, 3] or float32 [N, 3, H, W] on the GPU;
   returns the graph's device outputs (valid until the next call).
 - ``CudaPatchCore.submit(array)`` / ``run_host(array)``: numpy in, a Prediction out (what
   runtime/cuda_backend.py adapts to the contract). The upload goes through a ring of pinned slots (staging.py)
   on a copy stream the compute stream waits on; the four outputs (labels and masks computed by the graph, as
   ``PatchCoreDeploy.outputs`` computes them) are downloaded once each into a pinned block the returned
-  Prediction owns. ``submit`` returns at once: a caller that submits batch i+1 before reading batch i's
-  results overlaps its host work with the GPU, as do threads sharing one executor.
+  Prediction owns, large ones from a device copy on a fetch stream while the next batch computes. ``submit``
+  returns at once: a caller that submits batch i+1 before reading batch i's results overlaps its host work with
+  the GPU, as do threads sharing one executor. ``submit_device(tensor)`` is the same for a batch on the GPU.
 
 One lock serialises what touches the graphs (enqueueing their work; not the host copies, the uploads or the
 waiting), so threads may share one executor; the capture runs on a private stream under the lock
