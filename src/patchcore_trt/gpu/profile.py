@@ -90,7 +90,7 @@ def _rate(step: Callable[[int], Any], finish: Callable[[], None], batch: int, it
 
 
 def host_vs_device(
-    backend: Any, batches: list[np.ndarray], *, iters: int = 200, max_seconds: float = 20.0, depth: int = 2
+    backend: Any, batches: list[np.ndarray], *, iters: int = 200, max_seconds: float = 10.0, depth: int = 2
 ) -> dict[str, float]:
     """img/s of one CudaBackend on the same uint8 batches, device-resident and host-to-host, each of:
 
