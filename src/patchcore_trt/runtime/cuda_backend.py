@@ -5,9 +5,10 @@ Two modes (registry.CUDA_MODES): ``exact`` (the default) computes anomalib's FP3
 override a mode's choices. It takes uint8 [N, H, W, 3] (4x fewer bytes to upload than float32, converted on the
 GPU) and CUDA tensors natively.
 
-Host arrays go up through the executor's ring of pinned slots; a producer that fills ``slot(n, h, w)`` (a uint8
-array in pinned memory) and predicts on it saves the one host copy. Results come back as views of a pinned block
-each Prediction owns (gpu/staging.py says why), labels and masks computed on the GPU: nothing is copied on the host.
+Host arrays go up through the executor's ring of pinned slots (copied in once); a producer that fills
+``slot(n, h, w)`` (a uint8 array in pinned memory) and predicts on it saves that copy. Results come back as views
+of a pinned block each Prediction owns (gpu/staging.py says why), labels and masks computed on the GPU: one
+download per output and no host copy of any.
 """
 
 from __future__ import annotations
