@@ -93,7 +93,14 @@ class TritonPythonModel:
             anomalib = {"anomalib_version": params["anomalib_version"]} if params.get("anomalib_version") else {}
             if gpu:
                 options = {key: params[key] for key in ("mode", "backbone_dtype", "search") if params.get(key)}
-                backend = open_backend(artifact, "cuda", device=device, trust_pickled_code=trust, **anomalib, **options)
+                max_batch = int(config["max_batch_size"])
+                backend = open_backend(
+                    artifact, "cuda", device=device, trust_pickled_code=trust, max_batch=max_batch, **anomalib,
+                    **options,
+                )  # fmt: skip
+                # One CUDA graph per batch size the batcher can form, captured now rather than on a client's request:
+                # batches run unpadded.
+                backend.executor.capture(range(1, max_batch + 1))
                 precision = ", ".join(f"{key} {value}" for key, value in options.items())
             else:
                 backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust, **anomalib)
