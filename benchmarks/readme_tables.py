@@ -126,7 +126,39 @@ def cpu_parity_table(source: str = "cpu_parity.json") -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES: dict[str, Callable[[], str]] = {"serve": serve_table, "cpu_parity": cpu_parity_table}
+def line_products_table(source: str = "cpu_line_products.json") -> str:
+    """A line against separate models: memory of the server's process group and mixed-traffic throughput."""
+    data = json.loads((RESULTS / source).read_text())
+    settings, env = data["settings"], data["environment"]
+    lines = [
+        "| served as | products | memory (PSS) MB | img/s (clients' count) | img/s (Triton's count) | p50 ms | p99 ms "
+        "| failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in data["rows"]:
+        measured = "img_s" in row
+        figures = (
+            [f"{row['img_s']:.1f}", f"{row['triton_img_s']:.1f}",
+             f"{row['p50_ms']:.0f}", f"{row['p99_ms']:.0f}", str(row["failures"])]
+            if measured else ["-"] * 5
+        )  # fmt: skip
+        lines.append(f"| {row['serving']} | {row['products']} | {row['pss_mb']:,.0f} | " + " | ".join(figures) + " |")
+    lines += [
+        "",
+        f"From [benchmarks/results/{source}](benchmarks/results/{source}) (`{env['command']}` at commit "
+        f"{env['commit'][:10]}, {env['machine']}, torch {env['versions'].get('torch')}): resnet18 at 256 x 256, "
+        f"M = {settings['bank']:,} rows per product, CPU instances, {settings['clients']} clients each sending one "
+        f"frame at a time to a random product, a {settings['seconds']:g} s window after {settings['warmup']:g} s "
+        "of warm-up; memory is the proportional set size of tritonserver and all its model processes.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "serve": serve_table,
+    "cpu_parity": cpu_parity_table,
+    "line_products": line_products_table,
+}
 
 
 def render(text: str, *, relative_to: Path = ROOT) -> str:

@@ -10,6 +10,8 @@
 #   trained  train anomalib PatchCore (WRN50, CPU) on generated data; cuda backend vs FP32 on it (trained.json)
 #   bench    the benchmark table beside anomalib's eager module (bench/bench.{md,csv,json,png})
 #   profile  torch.profiler: GPU time per stage and kernel (profile.txt)
+#   hostdev  img/s host-to-host beside device-resident, pipelined and not; memory of one graph per batch size
+#            (host_vs_device.json)
 #   tests    the GPU tests (test_gpu, test_cuda_backend, test_exact_search compiled, the contract and label tests)
 #            with anomalib; golden checkpoints from
 #            $PATCHCORE_TRT_FIXTURES (tests.txt)
@@ -28,7 +30,7 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 M
 BENCH_ARGS=${BENCH_ARGS:-"--precision fp32,fp16 --search certified,fp16 --batch 1,16"}
 log=$OUT/log.txt
 run() { echo "=== $* ($(date -u +%T))" | tee -a "$log"; "$@" 2>&1 | tee -a "$log"; }
-for stage in ${*:-env backbone search trained bench profile}; do
+for stage in ${*:-env backbone search trained bench profile hostdev}; do
   case $stage in
     env) run nvidia-smi
          run python3 -c "import torch, triton, timm; print(torch.__version__, torch.version.cuda,
@@ -39,8 +41,9 @@ torch.backends.cudnn.version(), triton.__version__, timm.__version__, torch.cuda
     bench) run python3 -m patchcore_trt bench --synthetic --backends cuda --sizes 256,512 --bank 16384,32768 \
              $BENCH_ARGS -o "$OUT/bench" ;;
     profile) run python3 benchmarks/profile_cuda.py "$OUT/profile.txt" fp16,fp32 ;;
+    hostdev) run python3 benchmarks/profile_cuda.py --host-vs-device "$OUT/host_vs_device.json" ;;
     tests) run python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_cuda_backend.py \
-             tests/test_exact_search.py tests/test_contract.py tests/test_labels.py \
+             tests/test_exact_search.py tests/test_contract.py tests/test_labels.py tests/test_staging.py \
              | tee "$OUT/tests.txt" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;
   esac

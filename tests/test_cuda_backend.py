@@ -4,6 +4,8 @@ model on the CPU against the FP32 deploy model. Fresh random inputs everywhere; 
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -254,14 +256,67 @@ def test_the_cuda_backend_is_registered_and_refuses_a_machine_without_gpu(spec, 
         CudaPatchCore(spec)
 
 
-def test_host_output_labels_are_the_gpu_comparisons():
-    from patchcore_trt.gpu.executor import HostOutput
+def _around(target: np.float32, scale: float, offset: float, ulps: int = 6) -> np.ndarray:
+    """float32 raw values whose normalised value lands on, just under and just over ``target``."""
+    centre = np.float32(offset + (float(target) - 0.5) * scale)
+    values = [centre]
+    for direction in (np.float32(-np.inf), np.float32(np.inf)):
+        value = centre
+        for _ in range(ulps):
+            value = np.nextafter(value, direction)
+            values.append(value)
+    return np.sort(np.array(values, dtype=np.float32))
+
+
+@pytest.fixture(scope="module")
+def cpu_model(spec):
+    return FastPatchCore(spec, backbone_dtype="fp32").eval()
+
+
+@pytest.mark.parametrize("inclusive", [True, False])
+@pytest.mark.parametrize("sensitivity", [0.5, 0.3])
+def test_the_graphs_labels_and_masks_are_the_postprocess_rule(cpu_model, inclusive, sensitivity):
+    """The executor downloads the labels and masks the graph computes (PatchCoreDeploy.outputs, in torch) instead
+    of comparing again on the host: on values planted exactly at the float32 threshold they must be
+    Postprocess's numpy rule, bit for bit."""
     from patchcore_trt.spec import Postprocess
 
-    post = Postprocess(image_threshold=1, pixel_threshold=1, image_min=0, image_max=2, pixel_min=0, pixel_max=2)
-    score = np.array([0.2, 0.5, np.nextafter(np.float32(0.5), np.float32(1))], dtype=np.float32)
-    anomaly_map = np.full((3, 1, 2, 2), 0.75, dtype=np.float32)
-    prediction = HostOutput(score, anomaly_map).prediction(post)
-    assert prediction.pred_label.tolist() == [False, False, True] and prediction.pred_mask.all()
-    # run_host copies out of the pinned buffers (the next call reuses them) once; the Prediction wraps that copy.
-    assert prediction.pred_score is score
+    post = Postprocess(1.0, 3.0, 0.0, 2.0, 1.0, 5.0, sensitivity, sensitivity, threshold_inclusive=inclusive)
+    model = copy.copy(cpu_model)
+    model.post = post
+    threshold = np.float32(1 - sensitivity)
+    raw_scores = _around(threshold, 2.0, 1.0)
+    raw_map = _around(threshold, 4.0, 3.0)
+    out = model.outputs(
+        torch.from_numpy(raw_scores), torch.from_numpy(raw_map).view(1, 1, 1, -1), input_size=spec_size(model)
+    )
+    score, anomaly_map = out.pred_score.numpy(), out.anomaly_map.numpy()
+    for values in (score, anomaly_map.ravel()):
+        assert (values == threshold).any() and (values < threshold).any() and (values > threshold).any()
+    if sensitivity == 0.3:  # float32(0.7) < 0.7: a comparison in float64 would call the tie normal
+        assert not float(threshold) >= 0.7
+    np.testing.assert_array_equal(out.pred_label.numpy(), post.label(score))
+    np.testing.assert_array_equal(out.pred_mask.numpy(), post.mask(anomaly_map))
+    assert out.pred_label.numpy()[score == threshold].tolist() == [inclusive] * int((score == threshold).sum())
+    assert out.pred_label.dtype == torch.bool and out.pred_mask.dtype == torch.bool
+
+
+def spec_size(model: FastPatchCore) -> tuple[int, int]:
+    return tuple(model.preprocess.settings.resize)
+
+
+@pytest.mark.parametrize(("zero_range", "inclusive"), [(0.5, False), (0.5, True), (float("nan"), True)])
+def test_a_zero_range_labels_as_the_postprocess_rule(cpu_model, zero_range, inclusive):
+    from patchcore_trt.spec import Postprocess
+
+    post = Postprocess(1.0, 1.0, 1.0, 1.0, 1.0, 1.0, zero_range=zero_range, threshold_inclusive=inclusive)
+    model = copy.copy(cpu_model)
+    model.post = post
+    raw = torch.tensor([0.5, 1.0, 1.5])
+    out = model.outputs(raw, raw.view(1, 1, 1, 3), input_size=spec_size(model))
+    score = out.pred_score.numpy()
+    np.testing.assert_array_equal(score, np.float32([0.0, zero_range, 1.0]))
+    np.testing.assert_array_equal(out.pred_label.numpy(), post.label(score))
+    np.testing.assert_array_equal(out.pred_mask.numpy(), post.mask(out.anomaly_map.numpy()))
+    at_threshold = zero_range == 0.5 and inclusive  # NaN is never anomalous; 0.5 only under 1.x's rule
+    assert out.pred_label.tolist() == [False, at_threshold, True]

@@ -28,6 +28,7 @@ from golden import FIXTURES, checkpoint
 from patchcore_trt.compare import PARITY_BAR
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.runtime import open_backend
+from patchcore_trt.serve.batching import runs_within
 from patchcore_trt.serve.health import stub_processes
 from patchcore_trt.serve.repository import parse_config
 from patchcore_trt.serve.server import free_ports, port_free
@@ -238,6 +239,46 @@ def test_a_request_over_the_pixel_budget_is_refused_with_the_limit(serving):
     assert f"limit of {MAX_REQUEST_PIXELS:,} per request" in error
     scores, error = _infer(serving.url, "other", big[:2])  # at the budget: served
     assert error == "" and scores.shape == (2,)
+
+
+def test_a_merged_call_is_run_in_runs_within_the_request_budget():
+    items = [np.zeros((count, 10, 10, 3), np.uint8) for count in (2, 1, 1, 3, 2, 5)]
+    runs = runs_within(items, 300, lambda images: images[..., 0].size)
+    assert [[len(images) for images in run] for run in runs] == [[2, 1], [1], [3], [2], [5]]
+    assert [images for run in runs for images in run] == items  # every request once, in order
+
+
+def test_requests_merged_past_the_budget_are_answered_as_each_alone(serving):
+    """Three clients at the budget at once: Triton merges two of them (twice the budget) into one call; the model
+    runs that call within the budget, and every answer is the one the request gets alone."""
+    batches = [np.random.default_rng(seed).integers(0, 256, (2, 512, 512, 3), dtype=np.uint8) for seed in range(3)]
+    before = _statistics(serving.url, "other")
+    answers: list = [None] * 3
+    threads = [
+        threading.Thread(target=lambda i=i: answers.__setitem__(i, _infer(serving.url, "other", batches[i])))
+        for i in range(3)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=START_TIMEOUT_S)
+    after = _statistics(serving.url, "other")
+    merged = {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in after["batch_stats"]}
+    earlier = {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in before["batch_stats"]}
+    assert merged.get(4, 0) > earlier.get(4, 0), (earlier, merged)  # a call held 4 images: twice the budget
+    for batch, (scores, error) in zip(batches, answers, strict=True):
+        alone, alone_error = _infer(serving.url, "other", batch)
+        assert error == alone_error == "" and np.array_equal(scores, alone)
+
+
+def _statistics(url: str, model: str) -> dict:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(url)
+    try:
+        return client.get_inference_statistics(model)["model_stats"][0]
+    finally:
+        client.close()
 
 
 def test_no_client_can_unload_or_load_a_model_for_the_others(serving):

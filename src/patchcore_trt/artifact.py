@@ -29,6 +29,8 @@ from patchcore_trt.outputs import Postprocess
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+# A line model's extra outputs: which product answered (UTF-8 bytes) and its checkpoint's SHA-256 (32 bytes).
+LINE_OUTPUT_NAMES = ("product", "product_sha256")
 METADATA_KEY = "patchcore_trt"
 METADATA_FORMAT = 2
 # Format 1 (before the post-processing rules were recorded) computed anomalib 2.7's rules; it reads as such.

@@ -65,6 +65,18 @@ def create_backbone(name: str, layers: tuple[str, ...]) -> nn.Module:
     return timm.create_model(name, pretrained=False, features_only=True, exportable=True, out_indices=indices)
 
 
+def load_backbone(name: str, layers: tuple[str, ...], state: dict[str, torch.Tensor]) -> nn.Module:
+    """``create_backbone`` with a checkpoint's weights loaded, in eval mode."""
+    backbone = create_backbone(name, layers)
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(
+            f"the checkpoint's backbone weights do not fit timm's {name} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it trained with another timm version?"
+        )
+    return backbone.eval()
+
+
 def squared_distances(x: torch.Tensor, y: torch.Tensor, y_sq_norm: torch.Tensor) -> torch.Tensor:
     """||x - y||^2 by anomalib's formula and operation order: -2 x.y + ||x||^2 + ||y||^2, clamped at 0."""
     x_sq_norm = x.pow(2).sum(dim=-1, keepdim=True)
@@ -215,7 +227,12 @@ class PatchCoreDeploy(nn.Module):
     """
 
     def __init__(
-        self, spec: PatchCoreSpec, *, map_at_input_size: bool = False, bank_chunk: int = DEFAULT_BANK_CHUNK
+        self,
+        spec: PatchCoreSpec,
+        *,
+        map_at_input_size: bool = False,
+        bank_chunk: int = DEFAULT_BANK_CHUNK,
+        backbone: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.spec_layers = spec.layers
@@ -223,14 +240,10 @@ class PatchCoreDeploy(nn.Module):
         self.post: Postprocess = spec.postprocess
         self.map_at_input_size = map_at_input_size
         self.preprocess = Preprocessor(spec.preprocess)
-        self.backbone = create_backbone(spec.backbone, spec.layers)
-        missing, unexpected = self.backbone.load_state_dict(spec.backbone_state, strict=False)
-        if missing or unexpected:
-            raise UserError(
-                f"the checkpoint's backbone weights do not fit timm's {spec.backbone} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it trained with another timm version?"
-            )
-        self.backbone.eval()
+        # Products whose checkpoints hold the same backbone share one module (serving many products, line/).
+        if backbone is None:
+            backbone = load_backbone(spec.backbone, spec.layers, spec.backbone_state)
+        self.backbone = backbone
         self.pool = nn.AvgPool2d(3, 1, 1)
         self.search = MemoryBankSearch(spec.memory_bank, bank_chunk)
         self.anomaly_map = AnomalyMap(spec.blur_kernel, spec.preprocess.model_size)
@@ -244,7 +257,10 @@ class PatchCoreDeploy(nn.Module):
 
     def raw_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Un-normalised (image score [N], anomaly map [N, 1, h, w]) as anomalib's PatchcoreModel returns them."""
-        embedding = self.embed(self.preprocess(images))
+        return self.score_embedding(self.embed(self.preprocess(images)))
+
+    def score_embedding(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embed``'s features [N, D, gh, gw] -> the raw (image score, anomaly map): everything the bank decides."""
         batch, dim, grid_h, grid_w = embedding.shape
         patches = embedding.permute(0, 2, 3, 1).reshape(batch, grid_h * grid_w, dim)
         distances, locations = self.search.nearest(patches.reshape(-1, dim))

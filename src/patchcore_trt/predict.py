@@ -116,7 +116,9 @@ def _infer(backend: Backend, images: list[np.ndarray]) -> tuple[Prediction | Non
     the milliseconds it took, and why the batch failed."""
     start = time.perf_counter()
     try:
-        prediction, bad, why = backend.predict(np.stack(images)), set(), None
+        # 8-bit images are stacked straight into the backend's staging memory (the cuda backend's pinned slots).
+        out = backend.slot(len(images), *images[0].shape[:2]) if images[0].dtype == np.uint8 else None
+        prediction, bad, why = backend.predict(np.stack(images, out=out)), set(), None
     except NonFiniteOutputError as exc:
         prediction, bad, why = exc.prediction, set(exc.bad), None
     except UserError as exc:  # the batch could not run (a server gone away, out of memory): its images fail

@@ -40,6 +40,9 @@ def predict_command(
         None, "--server", help="Score on a Triton server (http://HOST:8000 or grpc://HOST:8001) instead of a MODEL."
     ),
     model_name: str | None = typer.Option(None, "--model", help="(--server) The served model; default: its only one."),
+    product: str | None = typer.Option(
+        None, "--product", help="(--server, a line model) The product to score; default: the line's only one."
+    ),
     concurrency: int = typer.Option(1, "--concurrency", min=1, max=256, help="(--server) Requests in flight at once."),
     timeout: float = typer.Option(
         60.0, "--timeout", min=1, max=3600, help="(--server) Seconds to wait for an answer before the batch fails."
@@ -86,8 +89,8 @@ def predict_command(
         if len(arguments) < 2:
             raise UserError("predict needs a MODEL and at least one input (or --server URL and inputs)")
         model, inputs = Path(arguments[0]), arguments[1:]
-        if model_name is not None or concurrency != 1 or timeout != 60.0:
-            raise UserError("--model, --concurrency and --timeout apply to --server")
+        if model_name is not None or product is not None or concurrency != 1 or timeout != 60.0:
+            raise UserError("--model, --product, --concurrency and --timeout apply to --server")
     else:
         local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]
         if local or given:
@@ -95,6 +98,8 @@ def predict_command(
             raise UserError(f"{flags}: for a local MODEL; the server's model carries its own settings")
         model, inputs = server if "://" in server else f"http://{server}", arguments
         backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
+        if product is not None:
+            given["product"] = product
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     paths, unmatched = collect_images(inputs)

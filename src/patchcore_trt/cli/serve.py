@@ -129,6 +129,7 @@ def _still_stopping(signum: int, frame: object) -> None:
 
 def _serve(server: Any, timeout: float) -> None:
     from patchcore_trt.serve.health import ModelWatch
+    from patchcore_trt.serve.versions import VersionWatch
 
     started = time.perf_counter()
     err.print(f"> starting {server.distribution.binary} on {server.repository} ...")
@@ -143,8 +144,16 @@ def _serve(server: Any, timeout: float) -> None:
         _print_endpoints(server, ready[0])
         watch = ModelWatch(server, load_timeout_s=timeout)
         watch.start(ready)
+        new_versions = VersionWatch(server, load_timeout_s=timeout)
+        new_versions.start(ready)
         while server.alive():
             time.sleep(WATCH_INTERVAL_S)
+            for loaded, name, line in new_versions.check():
+                if loaded:
+                    err.print(line)
+                    watch.follow(name)
+                else:
+                    warn(line)
             for healed, line in watch.check():
                 if healed:
                     err.print(line)
@@ -167,15 +176,27 @@ def _serve(server: Any, timeout: float) -> None:
 
 
 def _print_endpoints(server: Any, model: str) -> None:
+    from patchcore_trt.line.products import product_list
+    from patchcore_trt.serve.line_repository import is_line
+    from patchcore_trt.serve.repository import check_model_folder
+
+    config = check_model_folder(server.repository / model)
+    # A line's client names its product; the example names the first.
+    product = product_arg = ""
+    if is_line(config):
+        products = product_list(config.parameters["products"].string_value, str(server.repository / model))
+        product = f" --product {next(iter(products))}"
+        product_arg = f", product='{next(iter(products))}'"
+        out.print(f"line    {model}: products {', '.join(products)}")
     out.print(f"HTTP    http://{server.http_url}   (health: curl http://{server.http_url}/v2/health/ready)")
     out.print(f"gRPC    grpc://{server.grpc_url}")
     out.print(f"metrics {server.metrics_url}")
     out.print(f"log     {server.log_file}")
     out.print("client:")
-    out.print(f"  {program()} predict --server http://{server.http_url} --model {model} IMAGES...")
+    out.print(f"  {program()} predict --server http://{server.http_url} --model {model}{product} IMAGES...")
     out.print(
         "  python: from patchcore_trt.runtime import open_backend\n"
-        f"          backend = open_backend('grpc://{server.grpc_url}', model='{model}')\n"
+        f"          backend = open_backend('grpc://{server.grpc_url}', model='{model}'{product_arg})\n"
         "          prediction = backend.predict(frames)  # uint8 [N, H, W, 3] -> score, label, map, mask"
     )
     out.print("Ctrl-C stops the server.")

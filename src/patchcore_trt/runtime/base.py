@@ -159,6 +159,12 @@ class Backend(ABC):
             raise NonFiniteOutputError(self.name, prediction, bad)
         return prediction
 
+    def slot(self, count: int, height: int, width: int) -> np.ndarray:
+        """An empty uint8 [count, height, width, 3] batch for a producer (a decoder) to fill and pass to ``predict``
+        once. A backend that stages its uploads hands out its own staging memory (cuda: a pinned slot), so the
+        batch is not copied again on its way to the device."""
+        return np.empty((count, height, width, 3), dtype=np.uint8)
+
     @abstractmethod
     def _infer(self, images: np.ndarray) -> Prediction:
         """Backend-specific inference on a validated, contiguous float32 [N, 3, H, W] batch."""

@@ -4,6 +4,11 @@ Two modes (registry.CUDA_MODES): ``exact`` (the default) computes anomalib's FP3
 (IEEE FP32 backbone); ``fast`` runs the backbone in FP16 (|d score| about 1e-3). ``backbone_dtype`` and ``search``
 override a mode's choices. It takes uint8 [N, H, W, 3] (4x fewer bytes to upload than float32, converted on the
 GPU) and CUDA tensors natively.
+
+Host arrays go up through the executor's ring of pinned slots (copied in once); a producer that fills
+``slot(n, h, w)`` (a uint8 array in pinned memory) and predicts on it saves that copy. Results come back as views
+of a pinned block each Prediction owns (gpu/staging.py says why), labels and masks computed on the GPU: one
+download per output and no host copy of any.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from patchcore_trt.checkpoint import read_checkpoint
-from patchcore_trt.gpu.executor import CudaPatchCore, require_cuda
+from patchcore_trt.gpu.executor import DEFAULT_MAX_BATCH, CudaPatchCore, require_cuda
 from patchcore_trt.outputs import Prediction
 from patchcore_trt.runtime.base import Backend
 from patchcore_trt.runtime.registry import CUDA_MODES
@@ -38,11 +43,12 @@ class CudaBackend(Backend):
         map_at_input_size: bool = False,
         graphs: bool = True,
         anomalib_version: str | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         super().__init__(artifact, device)
         require_cuda()
         spec = read_checkpoint(artifact, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
-        self._load(spec, mode, backbone_dtype, search, graphs, map_at_input_size)
+        self._load(spec, mode, backbone_dtype, search, graphs, map_at_input_size, max_batch)
 
     @classmethod
     def from_spec(
@@ -55,12 +61,13 @@ class CudaBackend(Backend):
         search: str | None = None,
         graphs: bool = True,
         map_at_input_size: bool = False,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> CudaBackend:
         """The backend for a model already in memory (a synthetic one for benchmarks), with no checkpoint file."""
         backend = cls.__new__(cls)
         Backend.__init__(backend, Path(spec.source_name or "model"), device)
         require_cuda()
-        backend._load(spec, mode, backbone_dtype, search, graphs, map_at_input_size)
+        backend._load(spec, mode, backbone_dtype, search, graphs, map_at_input_size, max_batch)
         return backend
 
     def _load(
@@ -71,6 +78,7 @@ class CudaBackend(Backend):
         search: str | None,
         graphs: bool,
         map_at_input_size: bool,
+        max_batch: int,
     ) -> None:
         self.spec = spec
         self.postprocess = spec.postprocess
@@ -81,16 +89,21 @@ class CudaBackend(Backend):
             device=self.device,
             graphs=graphs,
             map_at_input_size=map_at_input_size,
+            max_batch=max_batch,
         )
 
+    def slot(self, count: int, height: int, width: int) -> np.ndarray:
+        """A slot of the executor's ring, in pinned memory: ``predict`` on it uploads it without a host copy."""
+        return self.executor.ring.lend((count, height, width, 3))
+
     def _infer(self, images: np.ndarray) -> Prediction:
-        return self.executor.run_host(images).prediction(self.postprocess)
+        return self.executor.run_host(images)
 
     def _infer_uint8(self, images: np.ndarray) -> Prediction:
-        return self.executor.run_host(images).prediction(self.postprocess)
+        return self.executor.run_host(images)
 
     def _infer_device(self, images: Any) -> Prediction:
-        return Prediction.from_outputs(self.executor.run(images.to(self.executor.device)))
+        return self.executor.submit_device(images.to(self.executor.device)).result()
 
     @property
     def captures(self) -> int:

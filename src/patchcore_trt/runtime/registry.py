@@ -67,10 +67,16 @@ OPTIONS: dict[str, Option] = {
         ("certified", "fp16"),
     ),
     "graphs": Option("Replay CUDA graphs (off: eager launches, for profiling)."),
+    "max_batch": Option(
+        "The largest batch run as one CUDA graph: one graph per batch size up to it (a server passes its largest"
+        " batch); larger batches run in chunks of it.",
+        default="64",
+    ),
     "threads": Option("Intra-op threads (0: ONNX Runtime's default)."),
     "qdq_fusion": Option("Fuse QuantizeLinear/DequantizeLinear pairs into INT8 kernels."),
     "cuda_graph": Option("Replay a CUDA graph per input shape."),
     "model": Option("The served model's name; default: the server's only ready model."),
+    "product": Option("The product to score, on a line model (one served model for many products)."),
     "concurrency": Option("Requests in flight at once."),
     "timeout_s": Option("Seconds to wait for each answer."),
 }
@@ -110,7 +116,7 @@ REGISTRY: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "cuda", "patchcore_trt.runtime.cuda_backend:CudaBackend", (".ckpt",), ("cuda",),
-            (*_CHECKPOINT_OPTIONS, "mode", "backbone_dtype", "search", "graphs"),
+            (*_CHECKPOINT_OPTIONS, "mode", "backbone_dtype", "search", "graphs", "max_batch"),
             inputs=("float32", "uint8", "device"),
         ),
         BackendInfo(
@@ -124,7 +130,7 @@ REGISTRY: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "triton", "patchcore_trt.runtime.triton_backend:TritonBackend", (), ("server",),
-            ("model", "concurrency", "timeout_s"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
+            ("model", "product", "concurrency", "timeout_s"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
         ),
     )
 }  # fmt: skip

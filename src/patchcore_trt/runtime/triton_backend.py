@@ -20,9 +20,10 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ArtifactMetadata
+from patchcore_trt.artifact import INPUT_NAME, LINE_OUTPUT_NAMES, OUTPUT_NAMES, ArtifactMetadata
 from patchcore_trt.errors import UserError
 from patchcore_trt.images import uint8_to_float
+from patchcore_trt.line.products import product_list
 from patchcore_trt.outputs import Prediction
 from patchcore_trt.runtime.base import Backend
 
@@ -72,6 +73,8 @@ class TritonBackend(Backend):
         url: The server (see ``parse_url``).
         device: The registry's device kind for a server (``server``); the results name the URL instead.
         model: The model's name; None picks the server's only ready model.
+        product: On a line model (many products in one served model), the product to score; None picks the line's
+            only product.
         concurrency: Requests in flight at once (each carries a share of the batch).
         timeout_s: Per-request network timeout.
     """
@@ -84,6 +87,7 @@ class TritonBackend(Backend):
         *,
         device: str = "server",
         model: str | None = None,
+        product: str | None = None,
         concurrency: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
@@ -94,6 +98,8 @@ class TritonBackend(Backend):
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.module = _module(self.endpoint.protocol)
+        self.product = product
+        self.sources: set[str] = set()  # the checkpoint SHA-256s a line's answers came from
         self.client = self._connect()
         try:
             self.model = model or self._only_model()
@@ -165,13 +171,35 @@ class TritonBackend(Backend):
             raise UserError(f"{self.endpoint.url} model {self.model!r} has no output(s) {missing}")
         self.max_batch = max(int(config.get("max_batch_size", 1)), 1)
         self.parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-        if "metadata" not in self.parameters:
+        if "metadata" not in self.parameters and "products" not in self.parameters:
             raise UserError(
                 f"{self.endpoint.url} model {self.model!r} has no 'metadata' parameter (not written by this "
                 "patchcore-trt's 'triton'? write its repository again)"
             )
-        self.metadata = ArtifactMetadata.from_json(self.parameters["metadata"], f"{self.endpoint.url} {self.model}")
+        where = f"{self.endpoint.url} model {self.model!r}"
+        if "products" in self.parameters:
+            self._read_product(where)
+        elif self.product is not None:
+            raise UserError(f"{where} serves one checkpoint, not a line of products; drop --product")
+        else:
+            self.metadata = ArtifactMetadata.from_json(self.parameters["metadata"], where)  # type: ignore[arg-type]
         self.postprocess = self.metadata.postprocess
+
+    def _read_product(self, where: str) -> None:
+        """A line: this backend's product, its checkpoint's SHA-256 and metadata, from the config's product list."""
+        products = product_list(self.parameters["products"], where)
+        if self.product is None and len(products) == 1:
+            self.product = next(iter(products))
+        if self.product is None:
+            raise UserError(
+                f"{where} is a line of {len(products)} products; name one with --product: {', '.join(products)}"
+            )
+        if self.product not in products:
+            raise UserError(f"{where}: unknown product {self.product!r}; it serves: {', '.join(products)}")
+        entry = products[self.product]
+        self.sha256 = str(entry["sha256"])
+        self.parameters.update(source_file=str(entry["source_file"]), source_sha256=self.sha256)
+        self.metadata = ArtifactMetadata.from_json(entry["metadata"], f"{where} product {self.product}")  # type: ignore[arg-type]
 
     def describe(self) -> dict[str, object]:
         """What a results file records about the model: server, name, the served file, thresholds, rule."""
@@ -180,6 +208,7 @@ class TritonBackend(Backend):
             "file": self.model,
             "server": self.endpoint.url,
             "model": self.model,
+            **({"product": self.product} if self.product is not None else {}),
             **{key: self.parameters[key] for key in keys if key in self.parameters},
             "backend": self.name,
             "device": self.endpoint.url,
@@ -189,9 +218,17 @@ class TritonBackend(Backend):
         }
 
     def notes(self) -> list[str]:
-        if not self.quantized:
-            return []
-        return [f"{self.quantized} image(s) were not 8-bit and were rounded to 8 bits for the server's uint8 model"]
+        notes = []
+        if self.quantized:
+            notes.append(
+                f"{self.quantized} image(s) were not 8-bit and were rounded to 8 bits for the server's uint8 model"
+            )
+        if len(self.sources) > 1:
+            notes.append(
+                f"product {self.product} was replaced on the server during the run: answers came from checkpoints "
+                f"{', '.join(sorted(sha[:12] for sha in self.sources))} (now {self.sha256[:12]})"
+            )
+        return notes
 
     def _infer(self, images: np.ndarray) -> Prediction:
         if self.layout == "nchw_float32":
@@ -214,19 +251,25 @@ class TritonBackend(Backend):
     def _request(self, chunk: np.ndarray, datatype: str) -> tuple[list[Any], list[Any]]:
         tensor = self.module.InferInput(INPUT_NAME, list(chunk.shape), datatype)
         tensor.set_data_from_numpy(chunk)
+        names = (*OUTPUT_NAMES, *LINE_OUTPUT_NAMES) if self.product is not None else OUTPUT_NAMES
         if self.endpoint.protocol == "http":
-            outputs = [self.module.InferRequestedOutput(name, binary_data=True) for name in OUTPUT_NAMES]
+            outputs = [self.module.InferRequestedOutput(name, binary_data=True) for name in names]
         else:
-            outputs = [self.module.InferRequestedOutput(name) for name in OUTPUT_NAMES]
+            outputs = [self.module.InferRequestedOutput(name) for name in names]
         return [tensor], outputs
+
+    @property
+    def _parameters(self) -> dict[str, Any]:
+        """The request parameters: a line's product."""
+        return {"parameters": {"product": self.product}} if self.product is not None else {}
 
     def _send(self, batch: np.ndarray, datatype: str) -> Prediction:
         chunks = self._chunks(batch)
         send = self._send_http if self.endpoint.protocol == "http" else self._send_grpc
-        parts = [
-            Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES])
-            for result in send(chunks, datatype)
-        ]
+        results = send(chunks, datatype)
+        if self.product is not None:
+            self._check_sources(results)
+        parts = [Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES]) for result in results]
         prediction = Prediction.concat(parts)
         if len(prediction) != len(batch):
             raise RuntimeError(f"{self.endpoint.url} returned {len(prediction)} results for {len(batch)} images")
@@ -235,12 +278,16 @@ class TritonBackend(Backend):
     def _send_http(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
         if len(chunks) == 1:
             inputs, outputs = self._request(chunks[0], datatype)
-            return [self._call("inference", self.client.infer, self.model, inputs, outputs=outputs)]
+            return [self._call("inference", self.client.infer, self.model, inputs, outputs=outputs, **self._parameters)]
         # The client's own pool (``concurrency`` connections) keeps at most that many requests in flight.
         handles = []
         for chunk in chunks:
             inputs, outputs = self._request(chunk, datatype)
-            handles.append(self._call("inference", self.client.async_infer, self.model, inputs, outputs=outputs))
+            handles.append(
+                self._call(
+                    "inference", self.client.async_infer, self.model, inputs, outputs=outputs, **self._parameters
+                )
+            )
         return [self._call("inference", handle.get_result) for handle in handles]
 
     def _send_grpc(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
@@ -258,7 +305,7 @@ class TritonBackend(Backend):
             self._call(
                 "inference", self.client.async_infer, self.model, inputs,
                 callback=lambda result, error, index=index: finished(index, result, error),
-                outputs=outputs, client_timeout=self.timeout_s,
+                outputs=outputs, client_timeout=self.timeout_s, **self._parameters,
             )  # fmt: skip
         results: list[Any] = [None] * len(chunks)
         for _ in chunks:
@@ -272,6 +319,17 @@ class TritonBackend(Backend):
                 raise UserError(f"{self.endpoint.url} model {self.model!r}: inference: {_message(error)}")
             results[index] = result
         return results
+
+    def _check_sources(self, results: list[Any]) -> None:
+        """Every answer names its product and checkpoint; a replaced checkpoint brings its own thresholds."""
+        for result in results:
+            names = {bytes(row).decode(errors="replace") for row in result.as_numpy(LINE_OUTPUT_NAMES[0])}
+            if names != {self.product}:
+                raise RuntimeError(f"{self.endpoint.url} answered for product(s) {sorted(names)}, not {self.product}")
+            shas = {bytes(row).hex() for row in result.as_numpy(LINE_OUTPUT_NAMES[1])}
+            self.sources |= shas
+            if shas != {self.sha256}:
+                self._read_model()  # the product was replaced: its new checkpoint's metadata
 
     def statistics(self) -> dict[str, Any]:
         """Triton's statistics of this model (counts of inferences, executions and each batch size)."""

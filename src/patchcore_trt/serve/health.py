@@ -37,9 +37,13 @@ def _stat(pid: str) -> tuple[int, str] | None:
 def stub_processes(server_pid: int, repository: Path) -> dict[str, set[int]]:
     """Model name -> pids of the live (not zombie) Python backend stubs that the server started for it.
 
-    A stub's first argument is its model's model.py, REPO/NAME/VERSION/model.py.
+    A stub's first argument is its model's model.py, REPO/NAME/VERSION/model.py; stubs of a version older than the
+    model's newest are left out.
     """
+    from patchcore_trt.serve.repository import versions
+
     found: dict[str, set[int]] = {}
+    newest: dict[str, str] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -53,8 +57,13 @@ def stub_processes(server_pid: int, repository: Path) -> dict[str, set[int]]:
         if len(argv) < 2 or Path(argv[0].decode(errors="replace")).name != STUB_NAME:
             continue
         with contextlib.suppress(ValueError):
-            model = Path(argv[1].decode(errors="replace")).relative_to(repository).parts[0]
-            found.setdefault(model, set()).add(int(entry.name))
+            model, version = Path(argv[1].decode(errors="replace")).relative_to(repository).parts[:2]
+            if model not in newest:
+                numbers = versions(repository / model)
+                newest[model] = str(numbers[-1]) if numbers else ""
+            # A line's older version still answers while its newest loads; only the newest one is watched.
+            if version == newest[model]:
+                found.setdefault(model, set()).add(int(entry.name))
     return found
 
 
@@ -78,6 +87,10 @@ class ModelWatch:
         """Record the stubs of ``models`` (the READY ones) as they are now."""
         current = stub_processes(self.server.process.pid, self.server.repository)
         self.stubs = {name: current[name] for name in models if name in current}
+
+    def follow(self, name: str) -> None:
+        """Watch the stubs ``name`` runs now (after a new version of it was loaded)."""
+        self.stubs[name] = stub_processes(self.server.process.pid, self.server.repository).get(name, set())
 
     def check(self) -> list[tuple[bool, str]]:
         """Reload each model whose stub ended; returns lines to show, (True, line) when all is well again."""

@@ -1,9 +1,14 @@
-"""The Triton Python backend model: a checkpoint on patchcore-trt's backends, behind Triton's dynamic batcher.
+"""The Triton Python backend model: a checkpoint, or a line of many products, behind Triton's dynamic batcher.
 
-Triton imports this through the model.py that ``patchcore-trt triton`` writes. Each instance loads the checkpoint
-once: a GPU instance runs the cuda backend on its own GPU (the memory bank stays resident there), a CPU instance
-the torch backend (the FP32 reference). Requests carry uint8 [n, H, W, 3] images; the requests of one call are
-grouped by image size, run as one batch per size and answered one by one, a bad request with its own error.
+Triton imports this through the model.py that ``patchcore-trt triton`` writes. Each instance loads its model once:
+- one checkpoint: a GPU instance runs the cuda backend on its own GPU (the memory bank stays resident there), a
+  CPU instance the torch backend (the FP32 reference);
+- a line (``line: true``): line.model.Line on the instance's device; each request names its product in the
+  request parameter ``product``, and each response carries the product's name and checkpoint SHA-256 as the
+  outputs ``product`` and ``product_sha256`` (UTF-8 and raw bytes: Triton 2.51's Python backend has no response
+  parameters, and BYTES tensors would need numpy<2 in the stub).
+Requests carry uint8 [n, H, W, 3] images; the requests of one call are grouped by image size, run in batches of at
+most ``max_request_pixels`` and answered one by one, a bad request (or a bad product) with its own error.
 
 Tensors cross the stub by DLPack only. The Python backend stub of Triton 2.51 is built with pybind11 2.10, which
 predates numpy 2: with numpy 2 installed, ``as_numpy()`` returns wrong pixels and ``Tensor(name, ndarray)`` sends
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +28,46 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend stub
 
-from patchcore_trt.artifact import INPUT_NAME, MIN_SIDE, OUTPUT_NAMES
+from patchcore_trt.artifact import INPUT_NAME, LINE_OUTPUT_NAMES, MIN_SIDE, OUTPUT_NAMES
 from patchcore_trt.errors import UserError
+from patchcore_trt.line.model import Line
 from patchcore_trt.outputs import NonFiniteOutputError, Prediction
-from patchcore_trt.runtime import open_backend
+from patchcore_trt.runtime import Backend, open_backend
+from patchcore_trt.serve.batching import runs_within
 
 
 class RequestError(Exception):
     """What is wrong with one request; it becomes that request's error response."""
+
+
+class OneModel:
+    """One checkpoint's backend with a line's ``run`` signature: one batch for every request of one image size."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    def run(self, items: Sequence[tuple[str | None, np.ndarray]]) -> list[Prediction | UserError]:
+        # Concatenated straight into the backend's staging memory (the cuda backend's pinned slots: no second copy).
+        height, width = items[0][1].shape[1:3]
+        batch = self.backend.slot(sum(len(images) for _, images in items), height, width)
+        np.concatenate([images for _, images in items], out=batch)
+        try:
+            prediction, bad = self.backend.predict(batch), []
+        except NonFiniteOutputError as exc:
+            prediction, bad = exc.prediction, exc.bad
+        except UserError as exc:
+            return [exc] * len(items)
+        results: list[Prediction | UserError] = []
+        start = 0
+        for _, images in items:
+            part = prediction[start : start + len(images)]
+            failed = [index - start for index in bad if start <= index < start + len(images)]
+            results.append(NonFiniteOutputError(self.backend.name, part, failed) if failed else part)
+            start += len(images)
+        return results
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 class TritonPythonModel:
@@ -41,55 +79,94 @@ class TritonPythonModel:
         self.name = args["model_name"]
         self.max_pixels = int(params["max_pixels"])
         self.max_request_pixels = int(params.get("max_request_pixels") or self.max_pixels)  # older repositories
-        self.buckets = [int(size) for size in params["batch_buckets"].split(",")]
-        artifact = Path(args["model_repository"]) / args["model_version"] / params["artifact"]
-        trust = params.get("trust_pickled_code") == "true"
-        version = {"anomalib_version": params["anomalib_version"]} if params.get("anomalib_version") else {}
-        if args["model_instance_kind"] == "GPU":
-            device = f"cuda:{args['model_instance_device_id']}"
-            options = {key: params[key] for key in ("mode", "backbone_dtype", "search") if params.get(key)}
-            self.backend = open_backend(artifact, "cuda", device=device, trust_pickled_code=trust, **version, **options)
-            where = f"{device} ({torch.cuda.get_device_name(int(args['model_instance_device_id']))})"
-            precision = ", ".join(f"{key} {value}" for key, value in options.items())
-            # Each batch size is a captured CUDA graph: pad to the next bucket so few sizes are ever captured.
-            self.pad_to_buckets = True
+        version = Path(args["model_repository"]) / args["model_version"]
+        gpu = args["model_instance_kind"] == "GPU"
+        device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        where = f"{device} ({torch.cuda.get_device_name(int(args['model_instance_device_id']))})" if gpu else "cpu"
+        self.line: Line | None = None
+        if params.get("line") == "true":
+            self.line = Line(version, device)
+            self.model: OneModel | Line = self.line
+            loaded = (
+                f"version {args['model_version']}: {len(self.line.products)} products ({', '.join(self.line.products)})"
+            )
+            what = f"line model on {where} (fp32)"
         else:
-            self.backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust, **version)
-            where, precision = "cpu", "fp32"
-            self.pad_to_buckets = False
-        pb_utils.Logger.log_info(
-            f"patchcore-trt: {args['model_instance_name']} loaded {artifact.name} with the {self.backend.name} "
-            f"backend on {where} ({precision}; batch buckets {self.buckets})"
-        )
+            artifact = version / params["artifact"]
+            trust = params.get("trust_pickled_code") == "true"
+            anomalib = {"anomalib_version": params["anomalib_version"]} if params.get("anomalib_version") else {}
+            if gpu:
+                options = {key: params[key] for key in ("mode", "backbone_dtype", "search") if params.get(key)}
+                max_batch = int(config["max_batch_size"])
+                backend = open_backend(
+                    artifact, "cuda", device=device, trust_pickled_code=trust, max_batch=max_batch, **anomalib,
+                    **options,
+                )  # fmt: skip
+                # One CUDA graph per batch size the batcher can form, captured now rather than on a client's request:
+                # batches run unpadded.
+                backend.executor.capture(range(1, max_batch + 1))
+                precision = ", ".join(f"{key} {value}" for key, value in options.items())
+            else:
+                backend = open_backend(artifact, "torch", device="cpu", trust_pickled_code=trust, **anomalib)
+                precision = "fp32"
+            self.model = OneModel(backend)
+            loaded, what = artifact.name, f"{backend.name} backend on {where} ({precision})"
+        pb_utils.Logger.log_info(f"patchcore-trt: {args['model_instance_name']} loaded {loaded} with the {what}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
+        by_size: dict[tuple[int, int], list[tuple[int, str | None, np.ndarray]]] = defaultdict(list)
         for index, request in enumerate(requests):
             try:
+                product = self._product(request)
                 images = self._images(request)
             except RequestError as exc:
                 responses[index] = _error(str(exc), invalid_request=True)
                 continue
-            groups[images.shape[1:3]].append((index, images))
-        for items in groups.values():
-            sizes = [len(images) for _, images in items]
-            try:
-                prediction, bad = self._run(np.concatenate([images for _, images in items]))
-            except UserError as exc:
-                for index, _ in items:
-                    responses[index] = _error(str(exc))
-                continue
-            start = 0
-            for (index, _), size in zip(items, sizes, strict=True):
-                part = range(start, start + size)
-                failed = [position - start for position in part if position in bad]
-                if failed:
-                    responses[index] = _error(f"{self.name}: image(s) {failed} of the request scored NaN or infinity")
-                else:
-                    responses[index] = self._response(requests[index], prediction[start : start + size])
-                start += size
+            by_size[images.shape[1:3]].append((index, product, images))
+        for items in by_size.values():
+            # The batcher merged up to max_batch requests: no run may hold more pixels than one request may.
+            for chunk in runs_within(items, self.max_request_pixels, lambda item: item[2][..., 0].size):
+                results = self._run([(product, images) for _, product, images in chunk])
+                for (index, product, _), result in zip(chunk, results, strict=True):
+                    responses[index] = self._answer(requests[index], product, result)
         return responses
+
+    def _run(self, pairs: list[tuple[str | None, np.ndarray]]) -> list[Prediction | Exception]:
+        """The merged run; should it fail as a whole, each request alone, so that only the one at fault fails."""
+        try:
+            return list(self.model.run(pairs))
+        except Exception as exc:  # whatever broke the merged batch is answered per request below
+            if len(pairs) == 1:
+                return [exc]
+        results: list[Prediction | Exception] = []
+        for pair in pairs:
+            try:
+                results.extend(self.model.run([pair]))
+            except Exception as exc:  # this request's own failure, answered to it alone
+                results.append(exc)
+        return results
+
+    def _product(self, request: Any) -> str | None:
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except ValueError:
+            parameters = {}
+        product = parameters.get("product")
+        if self.line is None:
+            if product is not None:
+                raise RequestError(f"{self.name}: serves one checkpoint, not a line of products; send no 'product'")
+            return None
+        if not isinstance(product, str) or not product:
+            raise RequestError(
+                f"{self.name}: a line model needs the request parameter 'product' "
+                f"(one of: {', '.join(self.line.products)})"
+            )
+        if product not in self.line.models:
+            raise RequestError(
+                f"{self.name}: unknown product {product!r}; this line serves: {', '.join(self.line.products)}"
+            )
+        return product
 
     def _images(self, request: Any) -> np.ndarray:
         tensor = pb_utils.get_input_tensor_by_name(request, INPUT_NAME)
@@ -120,29 +197,35 @@ class TritonPythonModel:
             )
         return images.numpy()
 
-    def _run(self, batch: np.ndarray) -> tuple[Prediction, set[int]]:
-        """One batch of equal-sized uint8 images -> the prediction and the positions that scored NaN/infinity."""
-        count = len(batch)
-        size = next((bucket for bucket in self.buckets if bucket >= count), count) if self.pad_to_buckets else count
-        padded = np.concatenate([batch, np.repeat(batch[-1:], size - count, axis=0)]) if size > count else batch
-        try:
-            return self.backend.predict(padded)[:count], set()
-        except NonFiniteOutputError as exc:
-            return exc.prediction[:count], {index for index in exc.bad if index < count}
-
-    def _response(self, request: Any, prediction: Prediction) -> Any:
-        wanted = set(request.requested_output_names()) or set(OUTPUT_NAMES)
-        arrays = (prediction.pred_score, prediction.pred_label, prediction.anomaly_map, prediction.pred_mask)
+    def _answer(self, request: Any, product: str | None, result: Prediction | Exception) -> Any:
+        if isinstance(result, Exception):
+            who = f"{self.name} product {product}" if product else self.name
+            if isinstance(result, NonFiniteOutputError):
+                message = f"{who}: image(s) {result.bad} of the request scored NaN or infinity"
+            elif isinstance(result, UserError):
+                message = f"{who}: {result}"
+            else:
+                message = f"{who}: {type(result).__name__}: {result}"
+            pb_utils.Logger.log_warn(f"patchcore-trt: {message}")  # the server log names the product at fault
+            return _error(message)
+        wanted = set(request.requested_output_names()) or {*OUTPUT_NAMES, *LINE_OUTPUT_NAMES}
+        arrays = (result.pred_score, result.pred_label, result.anomaly_map, result.pred_mask)
         values = dict(zip(OUTPUT_NAMES, arrays, strict=True))
+        if self.line is not None and product is not None:
+            count = len(result)
+            name = np.frombuffer(product.encode(), dtype=np.uint8)
+            sha = np.frombuffer(bytes.fromhex(self.line.manifest.products[product].sha256), dtype=np.uint8)
+            values.update(zip(LINE_OUTPUT_NAMES, (np.tile(name, (count, 1)), np.tile(sha, (count, 1))), strict=True))
         tensors = [
-            pb_utils.Tensor.from_dlpack(name, torch.from_numpy(np.ascontiguousarray(values[name])))
-            for name in OUTPUT_NAMES
+            pb_utils.Tensor.from_dlpack(name, torch.from_numpy(np.ascontiguousarray(value)))
+            for name, value in values.items()
             if name in wanted
         ]
         return pb_utils.InferenceResponse(output_tensors=tensors)
 
     def finalize(self) -> None:
-        self.backend.close()
+        if isinstance(self.model, OneModel):
+            self.model.close()
 
 
 def _error(message: str, *, invalid_request: bool = False) -> Any:

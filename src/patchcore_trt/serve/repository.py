@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from patchcore_trt.artifact import INPUT_NAME, MAX_BATCH, MIN_SIDE, OUTPUT_NAMES
+from patchcore_trt.artifact import INPUT_NAME, LINE_OUTPUT_NAMES, MAX_BATCH, MIN_SIDE, OUTPUT_NAMES
 from patchcore_trt.errors import UserError
 from patchcore_trt.images import MAX_PIXELS
 from patchcore_trt.serve.sources import CHECKPOINT_FILE, MODEL_FILES, Source, describe
@@ -36,6 +36,7 @@ INSTANCE_KINDS = ("gpu", "cpu")
 # sizes so that a stream of batch sizes reuses a few graphs instead of capturing new ones.
 MAX_PYTHON_GPU_BATCH = 128
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_VERSION = re.compile(r"^[1-9][0-9]*$")
 MODEL_PY = '''"""Triton Python backend entry point for a patchcore-trt model (written by `patchcore-trt triton`)."""
 
 from patchcore_trt.serve.python_model import TritonPythonModel  # noqa: F401
@@ -158,12 +159,18 @@ def build_config(source: Source, options: ServeOptions) -> Any:
     else:
         config.platform = source.platform
         config.input.add(name=INPUT_NAME, data_type=pb.TYPE_FP32, dims=[3, height, width])
+    line = source.parameters.get("line") == "true"
+    # A line's products may differ in model size (-1 x -1 then), as a map at the input's size does.
     map_dims = [1, -1, -1] if source.map_at_input_size else [1, *source.model_size]
     score, label, anomaly_map, mask = OUTPUT_NAMES
     config.output.add(name=score, data_type=pb.TYPE_FP32, dims=[1], reshape=pb.ModelTensorReshape(shape=[]))
     config.output.add(name=label, data_type=pb.TYPE_BOOL, dims=[1], reshape=pb.ModelTensorReshape(shape=[]))
     config.output.add(name=anomaly_map, data_type=pb.TYPE_FP32, dims=map_dims)
     config.output.add(name=mask, data_type=pb.TYPE_BOOL, dims=map_dims)
+    if line:
+        product, sha256 = LINE_OUTPUT_NAMES
+        config.output.add(name=product, data_type=pb.TYPE_UINT8, dims=[-1])
+        config.output.add(name=sha256, data_type=pb.TYPE_UINT8, dims=[32])
     buckets = batch_buckets(max_batch)
     config.dynamic_batching.preferred_batch_size.extend(size for size in buckets if size > 1)
     config.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
@@ -172,13 +179,16 @@ def build_config(source: Source, options: ServeOptions) -> Any:
     parameters = dict(source.parameters)
     if source.platform == "python":
         gpu = options.kind == "gpu"
+        cuda = gpu and not line
+        if not line:
+            parameters["artifact"] = CHECKPOINT_FILE
         parameters.update(
-            artifact=CHECKPOINT_FILE,
-            runtime="cuda" if gpu else "torch",
+            # A line runs the torch model on its instance's device: FP32, the reference's arithmetic.
+            runtime="cuda" if cuda else "torch",
             # The cuda backend's mode and overrides as given ("" = the mode's own choice).
-            mode=(options.mode or "exact") if gpu else "",
-            backbone_dtype=(options.backbone_dtype or "") if gpu else "fp32",
-            search=(options.search or "") if gpu else "certified",
+            mode=(options.mode or "exact") if cuda else "",
+            backbone_dtype=(options.backbone_dtype or "") if cuda else "fp32",
+            search=(options.search or "") if cuda else "certified",
             max_pixels=str(options.max_pixels or MAX_PIXELS),
             # A whole request (every image of it) is bounded too: the model process holds it and its maps at once.
             max_request_pixels=str(options.max_request_pixels or max(options.max_pixels or MAX_PIXELS, MAX_PIXELS)),
@@ -186,7 +196,7 @@ def build_config(source: Source, options: ServeOptions) -> Any:
             batch_buckets=",".join(map(str, buckets)),
             trust_pickled_code=str(options.trust_pickled_code).lower(),
         )
-        if gpu:  # capture every bucket's CUDA graph at load, not on a client's first request
+        if cuda:  # capture every bucket's CUDA graph at load, not on a client's first request
             h, w = source.model_size
             for size in buckets:
                 warmup = config.model_warmup.add(name=f"batch{size}_{h}x{w}", batch_size=size, count=1)
@@ -218,6 +228,13 @@ def platform_of(config: Any) -> str:
     return config.platform
 
 
+def versions(folder: Path) -> list[int]:
+    """The numbered version folders of a model, oldest first (staging and failed folders are hidden, not numbers)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and _VERSION.match(p.name))
+
+
 def check_model_folder(folder: Path, *, name: str | None = None) -> Any:
     """Parse and check REPO/NAME (config.pbtxt and version 1); returns the config."""
     path = folder / "config.pbtxt"
@@ -241,8 +258,9 @@ def check_model_folder(folder: Path, *, name: str | None = None) -> Any:
     if len(set(names)) != len(names):
         problems.append(f"tensor names repeat: {names}")
     expected = MODEL_FILES.get(platform_of(config))
-    if expected and not (folder / VERSION / expected).is_file():
-        problems.append(f"version {VERSION} has no {expected}")
+    newest = str(versions(folder)[-1]) if versions(folder) else VERSION
+    if expected and not (folder / newest / expected).is_file():
+        problems.append(f"version {newest} has no {expected}")
     if problems:
         raise UserError(f"{path}: {'; '.join(problems)}")
     return config
