@@ -247,16 +247,18 @@ def conv2d(
     shape = (batch, out_channels, out_h, out_w)
     blocks = triton.cdiv(batch * out_h * out_w, config.block_m) * triton.cdiv(out_channels, config.block_n)
     split = _split(config, blocks, rows_r * cols_s * triton.cdiv(channels, config.block_k), x.device)
-    out = torch.empty(shape, device=x.device, dtype=torch.float32, memory_format=torch.channels_last)
     # Split-K: [split, N, P, Q, K] partial sums, seen as split channels-last [N, K, P, Q] tensors.
-    target = out if split == 1 else torch.empty((split, batch, out_h, out_w, out_channels), device=x.device)
+    if split == 1:
+        target = torch.empty(shape, device=x.device, dtype=torch.float32, memory_format=torch.channels_last)
+    else:
+        target = torch.empty((split, batch, out_h, out_w, out_channels), device=x.device)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
     _conv_kernel[(blocks, split)](
         x,
         packed,
-        out if bias is None else bias,  # never read without HAS_BIAS; any pointer will do
-        out if residual is None else residual,
+        target if bias is None else bias,  # never read without HAS_BIAS; any pointer will do
+        target if residual is None else residual,
         target,
         batch,
         height,
@@ -282,5 +284,5 @@ def conv2d(
         num_stages=config.num_stages,
     )
     if split == 1:
-        return out
+        return target
     return epilogue(target.permute(0, 1, 4, 2, 3), bias, residual, relu, parts=split)
