@@ -115,9 +115,15 @@ def test_deploy_search_takes_the_lowest_row_among_equal_square_roots():
     """Two squared distances one ulp apart can share a square root: anomalib compares the roots (min over
     sqrt'd distances), so the lower row wins; a minimum over the squares would take the higher one."""
     bank = torch.zeros(4, 1)
+    # About half the neighbouring squares near 1e6 share a root (roots are twice as coarse there); take the first
+    # pair below 1e6 that does, as this machine's sqrt rounds.
     squared = torch.tensor(1e6)
-    neighbour = torch.nextafter(squared, torch.tensor(0.0))
-    assert neighbour.sqrt() == squared.sqrt()
+    for _ in range(64):
+        neighbour = torch.nextafter(squared, torch.tensor(0.0))
+        if neighbour.sqrt() == squared.sqrt():
+            break
+        squared = neighbour
+    assert neighbour.sqrt() == squared.sqrt() and neighbour != squared
     bank[0, 0], bank[3, 0] = squared.sqrt(), neighbour.sqrt()  # distances from 0 whose squares differ
     bank[1:3, 0] = 5e3
     query = torch.zeros(1, 1)
