@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import error_line, run_cli
 
 
 def _csv_rows(text: str) -> list[dict[str, str]]:
@@ -55,3 +55,40 @@ def test_a_fifo_alone_is_one_failure_and_exit_1(resnet18_onnx, tmp_path):
     assert "0 scored, 0 anomalous, 1 failed" in result.stdout
     assert f"{fifo}: not a regular file (a FIFO)" in result.stdout
     assert fifo.is_fifo()
+
+
+def _spellings(tmp_path: Path) -> dict[str, Path]:
+    link = tmp_path / "link.out"
+    link.symlink_to("same.out")
+    fd_link = tmp_path / "mystdout"
+    fd_link.symlink_to("/proc/self/fd/1")  # a private stand-in for /dev/stdout
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    same = tmp_path / "same.out"
+    return {"same": same, "dotted": tmp_path / "." / "same.out", "link": link, "stdout": Path("/dev/stdout"),
+            "fd1": Path("/proc/self/fd/1"), "mystdout": fd_link, "fifo": fifo}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("json_name", "csv_name"),
+    [("stdout", "stdout"), ("stdout", "fd1"), ("mystdout", "stdout"), ("same", "dotted"), ("same", "link"),
+     ("fifo", "fifo")],
+)  # fmt: skip
+def test_two_outputs_that_are_one_file_are_refused_before_any_work(json_name, csv_name, dataset, tmp_path):
+    spelled = _spellings(tmp_path)
+    before = sorted(path.name for path in tmp_path.iterdir())
+    # The model does not exist: the refusal must come before the model is opened or any image is read.
+    result = run_cli("predict", tmp_path / "missing.onnx", dataset.test_good,
+                     "--json", spelled[json_name], "--csv", spelled[csv_name])  # fmt: skip
+    assert error_line(result) == (
+        f"error: {spelled[csv_name]}: given for two outputs ({spelled[json_name]} and {spelled[csv_name]}); "
+        "give each its own file"
+    )
+    assert result.stdout == ""
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+def test_the_null_device_takes_any_number_of_outputs(resnet18_onnx, dataset):
+    result = run_cli("predict", resnet18_onnx, dataset.test_good, "--json", "/dev/null", "--csv", "/dev/null")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "3 scored" in result.stdout

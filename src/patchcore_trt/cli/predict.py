@@ -96,12 +96,12 @@ def predict_command(
         model, inputs = server if "://" in server else f"http://{server}", arguments
         backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
+    check_distinct(json_path, csv_path, report)
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     paths, unmatched = collect_images(inputs)
     local_files = [model] if server is None else []
     for output in (json_path, csv_path, report):
         check_output_file(output, protected=[*local_files, *paths])
-    check_distinct(json_path, csv_path, report)
     check_output_dir(visuals)
     loaded = open_backend(model, backend, device=device, **given)
     for item in unmatched:
