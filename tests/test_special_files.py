@@ -11,6 +11,8 @@ import csv
 import io
 import os
 import stat
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,33 @@ def test_the_null_device_takes_any_number_of_outputs(resnet18_onnx, dataset):
     result = run_cli("predict", resnet18_onnx, dataset.test_good, "--json", "/dev/null", "--csv", "/dev/null")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     assert "3 scored" in result.stdout
+
+
+@pytest.fixture()
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A private 64 KiB file system, full: writes fail with ENOSPC once a buffer is flushed, as on a full disk
+    (a file-size limit fails them with EFBIG instead, which is another message and another code path)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root only): {made.stderr.decode().strip()}")
+    try:
+        (mount / "fill").write_bytes(bytes(64 * 1024))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _files_under(folder: Path) -> list[str]:
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if not path.is_dir())
+
+
+@pytest.mark.parametrize("flag", ["--json", "--csv", "--report"])
+def test_a_disk_that_fills_mid_results_is_one_line_naming_the_file_and_leaves_nothing(
+    flag, full_disk, resnet18_onnx, dataset
+):
+    output = full_disk / "results.out"
+    result = run_cli("predict", resnet18_onnx, dataset.root, flag, output)
+    assert error_line(result) == f"error: {output}: No space left on device"
+    assert _files_under(full_disk) == ["fill"]  # no results.out, no hidden .part
