@@ -124,3 +124,9 @@ def test_a_disk_that_fills_mid_results_is_one_line_naming_the_file_and_leaves_no
     result = run_cli("predict", resnet18_onnx, dataset.root, flag, output)
     assert error_line(result) == f"error: {output}: No space left on device"
     assert _files_under(full_disk) == ["fill"]  # no results.out, no hidden .part
+
+
+def test_export_on_a_full_disk_names_the_output_and_leaves_nothing(full_disk, resnet18_checkpoint):
+    result = run_cli("export", resnet18_checkpoint, "-o", full_disk / "out")
+    assert error_line(result) == f"error: {full_disk / 'out' / 'model.onnx'}: No space left on device"
+    assert _files_under(full_disk) == ["fill"]

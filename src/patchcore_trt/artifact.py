@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.files import write_text_atomic
+from patchcore_trt.files import naming, write_text_atomic
 from patchcore_trt.outputs import Postprocess
 
 INPUT_NAME = "image"
@@ -220,8 +220,9 @@ def staged_onnx(path: Path) -> Iterator[Path]:
     staged under that name in the private folder and never appended to an earlier export's data.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         staged = folder / path.name
         yield staged
@@ -236,6 +237,12 @@ def staged_onnx(path: Path) -> Iterator[Path]:
         else:
             external_data_path(path).unlink(missing_ok=True)  # a stale one would be mistaken for this graph's
         os.replace(staged, path)
+    except OSError as exc:
+        # A full disk while the graph is written (onnx's writer names no file) or the staged files are moved
+        # is about the user's output, never about the hidden folder it is staged in.
+        if exc.filename is None or str(exc.filename).startswith(str(folder)):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
