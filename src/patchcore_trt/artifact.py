@@ -29,6 +29,7 @@ from patchcore_trt.outputs import Postprocess
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+OUTPUT_RANKS = (1, 1, 4, 4)
 METADATA_KEY = "patchcore_trt"
 METADATA_FORMAT = 2
 # Format 1 (before the post-processing rules were recorded) computed anomalib 2.7's rules; it reads as such.
@@ -262,6 +263,25 @@ def save_onnx(proto: Any, path: Path) -> None:
     """Write ``proto`` to ``path`` atomically, with its external data if it needs one."""
     with staged_onnx(path) as staged:
         write_onnx(proto, staged)
+
+
+def check_graph_io(path: Path, inputs: dict[str, int | None], outputs: dict[str, int | None]) -> None:
+    """UserError unless the graph (its tensor names and ranks, as a runtime loaded them) is what patchcore-trt
+    metadata describes: one [N, 3, H, W] ``image`` in, the four PatchCore outputs out. Another network carrying
+    copied metadata would otherwise fail deep inside the runtime on its first batch."""
+    expected = {name: rank for name, rank in zip(OUTPUT_NAMES, OUTPUT_RANKS, strict=True)}
+    wrong = set(inputs) != {INPUT_NAME} or inputs[INPUT_NAME] not in (4, None)
+    wrong = wrong or any(name not in outputs or outputs[name] not in (rank, None) for name, rank in expected.items())
+    if wrong:
+
+        def shown(tensors: dict[str, int | None]) -> str:
+            return ", ".join(f"{name} (rank {'?' if rank is None else rank})" for name, rank in tensors.items())
+
+        raise UserError(
+            f"{path}: the graph's inputs [{shown(inputs)}] and outputs [{shown(outputs)}] are not what its "
+            f"patchcore-trt metadata says (input {INPUT_NAME} (rank 4); outputs {shown(expected)}): another "
+            "network with copied metadata?"
+        )
 
 
 def ort_session(
