@@ -57,10 +57,10 @@ def verify_command(
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
     from patchcore_trt.files import display_name
-    from patchcore_trt.images import ImageError, collect_images, load_image
+    from patchcore_trt.images import ImageError, collect_images, load_image, short_names
     from patchcore_trt.reference import AnomalibReference
     from patchcore_trt.report import write_json
-    from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
+    from patchcore_trt.verify import FOOTNOTE, backend_parity, json_rows, table_rows
 
     # Read safely first: a checkpoint that pickles code is refused here, before anomalib sees it.
     spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
@@ -99,11 +99,13 @@ def verify_command(
             with step(f"writing the report {report}"):
                 _write_report(report, checkpoint, onnx_path, rows, reference, images, used, skipped, started)
     summary = summary_console(json_path, report)
-    print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)", summary)
+    shown = short_names(used, inputs)  # as predict names them: relative to the folder they were found in
+    image_names = [shown[path] for path in used]
+    print_table(table_rows(rows, image_names), f"parity vs anomalib's forward ({len(images)} images)", summary)
     summary.print(FOOTNOTE)
     summary.print(f"reference: {anomalib.description}")
     if json_path is not None:
-        write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
+        write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": json_rows(rows, image_names)})
     if not all(row.passed for row in rows if row.checked):
         raise typer.Exit(1)
 
@@ -167,7 +169,7 @@ def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, sk
         },
         timings={"verify": f"{time.perf_counter() - started:.1f} s"},
         threshold=metadata.image_threshold,
-        parity_rows=table_rows(rows),
+        parity_rows=table_rows(rows, names),
         parity_bar=FOOTNOTE + " Panels: anomalib's own forward.",
         failures=skipped,
         warnings=warnings,
