@@ -30,6 +30,7 @@ from patchcore_trt.outputs import Postprocess
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
 OUTPUT_RANKS = (1, 1, 4, 4)
+MIN_OPSET = 17
 METADATA_KEY = "patchcore_trt"
 METADATA_FORMAT = 2
 # Format 1 (before the post-processing rules were recorded) computed anomalib 2.7's rules; it reads as such.
@@ -263,6 +264,15 @@ def save_onnx(proto: Any, path: Path) -> None:
     """Write ``proto`` to ``path`` atomically, with its external data if it needs one."""
     with staged_onnx(path) as staged:
         write_onnx(proto, staged)
+
+
+def check_opset(opset: int) -> None:
+    """UserError for an opset the exporter does not write; needs onnx only, so it is answered before torch loads."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"opset {opset} is not supported: patchcore-trt exports opset {MIN_OPSET} to {newest}")
 
 
 def check_graph_io(path: Path, inputs: dict[str, int | None], outputs: dict[str, int | None]) -> None:

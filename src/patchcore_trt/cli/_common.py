@@ -10,6 +10,7 @@ import contextlib
 import os
 import stat
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -136,6 +137,14 @@ def _writable_folder(path: Path) -> None:
                 raise UserError(f"{folder}: is a file, not a folder")
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise UserError(f"{folder}: this folder is not writable; choose another output location")
+            # Permission bits are not the whole story (root passes os.access, and /sys or /proc refuse anyway):
+            # one real, empty folder made and removed at once answers before the work.
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".patchcore-trt-probe.", dir=folder))
+            except OSError as exc:
+                raise UserError(
+                    f"{folder}: cannot create files here ({exc.strerror}); choose another output location"
+                ) from None
             return
 
 

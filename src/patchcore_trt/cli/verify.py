@@ -45,15 +45,21 @@ def verify_command(
     if checkpoint.suffix.lower() != ".ckpt":
         hint = f"; give the exported graph with --onnx {checkpoint}" if checkpoint.suffix.lower() == ".onnx" else ""
         raise UserError(f"{checkpoint}: verify needs the anomalib checkpoint (.ckpt) that anomalib ran{hint}")
-    from patchcore_trt.runtime import backend_names
+    from patchcore_trt.runtime import backend_info, backend_names, check_device, check_gpu_present
 
     names = [name.strip() for name in backends.split(",") if name.strip()]
     unknown = [name for name in names if name not in backend_names()]
     if unknown or not names:
         raise UserError(f"--backends {backends!r}: choose from {', '.join(backend_names())}")
+    for name in names:  # a GPU backend on a machine without one is refused before anomalib is loaded
+        info = backend_info(name)
+        check_gpu_present(info, check_device(info, None))
     check_output_file(json_path)
     check_output_file(report)
     check_distinct(json_path, report)
+    from patchcore_trt.archive import check_checkpoint_file
+
+    check_checkpoint_file(checkpoint)  # before torch and anomalib load
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
     from patchcore_trt.files import display_name
