@@ -108,6 +108,26 @@ def resnet18_onnx(exported: Callable[[str, int], Path]) -> Path:
     return exported(RESNET18, 256)
 
 
+def photographs(count: int, size: tuple[int, int] = (300, 340)) -> np.ndarray:
+    """``count`` different views of a real photograph (matplotlib's sample portrait: skin, cloth, medals, a
+    painted background), float32 RGB [count, 3, H, W] in [0, 1]: busier than the generated parts, as a camera's
+    images are. Each is a crop at another place and scale, resized to ``size`` (height, width)."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as source:
+        photo = source.convert("RGB")
+    views = []
+    for index in range(count):
+        scale = 0.55 + 0.4 * (index % 4) / 3
+        width, height = round(photo.width * scale), round(photo.height * scale)
+        left = (photo.width - width) * ((index * 7) % 5) // 4
+        top = (photo.height - height) * ((index * 3) % 5) // 4
+        view = photo.crop((left, top, left + width, top + height)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        views.append(np.asarray(view, dtype=np.float32).transpose(2, 0, 1) / np.float32(255))
+    return np.stack(views)
+
+
 def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``patchcore-trt ARGS`` as a user would, in a fresh process."""
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
