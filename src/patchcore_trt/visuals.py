@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap
 
 TILE_HEIGHT = 256
+ROW_ASPECT = 6.0
 CAPTIONS = ("Image", "Anomaly map", "Predicted mask", "Overlay")
 # Downscaling an input more than this before the backbone sees it can erase small defects.
 DOWNSCALE_LIMIT = 4.0
@@ -85,20 +86,24 @@ def downscale_warning(image_size: tuple[int, int], model_size: tuple[int, int]) 
 
 
 def panel_layout(image_size: tuple[int, int], tile_height: int = TILE_HEIGHT, warning: bool = False) -> Layout:
-    """The layout of the panel of an image of ``image_size`` (height, width); tiles keep the image's aspect."""
+    """The layout of the panel of an image of ``image_size`` (height, width); tiles keep the image's aspect. A wide
+    image's tiles go two to a row, or one, so a row stays within ROW_ASPECT tile heights: side by side, four 10:1
+    tiles would shrink to a strip wherever the panel is shown at a page's width."""
     tile_width = max(1, round(tile_height * image_size[1] / image_size[0]))
+    columns = next((count for count in (4, 2) if count * tile_width <= ROW_ASPECT * tile_height), 1)
     gap = max(2, tile_height // 64)
     line = _font_size(tile_height) + 2 * gap
     header_height = line * (3 if warning else 2)
     bar_width = _colorbar_width(tile_height)
-    left = gap
     tiles = []
-    for _ in CAPTIONS:
-        tiles.append((left, header_height, left + tile_width, header_height + tile_height))
-        left += tile_width + gap
+    for index, _ in enumerate(CAPTIONS):
+        row, column = divmod(index, columns)
+        left, top = gap + column * (tile_width + gap), header_height + row * (tile_height + gap)
+        tiles.append((left, top, left + tile_width, top + tile_height))
+    left = gap + columns * (tile_width + gap)
     colorbar = (left, header_height, left + bar_width, header_height + tile_height)
     width = colorbar[2] + gap
-    size = (width, header_height + tile_height + gap)
+    size = (width, header_height + len(CAPTIONS) // columns * (tile_height + gap))
     return Layout(size, gap, line, (0, 0, width, header_height), tuple(tiles), colorbar)
 
 
