@@ -62,8 +62,9 @@ class ImageResult:
     def record(self, post: Postprocess) -> dict[str, object]:
         """A flat row for JSON and CSV: numbers as numbers, None where there is no value.
 
-        ``raw_score`` (anomalib's un-normalised distance) is recovered from the normalised score through the
-        model's min-max statistics; it is None where the score is clipped at 0 or 1.
+        ``raw_score`` (anomalib's un-normalised distance) is the backend's own where it computes one (the torch
+        backend), else recovered from the normalised score through the model's min-max statistics: None there
+        where the score is clipped at 0 or 1.
         """
         row: dict[str, object] = dict.fromkeys(RECORD_FIELDS)
         row.update(file=self.name, status="error" if self.prediction is None else "ok", error=self.error)
@@ -73,7 +74,7 @@ class ImageResult:
         row.update(
             score=score,
             label="anomalous" if bool(self.prediction.pred_label[0]) else "normal",
-            raw_score=post.raw_score(score),
+            raw_score=self.prediction.raw_score_of(0, post),
             threshold=post.normalized_image_threshold,
             map_max=float(self.prediction.anomaly_map.max()),
             mask_fraction=float(self.prediction.pred_mask.mean()),
