@@ -232,7 +232,8 @@ def test_a_checkpoint_gives_the_raw_score_of_every_image_clipped_or_not(resnet18
     # The torch backend computes the un-normalised score itself: a clipped score (0 or 1) keeps it, so the worst
     # defects and the calmest parts can still be ranked.
     json_path, onnx_json = tmp_path / "torch.json", tmp_path / "onnx.json"
-    assert run_cli("predict", resnet18_checkpoint, dataset.root / "test", "--json", json_path).returncode == 0
+    torch_run = run_cli("predict", resnet18_checkpoint, dataset.root / "test", "--json", json_path, "--top", "6")
+    assert torch_run.returncode == 0, torch_run.stderr
     assert run_cli("predict", resnet18_onnx, dataset.root / "test", "--json", onnx_json).returncode == 0
     saved = _strict(json_path.read_text())
     post = saved["model"]["postprocess"]
@@ -248,3 +249,7 @@ def test_a_checkpoint_gives_the_raw_score_of_every_image_clipped_or_not(resnet18
             assert raw >= post["image_threshold"] + half_range and onnx_record["raw_score"] is None
         else:  # where the normalisation can be undone, both agree with it
             assert raw == pytest.approx(onnx_record["raw_score"], rel=1e-5)
+    # The summary ranks equal (clipped) scores by their raw score: the worst of them first.
+    ranked = sorted(records, key=lambda record: (-record["score"], -record["raw_score"]))
+    shown = torch_run.stdout.split("most anomalous")[1].splitlines()[1:]
+    assert [line.split()[-1] for line in shown] == [record["file"] for record in ranked]

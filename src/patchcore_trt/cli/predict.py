@@ -169,7 +169,7 @@ def _print(out, loaded, summary) -> None:
     )
     if summary.top:
         out.print(f"most anomalous ({loaded.postprocess.rule}):")
-        for score, image, label in summary.top:
+        for score, image, label, _ in summary.top:
             out.print(f"  {format_score(score, threshold)}  {'anomalous' if label else 'normal':<9}  {image}")
     if summary.failures:
         out.print(f"failed ({len(summary.failures)}):")
