@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import error_line
 
+from patchcore_trt.runtime import GPU_NODES
+
 HEAVY = ("torch", "anomalib", "onnxruntime", "openvino", "tensorrt", "tensorrt_rtx")
 _REPORTING = f"""
 import atexit, runpy, sys
@@ -78,7 +80,7 @@ def test_an_output_folder_nothing_can_be_created_in_is_refused_before_torch_load
 def test_a_gpu_backend_without_a_gpu_is_refused_before_anything_loads(
     args, backend, resnet18_checkpoint, resnet18_onnx, dataset
 ):
-    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"):
+    if glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, GPU_NODES)):
         pytest.skip("this machine has a GPU")
     named = {"CKPT": resnet18_checkpoint, "ONNX": resnet18_onnx, "IMAGES": dataset.test_good}
     result, loaded = _run(*(named.get(arg, arg) for arg in args))

@@ -66,13 +66,16 @@ def check_device(info: BackendInfo, device: str | None) -> str:
     return device
 
 
+GPU_NODES = ("/dev/nvmap", "/dev/dxg")  # a Jetson's GPU memory node (no /dev/nvidia0 there); WSL's GPU
+
+
 def check_gpu_present(info: BackendInfo, device: str) -> None:
-    """A local ``device`` of kind cuda needs an NVIDIA GPU: without one (no /dev/nvidia0.. node, nor WSL's
-    /dev/dxg) this is answered from the device nodes alone, before torch or a runtime spends seconds loading to
-    find out."""
+    """A local ``device`` of kind cuda needs an NVIDIA GPU: without one (no /dev/nvidia0.. node, nor a Jetson's
+    /dev/nvmap, nor WSL's /dev/dxg) this is answered from the device nodes alone, before torch or a runtime spends
+    seconds loading to find out."""
     if device.partition(":")[0] != "cuda":
         return
-    if glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/dxg"):
+    if glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, GPU_NODES)):
         return
     raise UserError(f"backend {info.name!r} on {device} needs an NVIDIA GPU, and this machine has none")
 
