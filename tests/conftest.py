@@ -108,6 +108,50 @@ def resnet18_onnx(exported: Callable[[str, int], Path]) -> Path:
     return exported(RESNET18, 256)
 
 
+def photographs(count: int, size: tuple[int, int] = (300, 340)) -> np.ndarray:
+    """``count`` different views of a real photograph (matplotlib's sample portrait: skin, cloth, medals, a
+    painted background), float32 RGB [count, 3, H, W] in [0, 1]: busier than the generated parts, as a camera's
+    images are. Each is a crop at another place and scale, resized to ``size`` (height, width)."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg")) as source:
+        photo = source.convert("RGB")
+    views = []
+    for index in range(count):
+        scale = 0.55 + 0.4 * (index % 4) / 3
+        width, height = round(photo.width * scale), round(photo.height * scale)
+        left = (photo.width - width) * ((index * 7) % 5) // 4
+        top = (photo.height - height) * ((index * 3) % 5) // 4
+        view = photo.crop((left, top, left + width, top + height)).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        views.append(np.asarray(view, dtype=np.float32).transpose(2, 0, 1) / np.float32(255))
+    return np.stack(views)
+
+
+@pytest.fixture(scope="session")
+def photo_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, SyntheticDataset]:
+    """A PatchCore trained on views of a real photograph (``photographs``), exported: its good images' maps sit
+    well above half the pixel threshold over much of the image, as on a camera's pictures, unlike the generated
+    parts'. Defects are a flat magenta patch with its mask. -> (ONNX path, the data set)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photo_data")
+    views = np.rint(photographs(14).transpose(0, 2, 3, 1) * 255).astype(np.uint8)
+    folders = ["train/good"] * 8 + ["test/good"] * 3 + ["test/defect"] * 3
+    for index, (view, folder) in enumerate(zip(views, folders, strict=True)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        if folder == "test/defect":
+            view[100:160, 120:200] = (255, 26, 204)
+            mask = np.zeros(view.shape[:2], np.uint8)
+            mask[100:160, 120:200] = 255
+            (root / "ground_truth/defect").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "ground_truth/defect" / f"{index:03d}_mask.png")
+        Image.fromarray(view).save(root / folder / f"{index:03d}.png")
+    dataset = SyntheticDataset(root)
+    checkpoint = train_patchcore(dataset, root / "work", TrainSettings(backbone=RESNET18, image_size=(256, 256)))
+    return export_onnx(read_checkpoint(checkpoint), root / "model.onnx")[0], dataset
+
+
 def run_cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``patchcore-trt ARGS`` as a user would, in a fresh process."""
     env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}

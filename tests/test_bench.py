@@ -12,7 +12,7 @@ import torch
 from conftest import error_line, run_cli, unavailable
 
 from patchcore_trt.bench.matrix import BenchSettings, matrix_cases, percentile, run_matrix, workloads
-from patchcore_trt.bench.report import display_row, environment, write_chart, write_results
+from patchcore_trt.bench.report import chart_figure, display_row, environment, write_chart, write_results
 from patchcore_trt.checkpoint import read_checkpoint, write_checkpoint
 from patchcore_trt.demo.synthetic_model import synthetic_spec, texture_images
 from patchcore_trt.errors import UserError
@@ -127,6 +127,19 @@ def test_percentiles_and_display():
     shown = display_row(row)
     assert shown["GPU MiB"] == "-" and shown["max Δscore"] == "nan" and shown["max Δmap"] == "0"
     assert shown["labels"] == "3/4" and shown["img/s"] == "2,000" and shown["bank"] == "16,384"
+
+
+def test_chart_bars_are_labelled_with_their_significant_digits(tmp_path):
+    base = {"search": "-", "copies": "host", "height": 256, "width": 256, "bank": 16384}
+    figures = [("torch", 1, 6.6667, 0.15), ("onnxruntime", 1, 0.0042, 0.55), ("openvino", 1, 1234.5, 0.19)]
+    rows = [{**base, "backend": name, "precision": "fp32", "batch": batch, "median_ms": ms, "img_per_s": rate}
+            for name, batch, ms, rate in figures]  # fmt: skip
+    figure = chart_figure(rows)
+    latency, throughput = figure.axes  # one input size: latency above, throughput below
+    assert [text.get_text() for text in latency.texts] == ["6.67", "0.0042", "1,234"]
+    assert [text.get_text() for text in throughput.texts] == ["0.15", "0.55", "0.19"]
+    chart = write_chart(tmp_path, rows)
+    assert chart is not None and chart.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_command_on_a_checkpoint_writes_its_files(toy_spec, tmp_path):

@@ -225,3 +225,31 @@ def test_a_shown_score_is_never_rounded_across_or_onto_the_threshold(score, thre
 def test_a_score_just_under_the_threshold_keeps_its_digits():
     assert format_score(0.4999996, 0.5) == "0.4999996"  # just under the threshold: not "0.5000 normal"
     assert format_score(0.61234, 0.5) == "0.6123"  # far from it: four decimals
+
+
+def test_a_checkpoint_gives_the_raw_score_of_every_image_clipped_or_not(resnet18_checkpoint, resnet18_onnx, dataset,
+                                                                        tmp_path):  # fmt: skip
+    # The torch backend computes the un-normalised score itself: a clipped score (0 or 1) keeps it, so the worst
+    # defects and the calmest parts can still be ranked.
+    json_path, onnx_json = tmp_path / "torch.json", tmp_path / "onnx.json"
+    torch_run = run_cli("predict", resnet18_checkpoint, dataset.root / "test", "--json", json_path, "--top", "6")
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert run_cli("predict", resnet18_onnx, dataset.root / "test", "--json", onnx_json).returncode == 0
+    saved = _strict(json_path.read_text())
+    post = saved["model"]["postprocess"]
+    half_range = 0.5 * (post["image_max"] - post["image_min"])
+    records = saved["results"]
+    assert any(record["score"] in (0.0, 1.0) for record in records), "the set has no clipped score to test"
+    for record, onnx_record in zip(records, _strict(onnx_json.read_text())["results"], strict=True):
+        raw = record["raw_score"]
+        assert isinstance(raw, float), record
+        if record["score"] == 0.0:
+            assert raw <= post["image_threshold"] - half_range and onnx_record["raw_score"] is None
+        elif record["score"] == 1.0:
+            assert raw >= post["image_threshold"] + half_range and onnx_record["raw_score"] is None
+        else:  # where the normalisation can be undone, both agree with it
+            assert raw == pytest.approx(onnx_record["raw_score"], rel=1e-5)
+    # The summary ranks equal (clipped) scores by their raw score: the worst of them first.
+    ranked = sorted(records, key=lambda record: (-record["score"], -record["raw_score"]))
+    shown = torch_run.stdout.split("most anomalous")[1].splitlines()[1:]
+    assert [line.split()[-1] for line in shown] == [record["file"] for record in ranked]

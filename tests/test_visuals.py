@@ -11,6 +11,7 @@ from matplotlib import colormaps
 from PIL import Image
 
 from patchcore_trt.artifact import read_onnx_metadata
+from patchcore_trt.images import load_image
 from patchcore_trt.runtime import open_backend
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.visuals import (
@@ -97,10 +98,10 @@ def test_overlay_keeps_the_parts_own_colours_where_the_map_is_low(scored) -> Non
     size = (rgb.shape[1], rgb.shape[0])
     anomaly_map = np.asarray(Image.fromarray(prediction.anomaly_map[index, 0]).resize(size, Image.Resampling.BILINEAR))
     drawn = overlay(rgb, anomaly_map, threshold)
-    low, high = anomaly_map < threshold / 2, anomaly_map >= threshold
+    low, high = anomaly_map <= threshold, anomaly_map >= threshold + (1 - threshold) / 2
     assert low.any() and high.any()
     np.testing.assert_array_equal(drawn[low], rgb[low])
-    # At and above the threshold: the colour map's colour at full overlay strength.
+    # From halfway between the threshold and 1: the colour map's colour at full overlay strength.
     colour = colormaps[COLORMAP](np.clip(anomaly_map, 0, 1), bytes=True)[..., :3]
     expected = rgb * (1 - OVERLAY_ALPHA) + colour * OVERLAY_ALPHA
     assert np.abs(drawn[high] - expected[high]).max() <= 1
@@ -117,6 +118,27 @@ def test_a_normal_part_keeps_all_its_colours(scored) -> None:
         np.testing.assert_array_equal(_below_caption(overlay_tile), _below_caption(image_tile))
 
 
+def test_a_good_photograph_keeps_every_pixel_of_its_overlay(photo_model) -> None:
+    onnx_path, dataset = photo_model
+    pixel_threshold = read_onnx_metadata(onnx_path).postprocess.normalized_pixel_threshold
+    good, defect = (sorted(folder.glob("*.png")) for folder in (dataset.test_good, dataset.test_defect))
+    images = np.stack([load_image(path) for path in good + defect])
+    with open_backend(onnx_path) as backend:
+        prediction, threshold = backend.predict(images), backend.image_threshold
+    layout = panel_layout(images.shape[2:])
+    for index in range(len(images)):
+        panel = _panel(images, prediction, threshold, index, pixel_threshold=pixel_threshold)
+        image_tile, overlay_tile = (_below_caption(_crop(panel, layout.tiles[i])) for i in (0, 3))
+        if index < len(good):
+            assert not prediction.pred_label[index] and not prediction.pred_mask[index].any()
+            # A good photograph's map is far from zero over much of it: a fade from half the threshold tinted it.
+            assert (prediction.anomaly_map[index, 0] > pixel_threshold / 2).mean() > 0.1
+            np.testing.assert_array_equal(overlay_tile, image_tile)
+        else:  # the defect is still coloured and outlined
+            assert prediction.pred_mask[index].any()
+            assert (np.abs(overlay_tile.astype(int) - image_tile).sum(axis=2) > 30).mean() > 0.01
+
+
 def test_overlay_tile_changes_only_high_pixels_and_outlines_the_mask(scored) -> None:
     images, prediction, threshold = scored
     index = _defect_index(prediction)
@@ -127,7 +149,7 @@ def test_overlay_tile_changes_only_high_pixels_and_outlines_the_mask(scored) -> 
         pixel_threshold=threshold,
         tile_height=256,
     )
-    untouched = (tiles.anomaly_map < threshold / 2) & ~tiles.mask_bool
+    untouched = (tiles.anomaly_map <= threshold) & ~tiles.mask_bool
     np.testing.assert_array_equal(tiles.overlay[untouched], tiles.image[untouched])
     red = np.all(tiles.overlay == (255, 0, 0), axis=2)
     assert red.any() and not (red & ~tiles.mask_bool).any()

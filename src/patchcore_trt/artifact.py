@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from patchcore_trt.errors import MissingDependencyError, UserError
-from patchcore_trt.files import write_text_atomic
+from patchcore_trt.files import naming, write_text_atomic
 from patchcore_trt.outputs import Postprocess
 
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+OUTPUT_RANKS = (1, 1, 4, 4)
 # A line model's extra outputs: which product answered (UTF-8 bytes) and its checkpoint's SHA-256 (32 bytes).
 LINE_OUTPUT_NAMES = ("product", "product_sha256")
+MIN_OPSET = 17
 METADATA_KEY = "patchcore_trt"
 METADATA_FORMAT = 2
 # Format 1 (before the post-processing rules were recorded) computed anomalib 2.7's rules; it reads as such.
@@ -222,8 +224,9 @@ def staged_onnx(path: Path) -> Iterator[Path]:
     staged under that name in the private folder and never appended to an earlier export's data.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    with naming(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
     try:
         staged = folder / path.name
         yield staged
@@ -238,6 +241,12 @@ def staged_onnx(path: Path) -> Iterator[Path]:
         else:
             external_data_path(path).unlink(missing_ok=True)  # a stale one would be mistaken for this graph's
         os.replace(staged, path)
+    except OSError as exc:
+        # A full disk while the graph is written (onnx's writer names no file) or the staged files are moved
+        # is about the user's output, never about the hidden folder it is staged in.
+        if exc.filename is None or str(exc.filename).startswith(str(folder)):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -257,6 +266,34 @@ def save_onnx(proto: Any, path: Path) -> None:
     """Write ``proto`` to ``path`` atomically, with its external data if it needs one."""
     with staged_onnx(path) as staged:
         write_onnx(proto, staged)
+
+
+def check_opset(opset: int) -> None:
+    """UserError for an opset the exporter does not write; needs onnx only, so it is answered before torch loads."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise UserError(f"opset {opset} is not supported: patchcore-trt exports opset {MIN_OPSET} to {newest}")
+
+
+def check_graph_io(path: Path, inputs: dict[str, int | None], outputs: dict[str, int | None]) -> None:
+    """UserError unless the graph (its tensor names and ranks, as a runtime loaded them) is what patchcore-trt
+    metadata describes: one [N, 3, H, W] ``image`` in, the four PatchCore outputs out. Another network carrying
+    copied metadata would otherwise fail deep inside the runtime on its first batch."""
+    expected = {name: rank for name, rank in zip(OUTPUT_NAMES, OUTPUT_RANKS, strict=True)}
+    wrong = set(inputs) != {INPUT_NAME} or inputs[INPUT_NAME] not in (4, None)
+    wrong = wrong or any(name not in outputs or outputs[name] not in (rank, None) for name, rank in expected.items())
+    if wrong:
+
+        def shown(tensors: dict[str, int | None]) -> str:
+            return ", ".join(f"{name} (rank {'?' if rank is None else rank})" for name, rank in tensors.items())
+
+        raise UserError(
+            f"{path}: the graph's inputs [{shown(inputs)}] and outputs [{shown(outputs)}] are not what its "
+            f"patchcore-trt metadata says (input {INPUT_NAME} (rank 4); outputs {shown(expected)}): another "
+            "network with copied metadata?"
+        )
 
 
 def ort_session(

@@ -9,16 +9,23 @@ Variants are written beside the export (artifact.variant_path): ``MODEL.fp16.onn
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from patchcore_trt.accuracy import BUDGETS, GateFigures, LabelledSet, evaluate, labelled_folder, over_budget
 from patchcore_trt.artifact import PRECISIONS, read_onnx_metadata, variant_path
-from patchcore_trt.engine import Profile, check_build, default_profile, run_build
+from patchcore_trt.engine import RTX_DEFAULT_TARGETS, Profile, check_build, default_profile, run_build
 from patchcore_trt.errors import UserError
 from patchcore_trt.images import collect_images
 from patchcore_trt.precision import DEFAULT_CALIBRATION_IMAGES, calibration_images, write_fp16_onnx, write_int8_onnx
 from patchcore_trt.steps import Step, quiet
+
+RTX_NOTICE = (
+    f"full TensorRT is not installed: building with TensorRT-RTX, whose engines run on GPUs of compute capability "
+    f"{RTX_DEFAULT_TARGETS} only (not Jetson Orin 8.7, T4 7.5, H100/H200 9.0). For those, build with full TensorRT "
+    "10 or newer: the NGC container nvcr.io/nvidia/tensorrt, or a Jetson's JetPack."
+)
 
 
 class GateRefusedError(UserError):
@@ -59,6 +66,7 @@ def build(
     eval_data: Path | None = None,
     force: bool = False,
     step: Step = quiet,
+    notice: Callable[[str], None] = lambda text: None,
 ) -> BuildOutcome:
     """Build ``MODEL.<precision>.engine`` from the FP32 export ``onnx_path``.
 
@@ -71,6 +79,7 @@ def build(
             without one gates on generated images: drift and labels against FP32, no AUROC.
         force: Build even if the gate finds the graph over its budget.
         step: ``step(title)`` wraps each long step (the CLI logs start, end and time).
+        notice: told what the user should know before the long steps (the TensorRT-RTX limits).
 
     Raises:
         GateRefusedError: the graph is over its accuracy budget and ``force`` is off.
@@ -82,23 +91,25 @@ def build(
     metadata = read_onnx_metadata(onnx_path)
     if metadata.precision != "fp32":
         raise UserError(f"{onnx_path}: this is a {metadata.precision} graph; build from the FP32 export")
+    if precision == "int8" and (calibration is None or eval_data is None):
+        missing = "--calibration FOLDER (normal images)" if calibration is None else "--eval-data FOLDER"
+        raise UserError(
+            f"--precision int8 needs {missing}: INT8 is calibrated on normal images and judged on a labelled "
+            "folder (good/ and defect subfolders, as MVTec AD or the demo's generated data set)"
+        )
     plan = check_build(
         onnx_path,
         profile or default_profile(metadata.model_size),
         workspace_gib=workspace_gib,
         timing_cache=timing_cache,
     )
+    data = labelled_folder(eval_data) if eval_data is not None and precision != "fp32" else None
+    picked = calibration_images(calibration, max_calibration_images) if calibration and precision != "fp32" else []
+    if plan.trt.library == "tensorrt_rtx":  # told once every option is known to be good, not before a refusal
+        notice(RTX_NOTICE)
     engine = variant_path(onnx_path, precision, "engine")
     graph, figures, broken, from_cache, extra = onnx_path, None, [], False, None
     if precision != "fp32":
-        if precision == "int8" and (calibration is None or eval_data is None):
-            missing = "--calibration FOLDER (normal images)" if calibration is None else "--eval-data FOLDER"
-            raise UserError(
-                f"--precision int8 needs {missing}: INT8 is calibrated on normal images and judged on a labelled "
-                "folder (good/ and defect subfolders, as MVTec AD or the demo's generated data set)"
-            )
-        data = labelled_folder(eval_data) if eval_data is not None else None
-        picked = calibration_images(calibration, max_calibration_images) if calibration is not None else []
         graph = variant_path(onnx_path, precision, "onnx")
         if precision == "fp16":
             with step(f"writing {graph.name} (backbone FP16, search FP32)"):

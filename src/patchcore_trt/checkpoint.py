@@ -1,7 +1,7 @@
 """anomalib's PatchCore checkpoints of every release read into a PatchCoreSpec without running pickled code; and
 written, in the 2.7 layout, for tests and synthetic models.
 
-Reading goes: the archive is checked from its zip directory (pickled.check_archive), its globals from the pickle's
+Reading goes: the archive is checked from its zip directory (archive.check_archive), its globals from the pickle's
 opcodes (pickled.allowed_globals), every declared tensor against the bytes its record holds (storages.check_storages);
 then it is unpickled with inert stand-ins (pickled.safe_load), its layout interpreted (layouts.read_layout), and
 every value the spec needs is checked once, completely: a malformed file is one UserError listing each problem,
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from patchcore_trt import checks
+from patchcore_trt.archive import check_checkpoint_file
 from patchcore_trt.checks import BLUR_KERNEL_KEY
 from patchcore_trt.errors import UserError
 from patchcore_trt.files import atomic_path, sha256_of
@@ -31,10 +32,8 @@ from patchcore_trt.layouts import (
     shown,
 )
 from patchcore_trt.pickled import (
-    ArchiveError,
     UnknownGlobalsError,
     allowed_globals,
-    check_archive,
     enum_value,
     safe_load,
     trusted_load,
@@ -49,22 +48,7 @@ _MALFORMED_FIX = "the file was changed after anomalib saved it or comes from ano
 
 
 def _load_raw(path: Path, trust_pickled_code: bool) -> Any:
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a file (expected an anomalib .ckpt)")
-    try:
-        check_archive(path)
-    except ArchiveError as exc:
-        reason = str(exc)
-        if reason == "not a zip archive":
-            raise UserError(f"{path}: not a PyTorch checkpoint (expected a Lightning .ckpt from anomalib)") from None
-        if reason.startswith("truncated"):
-            raise UserError(f"{path}: the checkpoint archive is truncated or corrupt; copy it again") from None
-        raise UserError(
-            f"{path}: refused before unpacking: {reason}, but torch.save stores every entry uncompressed, so the "
-            "archive was re-packed or crafted; use the .ckpt file anomalib saved"
-        ) from None
+    check_checkpoint_file(path)
     try:
         trusted_names = ""
         try:

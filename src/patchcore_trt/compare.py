@@ -58,6 +58,11 @@ class Parity:
     labels_equal: int
     labels_compared: int
     mask_agreement: float
+    # Which image (its index in the set) has the largest score and map error, and where labels differ: the maxima
+    # alone cannot say which image to look at when a bar is missed. None where nothing differs.
+    worst_score_image: int | None = None
+    worst_map_image: int | None = None
+    labels_differ: tuple[int, ...] = ()
 
     @property
     def labels_identical(self) -> bool:
@@ -93,17 +98,33 @@ def compare(candidate: Prediction, reference: Prediction, *, threshold: float, b
     if candidate.anomaly_map.shape != reference.anomaly_map.shape:
         raise ValueError(f"map shapes differ: {candidate.anomaly_map.shape} vs {reference.anomaly_map.shape}")
     decided = off_threshold(reference.pred_score, threshold, bar.score)
+    differ = (candidate.pred_label != reference.pred_label) & decided
+    score_error, worst_score = _max_abs(candidate.pred_score, reference.pred_score)
+    map_error, worst_map = _max_abs(candidate.anomaly_map, reference.anomaly_map)
     return Parity(
         images=len(reference),
-        max_score_error=_max_abs(candidate.pred_score, reference.pred_score),
-        max_map_error=_max_abs(candidate.anomaly_map, reference.anomaly_map),
+        max_score_error=score_error,
+        max_map_error=map_error,
         labels_equal=int((candidate.pred_label == reference.pred_label)[decided].sum()),
         labels_compared=int(decided.sum()),
         mask_agreement=float((candidate.pred_mask == reference.pred_mask).mean()),
+        worst_score_image=worst_score,
+        worst_map_image=worst_map,
+        labels_differ=tuple(int(index) for index in np.flatnonzero(differ)),
     )
 
 
-def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b|, NaN when either side holds a NaN (numpy's max would hide it behind a larger finite value)."""
+def _max_abs(a: np.ndarray, b: np.ndarray) -> tuple[float, int | None]:
+    """max |a - b| over images (the first axis) and the image it is on (None when every difference is 0). NaN, on
+    the first image holding one, when either side holds a NaN: numpy's max would hide it behind a larger finite
+    value."""
     difference = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
-    return float("nan") if np.isnan(difference).any() else float(difference.max(initial=0.0))
+    if difference.size == 0:
+        return 0.0, None
+    per_image = difference.reshape(len(difference), -1)
+    nan = np.isnan(per_image).any(axis=1)
+    if nan.any():
+        return float("nan"), int(np.argmax(nan))
+    largest = per_image.max(axis=1)
+    worst = int(np.argmax(largest))
+    return float(largest[worst]), worst if largest[worst] > 0 else None

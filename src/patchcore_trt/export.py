@@ -31,6 +31,7 @@ from patchcore_trt.artifact import (
     MIN_SIDE,
     OUTPUT_NAMES,
     ArtifactMetadata,
+    check_opset,
     staged_onnx,
     write_onnx,
 )
@@ -41,7 +42,6 @@ from patchcore_trt.runtime import Prediction, open_backend
 from patchcore_trt.spec import PatchCoreSpec
 
 DEFAULT_OPSET = 18
-MIN_OPSET = 17
 # The self-check: batch sizes x input sizes run through ONNX Runtime and the deploy model.
 CHECK_SHAPES = ((1, 256, 256), (2, 300, 200), (3, 180, 333))
 
@@ -125,13 +125,6 @@ def self_check(path: Path, model: PatchCoreDeploy, *, seed: int = 0) -> list[Sha
                     f"ONNX Runtime disagrees with the deploy model at {[batch, 3, height, width]}: {figures}"
                 )
     return checks
-
-
-def check_opset(opset: int) -> None:
-    """UserError for an opset the exporter does not write."""
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= opset <= newest:
-        raise UserError(f"opset {opset} is not supported: patchcore-trt exports opset {MIN_OPSET} to {newest}")
 
 
 def export_onnx(

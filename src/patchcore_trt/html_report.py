@@ -33,8 +33,11 @@ from patchcore_trt.files import display_name, write_text_atomic
 from patchcore_trt.runtime.base import Prediction
 from patchcore_trt.visuals import Panels, downscale_warning, render_panel
 
-THUMBNAIL_WIDTH = 800
-THUMBNAIL_QUALITY = 80
+THUMBNAIL_WIDTH = 720
+# JPEG qualities tried in turn until a thumbnail fits THUMBNAIL_BYTES: a busy photograph needs a lower one than a
+# plain part. 300 panels at most this size, base64-encoded (4/3), keep the page under 8 MB.
+THUMBNAIL_QUALITIES = (75, 65, 55, 45)
+THUMBNAIL_BYTES = 19_000
 PANEL_LIMIT = 300
 FAILURE_LIMIT = 500
 
@@ -84,14 +87,18 @@ class ReportData:
     images_total: int | None = None
 
 
-def thumbnail(panel: np.ndarray, width: int = THUMBNAIL_WIDTH, quality: int = THUMBNAIL_QUALITY) -> bytes:
-    """A uint8 [H, W, 3] panel as JPEG bytes, downscaled to at most ``width`` pixels wide (about 30 KB)."""
+def thumbnail(panel: np.ndarray, width: int = THUMBNAIL_WIDTH, budget: int = THUMBNAIL_BYTES) -> bytes:
+    """A uint8 [H, W, 3] panel as JPEG bytes, downscaled to at most ``width`` pixels wide, at the best quality of
+    THUMBNAIL_QUALITIES that fits ``budget`` bytes (the lowest one where none does)."""
     picture = Image.fromarray(panel)
     if picture.width > width:
         height = max(1, round(picture.height * width / picture.width))
         picture = picture.resize((width, height), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=quality)
+    for quality in THUMBNAIL_QUALITIES:
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=quality)
+        if buffer.tell() <= budget:
+            break
     return buffer.getvalue()
 
 

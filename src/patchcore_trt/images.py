@@ -16,6 +16,7 @@ import glob
 import itertools
 import os
 import re
+import stat
 import warnings
 from collections import deque
 from collections.abc import Iterator
@@ -40,6 +41,26 @@ class ImageError(Exception):
     """One input image could not be used (the message says why)."""
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def _check_regular(path: Path) -> None:
+    """A FIFO or device given as an image is refused from its mode alone: opening a FIFO to read it blocks until a
+    writer comes, and /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError("no such file") from None
+    except OSError as exc:
+        raise ImageError(f"cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise ImageError("is a folder")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+        raise ImageError(f"not a regular file ({kind})")
+
+
 def natural_key(path: Path) -> list[object]:
     """Sort key that orders numbers by value: ``img_2`` before ``img_10``."""
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
@@ -62,7 +83,7 @@ def expand(item: str) -> tuple[Path, list[Path]]:
     if path.is_dir():
         files = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
         return path, sorted(files, key=natural_key)
-    if path.is_file():
+    if path.exists():  # a file, or a FIFO or device: decode_image answers the latter with a row saying what it is
         return path.parent, [path]
     if glob.has_magic(item):
         root, pattern = _pattern_root(item)
@@ -91,7 +112,7 @@ def collect_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
 
 def short_names(paths: list[Path], inputs: list[str]) -> dict[Path, str]:
     """How to show each path: relative to the folder or pattern root it was found under, else as given."""
-    roots = [expand(item)[0] for item in inputs if not Path(item).is_file()]
+    roots = [expand(item)[0] for item in inputs if Path(item).is_dir() or not Path(item).exists()]
     names = {}
     for path in paths:
         root = next((root for root in roots if path.is_relative_to(root) and root != Path(".")), None)
@@ -140,6 +161,7 @@ def decode_image(path: Path, *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode one image file to uint8 RGB [H, W, 3] (8-bit images) or float32 RGB [3, H, W] in [0, 1] (16-bit and
     float ones), or raise ImageError saying why not. The header is checked before any pixel is decoded."""
     path = Path(path)
+    _check_regular(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -156,6 +156,9 @@ def _number_or_nan(value: Any, name: str) -> float:
     return float(value)
 
 
+OUTPUT_FIELDS = ("pred_score", "pred_label", "anomaly_map", "pred_mask")
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Host (numpy) results for a batch of N images.
@@ -165,12 +168,15 @@ class Prediction:
         pred_label: [N] bool, True = anomalous.
         anomaly_map: [N, 1, h, w] float32, normalised.
         pred_mask: [N, 1, h, w] bool.
+        raw_score: [N] float32, anomalib's un-normalised score, from the backends that compute it beside the
+            outputs (the PyTorch deploy model); None from the others, whose graphs return the four outputs only.
     """
 
     pred_score: np.ndarray
     pred_label: np.ndarray
     anomaly_map: np.ndarray
     pred_mask: np.ndarray
+    raw_score: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.pred_score.shape[0])
@@ -178,7 +184,10 @@ class Prediction:
     def __getitem__(self, index: int | slice) -> Prediction:
         """The predictions of some images, still a batch (``prediction[i]`` is a batch of one)."""
         part = slice(index, index + 1) if isinstance(index, int) else index
-        return Prediction(self.pred_score[part], self.pred_label[part], self.anomaly_map[part], self.pred_mask[part])
+        raw = None if self.raw_score is None else self.raw_score[part]
+        return Prediction(
+            self.pred_score[part], self.pred_label[part], self.anomaly_map[part], self.pred_mask[part], raw
+        )
 
     @classmethod
     def from_outputs(cls, outputs: Sequence[Any]) -> Prediction:
@@ -200,7 +209,16 @@ class Prediction:
 
     @staticmethod
     def concat(parts: Sequence[Prediction]) -> Prediction:
-        return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in Prediction.__dataclass_fields__))
+        outputs = [np.concatenate([getattr(p, f) for p in parts]) for f in OUTPUT_FIELDS]
+        raws = [p.raw_score for p in parts]
+        return Prediction(*outputs, None if any(raw is None for raw in raws) else np.concatenate(raws))
+
+    def raw_score_of(self, index: int, post: Postprocess) -> float | None:
+        """Image ``index``'s un-normalised score: the backend's own where it has one, else recovered from the
+        normalised score (None where min-max clipped it)."""
+        if self.raw_score is not None:
+            return float(self.raw_score[index])
+        return post.raw_score(float(self.pred_score[index]))
 
     def non_finite(self) -> list[int]:
         """Indices of images whose score or map holds NaN or infinity."""

@@ -19,7 +19,6 @@ The archive is checked before torch opens it: torch.save writes every entry unco
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -59,8 +58,6 @@ DICT_ALIASES = (
     "lightning.pytorch.utilities.parsing.AttributeDict",
     "pytorch_lightning.utilities.parsing.AttributeDict",
 )
-# torch.save writes no archive entry compressed; a compressed one was not written by it.
-STORED = zipfile.ZIP_STORED
 
 
 def _numpy_reduce(value: Any) -> Any:
@@ -172,10 +169,6 @@ class UnknownGlobalsError(Exception):
         self.names = names
 
 
-class ArchiveError(Exception):
-    """The file is not a torch.save archive whose entries can be read without unpacking more than it holds."""
-
-
 def stand_in(name: str) -> Any | None:
     """What the pickle's global ``name`` resolves to, or None when it is not one accepted here."""
     if name == "builtins.getattr":
@@ -185,33 +178,6 @@ def stand_in(name: str) -> Any | None:
     if name in INTERPRETED or name.startswith(CARRIED_PREFIXES):
         return record_class(name)
     return None
-
-
-def check_archive(path: Path) -> None:
-    """Refuse, from the zip directory alone, an archive torch.save did not write or that unpacks to more than it is.
-
-    Raises:
-        ArchiveError: not a zip file, a compressed entry, or entries claiming more bytes than the file has.
-    """
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(4)
-    if not head.startswith(b"PK"):
-        raise ArchiveError("not a zip archive")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ArchiveError(f"truncated or corrupt zip archive ({exc})") from None
-    compressed = [entry for entry in entries if entry.compress_type != STORED]
-    if compressed:
-        first = compressed[0]
-        raise ArchiveError(
-            f"entry {first.filename} is compressed ({first.compress_size} bytes unpacking to {first.file_size})"
-        )
-    claimed = sum(entry.file_size for entry in entries)
-    if claimed > size or any(entry.header_offset + entry.file_size > size for entry in entries):
-        raise ArchiveError(f"its entries claim {claimed} bytes, more than the file's {size}")
 
 
 def pickled_globals(path: Path) -> list[str]:

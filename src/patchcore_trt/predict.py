@@ -62,8 +62,9 @@ class ImageResult:
     def record(self, post: Postprocess) -> dict[str, object]:
         """A flat row for JSON and CSV: numbers as numbers, None where there is no value.
 
-        ``raw_score`` (anomalib's un-normalised distance) is recovered from the normalised score through the
-        model's min-max statistics; it is None where the score is clipped at 0 or 1.
+        ``raw_score`` (anomalib's un-normalised distance) is the backend's own where it computes one (the torch
+        backend), else recovered from the normalised score through the model's min-max statistics: None there
+        where the score is clipped at 0 or 1.
         """
         row: dict[str, object] = dict.fromkeys(RECORD_FIELDS)
         row.update(file=self.name, status="error" if self.prediction is None else "ok", error=self.error)
@@ -73,7 +74,7 @@ class ImageResult:
         row.update(
             score=score,
             label="anomalous" if bool(self.prediction.pred_label[0]) else "normal",
-            raw_score=post.raw_score(score),
+            raw_score=self.prediction.raw_score_of(0, post),
             threshold=post.normalized_image_threshold,
             map_max=float(self.prediction.anomaly_map.max()),
             mask_fraction=float(self.prediction.pred_mask.mean()),
@@ -186,8 +187,9 @@ class ResultSink(Protocol):
 class PredictSummary:
     """What a run did: counts, time, the most anomalous images, the failures and notes for the user.
 
-    ``top`` holds (score, name, label) of the ``top`` highest scores, highest first (equal scores in the inputs'
-    natural order); ``interrupted`` is True when Ctrl-C stopped the run (every sink still holds what was scored).
+    ``top`` holds (score, name, label, raw score or None) of the ``top`` highest scores, highest first (equal
+    scores by their raw score where there is one, else in the inputs' natural order); ``interrupted`` is True
+    when Ctrl-C stopped the run (every sink still holds what was scored).
     """
 
     images: int
@@ -197,7 +199,7 @@ class PredictSummary:
     downscaled: int = 0
     seconds: float = 0.0
     interrupted: bool = False
-    top: list[tuple[float, str, bool]] = field(default_factory=list)
+    top: list[tuple[float, str, bool, float | None]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -223,8 +225,10 @@ class PredictSummary:
         }
 
 
-def _rank_key(item: tuple[float, str, bool]) -> tuple[float, list[object]]:
-    return -item[0], natural_key(Path(item[1]))
+def _rank_key(item: tuple[float, str, bool, float | None]) -> tuple[float, float, list[object]]:
+    """Highest score first; among equal (clipped) scores the higher raw score, where the backend gives one."""
+    score, name, _, raw = item
+    return -score, -raw if raw is not None else 0.0, natural_key(Path(name))
 
 
 def header(backend: Backend) -> dict[str, object]:
@@ -364,7 +368,7 @@ def _add(
     summary.scored += 1
     label = row["label"] == "anomalous"
     summary.anomalous += label
-    summary.top.append((float(row["score"]), result.name, label))
+    summary.top.append((float(row["score"]), result.name, label, row["raw_score"]))
     if len(summary.top) > 2 * max(top, 8):  # trimmed now and then: ranking stays O(n log top), not O(n^2)
         summary.top.sort(key=_rank_key)
         del summary.top[top:]

@@ -12,7 +12,7 @@ import copy
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,9 +166,31 @@ def backend_parity(
     return rows, reference
 
 
-def table_rows(rows: Sequence[BackendParity]) -> list[dict[str, object]]:
+def worst_images(figures: Parity, names: Sequence[str]) -> dict[str, object]:
+    """The images to look at in ``figures``, by name: the largest score error, the largest map error, and those
+    whose labels differ."""
+
+    def name(index: int | None) -> str | None:
+        return None if index is None else names[index]
+
+    return {
+        "score": name(figures.worst_score_image),
+        "map": name(figures.worst_map_image),
+        "labels_differ": [names[index] for index in figures.labels_differ],
+    }
+
+
+def _worst_cell(figures: Parity, names: Sequence[str]) -> str:
+    worst = worst_images(figures, names)
+    score, where = worst["score"], worst["map"]
+    shown = f"{score}" if score == where else f"score {score or '-'}, map {where or '-'}"
+    return "-" if score is None and where is None else shown
+
+
+def table_rows(rows: Sequence[BackendParity], names: Sequence[str] | None = None) -> list[dict[str, object]]:
     """Rows for the parity-and-speed table that ``demo`` and ``verify`` print: the figures against anomalib's FP32
-    forward, then against its FP64 evaluation."""
+    forward, then against its FP64 evaluation; with ``names`` (the images' names), the image each largest error
+    against the FP32 forward is on."""
     shown = []
     for row in rows:
         line = row.figures.row(row.name)
@@ -176,9 +198,22 @@ def table_rows(rows: Sequence[BackendParity]) -> list[dict[str, object]]:
         line[f"{EXACT} |d score|"] = f"{exact.max_score_error:.1e}" if exact is not None else "-"
         line[f"{EXACT} |d map|"] = f"{exact.max_map_error:.1e}" if exact is not None else "-"
         line["CPU ms/img"] = f"{row.ms_per_image:.0f}" if row.ms_per_image is not None else "-"
+        if names is not None:
+            line["worst image"] = _worst_cell(row.figures, names)
         line["bar"] = ("PASS" if row.passed else "FAIL") if row.checked else "-"
         shown.append(line)
     return shown
+
+
+def json_rows(rows: Sequence[BackendParity], names: Sequence[str]) -> list[dict[str, object]]:
+    """The rows as ``verify --json`` writes them: every field, and the worst images by name beside the indices."""
+    documents = []
+    for row in rows:
+        document: dict[str, object] = {**asdict(row), "worst_images": worst_images(row.figures, names)}
+        if row.exact is not None:
+            document["worst_images_fp64"] = worst_images(row.exact, names)
+        documents.append(document)
+    return documents
 
 
 FOOTNOTE = (

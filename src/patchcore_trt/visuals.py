@@ -6,8 +6,9 @@ stretched per image, so panels compare), the predicted mask in white on black an
 overlay. Two things differ on purpose:
 
 - anomalib blends the coloured map over the whole picture at half opacity, which tints every part blue. Here
-  the overlay keeps the part's own colours where the map is low: colour fades in from half the pixel threshold
-  and is at full strength from the threshold up, so what is drawn is what the model finds suspicious.
+  the overlay keeps the image's own colours wherever the map is at or below the pixel threshold (what the model
+  calls normal: on real photographs a good image's map sits well above half the threshold over much of it), and
+  colour fades in above it, at full strength halfway from the threshold to 1.
 - anomalib's visualizer needs torch and anomalib and builds each field with separate PIL conversions; a panel
   here is numpy and Pillow compositing with matplotlib's colour map (core dependencies), so ``predict`` can draw
   one per image at a few milliseconds each.
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap
 
 TILE_HEIGHT = 256
+ROW_ASPECT = 6.0
 CAPTIONS = ("Image", "Anomaly map", "Predicted mask", "Overlay")
 # Downscaling an input more than this before the backbone sees it can erase small defects.
 DOWNSCALE_LIMIT = 4.0
@@ -84,20 +86,24 @@ def downscale_warning(image_size: tuple[int, int], model_size: tuple[int, int]) 
 
 
 def panel_layout(image_size: tuple[int, int], tile_height: int = TILE_HEIGHT, warning: bool = False) -> Layout:
-    """The layout of the panel of an image of ``image_size`` (height, width); tiles keep the image's aspect."""
+    """The layout of the panel of an image of ``image_size`` (height, width); tiles keep the image's aspect. A wide
+    image's tiles go two to a row, or one, so a row stays within ROW_ASPECT tile heights: side by side, four 10:1
+    tiles would shrink to a strip wherever the panel is shown at a page's width."""
     tile_width = max(1, round(tile_height * image_size[1] / image_size[0]))
+    columns = next((count for count in (4, 2) if count * tile_width <= ROW_ASPECT * tile_height), 1)
     gap = max(2, tile_height // 64)
     line = _font_size(tile_height) + 2 * gap
     header_height = line * (3 if warning else 2)
     bar_width = _colorbar_width(tile_height)
-    left = gap
     tiles = []
-    for _ in CAPTIONS:
-        tiles.append((left, header_height, left + tile_width, header_height + tile_height))
-        left += tile_width + gap
+    for index, _ in enumerate(CAPTIONS):
+        row, column = divmod(index, columns)
+        left, top = gap + column * (tile_width + gap), header_height + row * (tile_height + gap)
+        tiles.append((left, top, left + tile_width, top + tile_height))
+    left = gap + columns * (tile_width + gap)
     colorbar = (left, header_height, left + bar_width, header_height + tile_height)
     width = colorbar[2] + gap
-    size = (width, header_height + tile_height + gap)
+    size = (width, header_height + len(CAPTIONS) // columns * (tile_height + gap))
     return Layout(size, gap, line, (0, 0, width, header_height), tuple(tiles), colorbar)
 
 
@@ -108,13 +114,12 @@ def heat_colours(anomaly_map: np.ndarray) -> np.ndarray:
 
 
 def overlay(rgb: np.ndarray, anomaly_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
-    """The coloured map over ``rgb`` (uint8 [H, W, 3]) only where ``anomaly_map`` ([H, W], same size) is high.
-
-    Below half of ``pixel_threshold`` the pixels are the image's own; from there the colour's opacity rises to
-    OVERLAY_ALPHA at the threshold, and stays there above it.
+    """The coloured map over ``rgb`` (uint8 [H, W, 3]) only where ``anomaly_map`` ([H, W], same size) is above
+    ``pixel_threshold``: at and below it the pixels are the image's own; above it the colour's opacity rises with
+    the map, to OVERLAY_ALPHA halfway from the threshold to 1, and stays there.
     """
-    floor = pixel_threshold / 2
-    alpha = OVERLAY_ALPHA * np.clip((anomaly_map - floor) / max(pixel_threshold - floor, 1e-6), 0.0, 1.0)
+    span = max((1.0 - pixel_threshold) / 2, 1e-6)
+    alpha = OVERLAY_ALPHA * np.clip((anomaly_map - pixel_threshold) / span, 0.0, 1.0)
     alpha = alpha[..., None].astype(np.float32)
     blended = np.rint(rgb * (1.0 - alpha) + heat_colours(anomaly_map) * alpha).astype(np.uint8)
     return np.where(alpha > 0, blended, rgb)
@@ -307,7 +312,7 @@ def save_visuals(
     Args:
         image: [3, H, W] float RGB in [0, 1]. anomaly_map: [h, w] normalised. mask: [h, w] bool.
         pixel_threshold: the normalised map threshold (``visuals.pixel_threshold``); the overlay colours only
-            what is near or above it. panel: ``visuals.render_panel``'s picture of the same image.
+            what is above it. panel: ``visuals.render_panel``'s picture of the same image.
     """
     height, width = image.shape[1:]
     rgb = np.rint(np.clip(image.transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)

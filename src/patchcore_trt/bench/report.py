@@ -77,6 +77,14 @@ def _error(value: float) -> str:
     return f"{value:.1e}" if value > 0 else "0"
 
 
+def significant(value: float) -> str:
+    """A figure with its significant digits: 12,345 and 123 whole, 0.15 and 0.0042 to three digits (a fixed number
+    of decimals shows 0.15 img/s as 0, and 0.004 ms as 0.00)."""
+    if value != value:
+        return "nan"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def display_row(row: dict[str, Any]) -> dict[str, str]:
     """One row of the printed table: the figures as short strings."""
     gpu = row["peak_gpu_mib"]
@@ -91,7 +99,7 @@ def display_row(row: dict[str, Any]) -> dict[str, str]:
         "median ms": f"{row['median_ms']:.3f}",
         "p90 ms": f"{row['p90_ms']:.3f}",
         "p99 ms": f"{row['p99_ms']:.3f}",
-        "img/s": f"{row['img_per_s']:,.0f}" if row["img_per_s"] >= 10 else f"{row['img_per_s']:.2g}",
+        "img/s": significant(row["img_per_s"]),
         "GPU MiB": "-" if gpu != gpu else f"{gpu:,.0f}",
         "host MiB": f"{row['host_rss_mib']:,.0f}",
         "max Δscore": _error(row["max_score_error"]),
@@ -139,7 +147,21 @@ def _label(row: dict[str, Any]) -> str:
 
 
 def write_chart(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
-    """bench.png: batch-1 latency and largest-batch throughput per input size, one bar per variant (None: no rows)."""
+    """bench.png: ``chart_figure`` of ``rows`` (None: no rows)."""
+    from matplotlib import pyplot as plt
+
+    figure = chart_figure(rows)
+    if figure is None:
+        return None
+    path = out_dir / "bench.png"
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)
+    return path
+
+
+def chart_figure(rows: Sequence[dict[str, Any]]) -> Any:
+    """Batch-1 latency and largest-batch throughput per input size, one labelled bar per variant (None: no rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,20 +174,16 @@ def write_chart(out_dir: Path, rows: Sequence[dict[str, Any]]) -> Path | None:
     for column, (height, width, bank) in enumerate(sizes):
         same = [r for r in rows if (r["height"], r["width"], r["bank"]) == (height, width, bank)]
         smallest, largest = min(r["batch"] for r in same), max(r["batch"] for r in same)
-        for axis, batch, key, unit, fmt in (
-            (axes[0][column], smallest, "median_ms", "ms per batch (median)", "%.2f"),
-            (axes[1][column], largest, "img_per_s", "images / s", "%.0f"),
+        for axis, batch, key, unit in (
+            (axes[0][column], smallest, "median_ms", "ms per batch (median)"),
+            (axes[1][column], largest, "img_per_s", "images / s"),
         ):
             chosen = [r for r in same if r["batch"] == batch]
             bars = axis.barh([_label(r) for r in chosen], [r[key] for r in chosen], color="tab:blue")
-            axis.bar_label(bars, fmt=fmt, padding=2, fontsize=8)
+            axis.bar_label(bars, labels=[significant(r[key]) for r in chosen], padding=2, fontsize=8)
             axis.margins(x=0.15)
             axis.set_title(f"{height}x{width}, bank {bank:,}, batch {batch}")
             axis.set_xlabel(unit)
             axis.invert_yaxis()
     figure.tight_layout()
-    path = out_dir / "bench.png"
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    plt.close(figure)
-    return path
+    return figure

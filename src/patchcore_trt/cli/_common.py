@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -135,6 +137,14 @@ def _writable_folder(path: Path) -> None:
                 raise UserError(f"{folder}: is a file, not a folder")
             if not os.access(folder, os.W_OK | os.X_OK):
                 raise UserError(f"{folder}: this folder is not writable; choose another output location")
+            # Permission bits are not the whole story (root passes os.access, and /sys or /proc refuse anyway):
+            # one real, empty folder made and removed at once answers before the work.
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".patchcore-trt-probe.", dir=folder))
+            except OSError as exc:
+                raise UserError(
+                    f"{folder}: cannot create files here ({exc.strerror}); choose another output location"
+                ) from None
             return
 
 
@@ -161,13 +171,30 @@ def check_output_file(path: Path | None, *, protected: Iterable[Path] = ()) -> N
             raise UserError(f"{path}: is also an input ({other}); writing results there would destroy it")
 
 
+def _destination(path: Path) -> object:
+    """What writing to ``path`` writes into: the open file behind a descriptor link (``/dev/stdout``,
+    ``/proc/self/fd/1``), the file an existing path or link leads to, else the path itself. None for the null
+    device, which may take any number of outputs."""
+    fd = std_stream(path)
+    try:
+        info = os.fstat(fd) if fd is not None else os.stat(path)
+    except OSError:
+        return path.resolve()
+    if stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(1, 3):
+        return None
+    return info.st_dev, info.st_ino
+
+
 def check_distinct(*paths: Path | None) -> None:
-    """Refuse two outputs that are one file (the second would overwrite the first)."""
-    seen: dict[Path, Path] = {}
+    """Refuse two outputs that are one file, however spelled (the second would overwrite the first, or both would
+    interleave into one unreadable stream on ``/dev/stdout`` or a FIFO)."""
+    seen: dict[object, Path] = {}
     for path in paths:
-        if path is None or is_special(path):
+        if path is None:
             continue
-        key = path.resolve()
+        key = _destination(path)
+        if key is None:
+            continue
         if key in seen:
             raise UserError(f"{path}: given for two outputs ({seen[key]} and {path}); give each its own file")
         seen[key] = path

@@ -30,7 +30,7 @@ def build_command(
     """Build MODEL.<precision>.engine (+ .engine.json metadata) from an exported ONNX."""
     from patchcore_trt.artifact import variant_path
     from patchcore_trt.build import GateRefusedError, build
-    from patchcore_trt.engine import RTX_DEFAULT_TARGETS, Profile, Shape, load_tensorrt
+    from patchcore_trt.engine import Profile, Shape
 
     profile = Profile(*(Shape.parse(text) for text in shapes)) if shapes else None
     # The engine, its sidecar and the fp16/int8 graph are written beside MODEL; fail before the build, not after.
@@ -38,12 +38,6 @@ def build_command(
         check_output_dir(model.parent)
     check_output_file(calibration_cache, protected=[model])
     check_output_file(timing_cache, protected=[model])
-    if model.is_file() and load_tensorrt().library == "tensorrt_rtx":
-        warn(
-            f"full TensorRT is not installed: building with TensorRT-RTX, whose engines run on GPUs of compute "
-            f"capability {RTX_DEFAULT_TARGETS} only (not Jetson Orin 8.7, T4 7.5, H100/H200 9.0). For those, build "
-            "with full TensorRT 10 or newer: the NGC container nvcr.io/nvidia/tensorrt, or a Jetson's JetPack."
-        )
     try:
         outcome = build(
             model,
@@ -57,6 +51,7 @@ def build_command(
             eval_data=eval_data,
             force=force,
             step=step,
+            notice=warn,
         )
     except GateRefusedError as refused:
         err.print(f"  {refused.figures.summary()}")

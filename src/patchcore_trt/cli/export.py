@@ -49,11 +49,15 @@ def export_command(
     if not checkpoint.is_file():
         raise UserError(f"{checkpoint}: {'is a folder' if checkpoint.is_dir() else 'no such file'}")
     size = parse_size(image_size)
-    # torch loads only once the cheap checks have passed; the opset is checked before the checkpoint is read.
-    from patchcore_trt.checkpoint import read_checkpoint
-    from patchcore_trt.export import check_opset, export_onnx
+    from patchcore_trt.archive import check_checkpoint_file
+    from patchcore_trt.artifact import check_opset
 
     check_opset(opset)
+    check_checkpoint_file(checkpoint)
+    # torch loads only once the cheap checks have passed.
+    from patchcore_trt.checkpoint import read_checkpoint
+    from patchcore_trt.export import export_onnx
+
     with step(f"reading {checkpoint}"):
         spec = read_checkpoint(
             checkpoint, trust_pickled_code=trust_pickled_code, image_size=size, anomalib_version=anomalib_version

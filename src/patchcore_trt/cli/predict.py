@@ -101,12 +101,12 @@ def predict_command(
         if product is not None:
             given["product"] = product
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
+    check_distinct(json_path, csv_path, report)
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     paths, unmatched = collect_images(inputs)
     local_files = [model] if server is None else []
     for output in (json_path, csv_path, report):
         check_output_file(output, protected=[*local_files, *paths])
-    check_distinct(json_path, csv_path, report)
     check_output_dir(visuals)
     loaded = open_backend(model, backend, device=device, **given)
     for item in unmatched:
@@ -174,7 +174,7 @@ def _print(out, loaded, summary) -> None:
     )
     if summary.top:
         out.print(f"most anomalous ({loaded.postprocess.rule}):")
-        for score, image, label in summary.top:
+        for score, image, label, _ in summary.top:
             out.print(f"  {format_score(score, threshold)}  {'anomalous' if label else 'normal':<9}  {image}")
     if summary.failures:
         out.print(f"failed ({len(summary.failures)}):")

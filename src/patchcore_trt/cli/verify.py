@@ -45,22 +45,28 @@ def verify_command(
     if checkpoint.suffix.lower() != ".ckpt":
         hint = f"; give the exported graph with --onnx {checkpoint}" if checkpoint.suffix.lower() == ".onnx" else ""
         raise UserError(f"{checkpoint}: verify needs the anomalib checkpoint (.ckpt) that anomalib ran{hint}")
-    from patchcore_trt.runtime import backend_names
+    from patchcore_trt.runtime import backend_info, backend_names, check_device, check_gpu_present
 
     names = [name.strip() for name in backends.split(",") if name.strip()]
     unknown = [name for name in names if name not in backend_names()]
     if unknown or not names:
         raise UserError(f"--backends {backends!r}: choose from {', '.join(backend_names())}")
+    for name in names:  # a GPU backend on a machine without one is refused before anomalib is loaded
+        info = backend_info(name)
+        check_gpu_present(info, check_device(info, None))
     check_output_file(json_path)
     check_output_file(report)
     check_distinct(json_path, report)
+    from patchcore_trt.archive import check_checkpoint_file
+
+    check_checkpoint_file(checkpoint)  # before torch and anomalib load
     from patchcore_trt.checkpoint import read_checkpoint
     from patchcore_trt.export import export_onnx
     from patchcore_trt.files import display_name
-    from patchcore_trt.images import ImageError, collect_images, load_image
+    from patchcore_trt.images import ImageError, collect_images, load_image, short_names
     from patchcore_trt.reference import AnomalibReference
     from patchcore_trt.report import write_json
-    from patchcore_trt.verify import FOOTNOTE, backend_parity, table_rows
+    from patchcore_trt.verify import FOOTNOTE, backend_parity, json_rows, table_rows
 
     # Read safely first: a checkpoint that pickles code is refused here, before anomalib sees it.
     spec = read_checkpoint(checkpoint, trust_pickled_code=trust_pickled_code, anomalib_version=anomalib_version)
@@ -99,11 +105,13 @@ def verify_command(
             with step(f"writing the report {report}"):
                 _write_report(report, checkpoint, onnx_path, rows, reference, images, used, skipped, started)
     summary = summary_console(json_path, report)
-    print_table(table_rows(rows), f"parity vs anomalib's forward ({len(images)} images)", summary)
+    shown = short_names(used, inputs)  # as predict names them: relative to the folder they were found in
+    image_names = [shown[path] for path in used]
+    print_table(table_rows(rows, image_names), f"parity vs anomalib's forward ({len(images)} images)", summary)
     summary.print(FOOTNOTE)
     summary.print(f"reference: {anomalib.description}")
     if json_path is not None:
-        write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": rows})
+        write_json(json_path, {"checkpoint": checkpoint, "images": used, "rows": json_rows(rows, image_names)})
     if not all(row.passed for row in rows if row.checked):
         raise typer.Exit(1)
 
@@ -167,7 +175,7 @@ def _write_report(path, checkpoint, onnx_path, rows, reference, images, used, sk
         },
         timings={"verify": f"{time.perf_counter() - started:.1f} s"},
         threshold=metadata.image_threshold,
-        parity_rows=table_rows(rows),
+        parity_rows=table_rows(rows, names),
         parity_bar=FOOTNOTE + " Panels: anomalib's own forward.",
         failures=skipped,
         warnings=warnings,

@@ -8,9 +8,12 @@ once, and adding a backend is one new module plus one entry.
 
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 from pathlib import Path
 
+from patchcore_trt.archive import check_checkpoint_file
 from patchcore_trt.errors import UserError
 from patchcore_trt.outputs import NonFiniteOutputError, Prediction
 from patchcore_trt.runtime.base import Backend
@@ -63,6 +66,20 @@ def check_device(info: BackendInfo, device: str | None) -> str:
     return device
 
 
+GPU_NODES = ("/dev/nvmap", "/dev/dxg")  # a Jetson's GPU memory node (no /dev/nvidia0 there); WSL's GPU
+
+
+def check_gpu_present(info: BackendInfo, device: str) -> None:
+    """A local ``device`` of kind cuda needs an NVIDIA GPU: without one (no /dev/nvidia0.. node, nor a Jetson's
+    /dev/nvmap, nor WSL's /dev/dxg) this is answered from the device nodes alone, before torch or a runtime spends
+    seconds loading to find out."""
+    if device.partition(":")[0] != "cuda":
+        return
+    if glob.glob("/dev/nvidia[0-9]*") or any(map(os.path.exists, GPU_NODES)):
+        return
+    raise UserError(f"backend {info.name!r} on {device} needs an NVIDIA GPU, and this machine has none")
+
+
 def check_options(info: BackendInfo, options: dict[str, object]) -> None:
     """Every option is one ``info``'s backend takes, with a value among its choices."""
     unknown = sorted(set(options) - set(info.options))
@@ -95,10 +112,13 @@ def check_request(
         )
     device = check_device(info, device)
     check_options(info, options)
+    check_gpu_present(info, device)
     if artifact.is_dir():
         raise UserError(f"{artifact}: is a folder; expected a {suffix} file")
     if not artifact.is_file():
         raise UserError(f"{artifact}: no such file")
+    if suffix == ".ckpt":  # a PNG renamed .ckpt is answered before torch loads
+        check_checkpoint_file(artifact)
     return info, device
 
 

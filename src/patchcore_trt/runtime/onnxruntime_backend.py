@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, ort_session, read_onnx_metadata
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, check_graph_io, ort_session, read_onnx_metadata
 from patchcore_trt.outputs import Prediction
 from patchcore_trt.runtime.base import Backend
 
@@ -27,6 +27,11 @@ class OnnxRuntimeBackend(Backend):
         if not qdq_fusion:
             config["session.disable_quant_qdq"] = "1"
         self.session = ort_session(artifact, device=device, threads=threads, config=config)
+        inputs, outputs = (
+            {t.name: None if t.shape is None else len(t.shape) for t in tensors}
+            for tensors in (self.session.get_inputs(), self.session.get_outputs())
+        )
+        check_graph_io(artifact, inputs, outputs)
 
     def _infer(self, images: np.ndarray) -> Prediction:
         return Prediction.from_outputs(self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: images}))

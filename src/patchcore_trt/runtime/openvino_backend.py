@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, read_onnx_metadata
+from patchcore_trt.artifact import INPUT_NAME, OUTPUT_NAMES, check_graph_io, read_onnx_metadata
 from patchcore_trt.errors import MissingDependencyError, UserError
 from patchcore_trt.outputs import Prediction
 from patchcore_trt.runtime.base import Backend
@@ -31,8 +31,18 @@ class OpenVinoBackend(Backend):
             )
         except RuntimeError as exc:
             raise UserError(f"openvino could not compile {artifact}: {str(exc).splitlines()[0]}") from None
+        check_graph_io(artifact, _tensors(self.compiled.inputs), _tensors(self.compiled.outputs))
         self.request = self.compiled.create_infer_request()
 
     def _infer(self, images: np.ndarray) -> Prediction:
         results = self.request.infer({INPUT_NAME: images})
         return Prediction.from_outputs([results[self.compiled.output(name)] for name in OUTPUT_NAMES])
+
+
+def _tensors(ports: list) -> dict[str, int | None]:
+    """A compiled model's ports by name, with their ranks (None where dynamic)."""
+    tensors = {}
+    for port in ports:
+        rank = port.get_partial_shape().rank
+        tensors[port.get_any_name()] = rank.get_length() if rank.is_static else None
+    return tensors
