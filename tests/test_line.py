@@ -98,7 +98,7 @@ def test_products_share_a_backbone_by_weights_and_score_as_their_checkpoints(pro
     results = line.run(items)
     for (name, batch), result in zip(items, results, strict=True):
         alone = open_backend(products[name]).predict(batch)
-        assert _same(result, alone), name
+        assert _same(result, alone) and np.array_equal(result.raw_score, alone.raw_score), name
     # The bank is the .npy file mapped into memory, not a copy of it.
     address = line.models["a"].search.bank.data_ptr()
     bank_file = str((folder / "banks" / "a.npy").resolve())

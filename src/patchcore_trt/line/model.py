@@ -12,6 +12,7 @@ CPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,8 +109,11 @@ class Line:
                     product, count = items[index][0], len(items[index][1])
                     model = self.models[product]
                     part = embedding[start : start + count]
-                    outputs = model.outputs(*model.score_embedding(part), input_size=images.shape[-2:])
-                    prediction = Prediction.from_outputs(outputs)
+                    raw_score, raw_map = model.score_embedding(part)
+                    outputs = model.outputs(raw_score, raw_map, input_size=images.shape[-2:])
+                    # The un-normalised score comes along, as from the torch backend (clipped scores keep a rank).
+                    raw = raw_score.cpu().numpy().astype(np.float32, copy=False).reshape(count)
+                    prediction = dataclasses.replace(Prediction.from_outputs(outputs), raw_score=raw)
                     bad = prediction.non_finite()
                     results[index] = NonFiniteOutputError(f"product {product}", prediction, bad) if bad else prediction
                     start += count
