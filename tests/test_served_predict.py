@@ -2,7 +2,7 @@
 rows, the rest become error rows (one line each, no traceback), the files are whole, nothing hidden is left.
 
 A real Triton server on 127.0.0.1 serves the checkpoint on CPU instances; it is killed (SIGKILL, as the OOM killer
-would) once a few requests were answered. Every wait is bounded.
+would) once a few requests were answered, while the client talks gRPC (a bare HOST:PORT). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_predict_keeps_every_result_when_the_server_dies_mid_run(served, dataset
     outputs = tmp_path / "out"
     outputs.mkdir()
     command = [
-        sys.executable, "-m", "patchcore_trt", "predict", "--server", f"grpc://{served.grpc_url}", "--model", MODEL,
+        sys.executable, "-m", "patchcore_trt", "predict", "--server", served.grpc_url, "--model", MODEL,
         "--batch-size", "1", "--timeout", "20", str(folder),
         "--json", str(outputs / "r.json"), "--csv", str(outputs / "r.csv"),
     ]  # fmt: skip

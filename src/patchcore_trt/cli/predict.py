@@ -37,7 +37,10 @@ def predict_command(
         "INPUTS: image files, folders (searched recursively) or glob patterns.",
     ),
     server: str | None = typer.Option(
-        None, "--server", help="Score on a Triton server (http://HOST:8000 or grpc://HOST:8001) instead of a MODEL."
+        None,
+        "--server",
+        help="Score on a Triton server instead of a MODEL: HOST:PORT or HOST is gRPC (port 8001 by default); "
+        "http://HOST:8000 for HTTP.",
     ),
     model_name: str | None = typer.Option(None, "--model", help="(--server) The served model; default: its only one."),
     concurrency: int = typer.Option(1, "--concurrency", min=1, max=256, help="(--server) Requests in flight at once."),
@@ -71,6 +74,7 @@ def predict_command(
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
     from patchcore_trt.images import collect_images, short_names
     from patchcore_trt.runtime import check_request, open_backend
+    from patchcore_trt.runtime.registry import BARE_SCHEME
 
     # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
     given = {
@@ -93,7 +97,7 @@ def predict_command(
         if local or given:
             flags = ", ".join(local + ["--" + k.replace("_", "-") for k in given])
             raise UserError(f"{flags}: for a local MODEL; the server's model carries its own settings")
-        model, inputs = server if "://" in server else f"http://{server}", arguments
+        model, inputs = server if "://" in server else BARE_SCHEME + server, arguments
         backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched

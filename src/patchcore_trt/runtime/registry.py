@@ -6,6 +6,7 @@ Nothing here imports a backend: a request is checked against these facts before 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Input kinds of Backend.predict: float32 [N, 3, H, W] in [0, 1]; uint8 [N, H, W, 3] as decoded; a CUDA tensor of
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 # does); ``inputs`` lists what a backend takes natively.
 INPUT_KINDS = ("float32", "uint8", "device")
 URL_SCHEMES = ("http://", "https://", "grpc://")
+# A server named without a scheme (``host:8001``) is reached over gRPC: Triton's binary protocol, where one
+# connection carries every request in flight and tensors are not text-encoded.
+BARE_SCHEME = "grpc://"
+BARE_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}$")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The triton backend: a model on a Triton server, addressed by URL, behind the one backend contract.
 
-``open_backend("http://host:8000", model="name")`` (or ``grpc://host:8001``) gives a Backend like any other. It
+``open_backend("host:8001", model="name")`` gives a Backend like any other: a bare HOST:PORT is gRPC (Triton's
+port 8001 by default), ``http://host:8000`` is HTTP. It
 works with every repository ``patchcore-trt triton`` writes: the Python model takes uint8 [N, H, W, 3] images, the
 ONNX and TensorRT models float32 [N, 3, H, W]; the client reads which from the model's metadata, and the model's
 metadata (thresholds, label rule, source checkpoint) from its config's ``metadata`` parameter, checked as any
@@ -25,6 +26,7 @@ from patchcore_trt.errors import UserError
 from patchcore_trt.images import uint8_to_float
 from patchcore_trt.outputs import Prediction
 from patchcore_trt.runtime.base import Backend
+from patchcore_trt.runtime.registry import BARE_SCHEME
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -42,11 +44,13 @@ class Endpoint:
 
 
 def parse_url(url: str) -> Endpoint:
-    """``http://host:8000``, ``https://...``, ``grpc://host:8001`` or ``host:port`` (HTTP)."""
-    parsed = urlparse(url if "://" in url else f"http://{url}")
+    """``HOST[:PORT]`` (gRPC, port 8001 by default), ``grpc://HOST[:8001]``, ``http://HOST[:8000]`` or ``https://``."""
+    parsed = urlparse(url if "://" in url else BARE_SCHEME + url)
     protocol = {"http": "http", "https": "http", "grpc": "grpc"}.get(parsed.scheme)
     if protocol is None or not parsed.hostname or parsed.path not in ("", "/"):
-        raise UserError(f"server {url!r} is not http://HOST:PORT, https://HOST:PORT or grpc://HOST:PORT")
+        raise UserError(
+            f"server {url!r} is not HOST:PORT (gRPC), grpc://HOST:PORT, http://HOST:PORT or https://HOST:PORT"
+        )
     try:
         port = parsed.port or (8001 if protocol == "grpc" else 8000)
     except ValueError:
@@ -116,7 +120,10 @@ class TritonBackend(Backend):
         except Exception as exc:  # refused, DNS, TLS: each library raises its own
             client.close()
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot reach a Triton server at {self.endpoint.url} ({reason}); is it running?") from None
+            hint = " (gRPC: Triton's HTTP port needs http://HOST:PORT)" if self.endpoint.protocol == "grpc" else ""
+            raise UserError(
+                f"cannot reach a Triton server at {self.endpoint.url} ({reason}); is it running?{hint}"
+            ) from None
         if not live:
             client.close()
             raise UserError(f"the Triton server at {self.endpoint.url} is not live")
