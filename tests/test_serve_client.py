@@ -1,4 +1,6 @@
-"""The Triton client as a user meets it, against a real tritonserver on 127.0.0.1: a bare HOST:PORT is gRPC.
+"""The Triton client as a same-machine user meets it, against a real tritonserver on 127.0.0.1: a bare HOST:PORT is
+gRPC, and ``--shm system`` moves every tensor through /dev/shm and leaves nothing behind, whether the client closes,
+is stopped by Ctrl-C, or its server restarts under it.
 
 The model is anomalib 2.6.2's golden checkpoint on CPU instances. Every wait is bounded in time.
 """
@@ -6,6 +8,12 @@ The model is anomalib 2.6.2's golden checkpoint on CPU instances. Every wait is 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +21,11 @@ import pytest
 from conftest import error_line, run_cli
 from golden import FIXTURES, checkpoint
 
+from patchcore_trt.errors import UserError
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.runtime import is_url, open_backend
 from patchcore_trt.runtime.triton_backend import parse_url
+from patchcore_trt.runtime.triton_shm import prefix
 from patchcore_trt.serve.server import TritonServer, free_ports
 
 MODEL = "patchcore"
@@ -54,6 +64,22 @@ def _in_process(frames: np.ndarray):
         return backend.predict(frames)
 
 
+def _ours(pid: int | None = None) -> list[str]:
+    """The shared memory segments a client process (this one by default) left in /dev/shm."""
+    start = f"pctclient{pid}_" if pid else prefix()
+    return sorted(name for name in os.listdir("/dev/shm") if name.startswith(start))
+
+
+def _registered(server: TritonServer) -> list[str]:
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        return sorted(item["name"] for item in client.get_system_shared_memory_status())
+    finally:
+        client.close()
+
+
 def _same(one, other) -> bool:
     return all(np.array_equal(getattr(one, field), getattr(other, field)) for field in FIELDS)
 
@@ -87,3 +113,86 @@ def test_bare_address_clients_score_as_in_process_predict(server, frames, local,
 @pytest.fixture(scope="module")
 def dataset_folder() -> Path:
     return FIXTURES / "data" / "test"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_shared_memory_results_equal_the_wire_and_in_process(server, frames, local, protocol):
+    url = server.grpc_url if protocol == "grpc" else f"http://{server.http_url}"
+    with open_backend(url, model=MODEL, concurrency=3) as wire:
+        sent = wire.predict(frames)
+    with open_backend(url, model=MODEL, concurrency=3, shm="system") as shared:
+        small = shared.predict(frames[:1])  # a region sized for one image ...
+        names = _ours()
+        assert len(names) == 1 and _registered(server) == names  # one request: one slot
+        whole = shared.predict(frames)  # ... then grown for a share of eight, in three slots
+        again = shared.predict(frames)  # and reused
+        assert len(_ours()) == 3 and _registered(server) == _ours()
+        bigger = np.ascontiguousarray(np.concatenate([frames[:1], frames[:1]], axis=1))  # twice the rows
+        tall = shared.predict(bigger)
+    assert _ours() == [] and _registered(server) == []
+    assert _same(sent, local) and _same(whole, local) and _same(again, local) and _same(small, _in_process(frames[:1]))
+    with open_backend(url, model=MODEL) as wire:
+        assert _same(tall, wire.predict(bigger))
+
+
+def _ctrl_c_predict(server: TritonServer, folder: Path, output: Path) -> subprocess.Popen[str]:
+    command = [
+        sys.executable, "-m", "patchcore_trt", "predict", "--server", server.grpc_url, "--shm", "system",
+        "--concurrency", "2", "--batch-size", "2", str(folder), "--json", str(output),
+    ]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a terminal starts it
+    )  # fmt: skip
+
+
+def test_ctrl_c_in_predict_with_shared_memory_leaves_no_region(server, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    source = next((FIXTURES / "data" / "test" / "good").glob("*.png"))
+    for number in range(400):  # far more than are scored before the Ctrl-C
+        shutil.copy(source, folder / f"part_{number:03d}.png")
+    before = int(server.statistics(MODEL)["inference_count"])
+    process = _ctrl_c_predict(server, folder, tmp_path / "r.json")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if int(server.statistics(MODEL)["inference_count"]) >= before + 6:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert "interrupted: stopped by Ctrl-C" in stderr and "scored" in stdout
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert len(rows) < 400 and all(row["status"] == "ok" for row in rows)
+    assert _ours(process.pid) == [] and _registered(server) == []
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_server_restart_mid_run_is_recovered_or_one_line_and_leaves_nothing(repository, frames, tmp_path, protocol):
+    ports = free_ports()
+    first = TritonServer(repository, ports, log_file=tmp_path / "first.log")
+    with first:
+        first.start(timeout_s=240)
+        url = f"127.0.0.1:{ports[1]}" if protocol == "grpc" else f"http://127.0.0.1:{ports[0]}"
+        shared = open_backend(url, model=MODEL, shm="system", timeout_s=30)
+        try:
+            assert _same(shared.predict(frames[:2]), _in_process(frames[:2]))
+            first.stop()
+            second = TritonServer(repository, ports, log_file=tmp_path / "second.log")
+            with second:
+                second.start(timeout_s=240)
+                assert _registered(second) == []  # the new server knows none of the regions
+                try:
+                    outcome = shared.predict(frames[:2])
+                except UserError as exc:
+                    outcome = str(exc)
+                if isinstance(outcome, str):
+                    assert "\n" not in outcome and f"model '{MODEL}'" in outcome
+                else:
+                    assert _same(outcome, _in_process(frames[:2])) and _registered(second) == _ours()
+                shared.close()
+                assert _ours() == [] and _registered(second) == []
+        finally:
+            shared.close()

@@ -26,6 +26,7 @@ from patchcore_trt.cli._common import (
     warn,
 )
 from patchcore_trt.errors import UserError
+from patchcore_trt.runtime.registry import OPTIONS
 
 
 @app.command("predict")
@@ -47,6 +48,7 @@ def predict_command(
     timeout: float = typer.Option(
         60.0, "--timeout", min=1, max=3600, help="(--server) Seconds to wait for an answer before the batch fails."
     ),
+    shm: str | None = typer.Option(None, "--shm", help=f"(--server) {OPTIONS['shm'].help_text()}"),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
@@ -90,8 +92,8 @@ def predict_command(
         if len(arguments) < 2:
             raise UserError("predict needs a MODEL and at least one input (or --server URL and inputs)")
         model, inputs = Path(arguments[0]), arguments[1:]
-        if model_name is not None or concurrency != 1 or timeout != 60.0:
-            raise UserError("--model, --concurrency and --timeout apply to --server")
+        if model_name is not None or concurrency != 1 or timeout != 60.0 or shm is not None:
+            raise UserError("--model, --concurrency, --timeout and --shm apply to --server")
     else:
         local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]
         if local or given:
@@ -99,6 +101,8 @@ def predict_command(
             raise UserError(f"{flags}: for a local MODEL; the server's model carries its own settings")
         model, inputs = server if "://" in server else BARE_SCHEME + server, arguments
         backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
+        if shm is not None:
+            given["shm"] = shm
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     paths, unmatched = collect_images(inputs)

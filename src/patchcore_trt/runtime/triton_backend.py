@@ -6,14 +6,15 @@ works with every repository ``patchcore-trt triton`` writes: the Python model ta
 ONNX and TensorRT models float32 [N, 3, H, W]; the client reads which from the model's metadata, and the model's
 metadata (thresholds, label rule, source checkpoint) from its config's ``metadata`` parameter, checked as any
 artifact's metadata is. A batch goes out as up to ``concurrency`` requests in flight at once, so the server's
-dynamic batcher can merge them with other clients' requests; results come back in input order.
+dynamic batcher can merge them with other clients' requests; results come back in input order. With
+``shm="system"`` (a server on this machine) the tensors go through /dev/shm instead of the requests (triton_shm.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import queue
-import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +28,7 @@ from patchcore_trt.images import uint8_to_float
 from patchcore_trt.outputs import Prediction
 from patchcore_trt.runtime.base import Backend
 from patchcore_trt.runtime.registry import BARE_SCHEME
+from patchcore_trt.runtime.triton_shm import SharedRegions, layout
 
 DEFAULT_TIMEOUT_S = 120.0
 
@@ -78,6 +80,7 @@ class TritonBackend(Backend):
         model: The model's name; None picks the server's only ready model.
         concurrency: Requests in flight at once (each carries a share of the batch).
         timeout_s: Per-request network timeout.
+        shm: ``system``: tensors go through system shared memory (a server on this machine; see triton_shm.py).
     """
 
     name: ClassVar[str] = "triton"
@@ -90,6 +93,7 @@ class TritonBackend(Backend):
         model: str | None = None,
         concurrency: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        shm: str = "none",
     ) -> None:
         del device  # one kind: where the server runs is the server's business
         if concurrency < 1:
@@ -98,11 +102,22 @@ class TritonBackend(Backend):
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.module = _module(self.endpoint.protocol)
+        self.as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
         self.client = self._connect()
+        self.regions: SharedRegions | None = None
+        # Slots of the requests in flight: a request takes one (and its shared memory region) until its answer is
+        # read, so close can wait for every answer before the regions go.
+        self.free: queue.Queue[int] = queue.Queue()
+        for slot in range(concurrency):
+            self.free.put(slot)
         try:
             self.model = model or self._only_model()
             super().__init__(Path(self.model), self.endpoint.url)
             self._read_model()
+            if shm == "system":
+                self.regions = SharedRegions(self.client, f"{self.endpoint.url} model {self.model!r}")
+                # A caller that never closes still leaves nothing registered or in /dev/shm.
+                self._finalizer = weakref.finalize(self, self.regions.release)
         except BaseException:
             self.close()
             raise
@@ -132,8 +147,7 @@ class TritonBackend(Backend):
     def _only_model(self) -> str:
         # The statistics list the loaded models; the repository index would too, but `serve` restricts it (with
         # load and unload, its API category) to itself.
-        as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
-        statistics = self.client.get_inference_statistics(**as_json)
+        statistics = self.client.get_inference_statistics(**self.as_json)
         ready = sorted({item["name"] for item in statistics.get("model_stats", [])})
         if len(ready) != 1:
             found = ", ".join(ready) or "none"
@@ -150,9 +164,8 @@ class TritonBackend(Backend):
             raise UserError(f"{self.endpoint.url} model {self.model!r}: {what}: {reason} (server gone?)") from None
 
     def _read_model(self) -> None:
-        as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
-        metadata = self._call("metadata", self.client.get_model_metadata, self.model, **as_json)
-        config = self._call("config", self.client.get_model_config, self.model, **as_json)
+        metadata = self._call("metadata", self.client.get_model_metadata, self.model, **self.as_json)
+        config = self._call("config", self.client.get_model_config, self.model, **self.as_json)
         config = config.get("config", config)
         inputs = {item["name"]: item for item in metadata.get("inputs", [])}
         outputs = {item["name"] for item in metadata.get("outputs", [])}
@@ -171,6 +184,9 @@ class TritonBackend(Backend):
         if missing:
             raise UserError(f"{self.endpoint.url} model {self.model!r} has no output(s) {missing}")
         self.max_batch = max(int(config.get("max_batch_size", 1)), 1)
+        # The map's [H, W] (None where it follows the input's size), for sizing shared memory outputs.
+        dims = next((item.get("dims") for item in config.get("output", []) if item["name"] == OUTPUT_NAMES[2]), None)
+        self.map_size = tuple(int(d) for d in dims[-2:]) if dims and min(int(d) for d in dims[-2:]) > 0 else None
         self.parameters = {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
         if "metadata" not in self.parameters:
             raise UserError(
@@ -218,75 +234,144 @@ class TritonBackend(Backend):
         per_request = min(self.max_batch, max(1, -(-len(batch) // self.concurrency)))
         return [batch[start : start + per_request] for start in range(0, len(batch), per_request)]
 
-    def _request(self, chunk: np.ndarray, datatype: str) -> tuple[list[Any], list[Any]]:
+    def _output_specs(self, chunk: np.ndarray) -> list[tuple[str, np.dtype, list[int]]]:
+        """(name, dtype, shape) of each output a request of ``chunk`` asks for."""
+        n = len(chunk)
+        map_size = self.map_size or (chunk.shape[1:3] if self.layout == "nhwc_uint8" else chunk.shape[2:])
+        shapes = ([n], [n], [n, 1, *map_size], [n, 1, *map_size])
+        dtypes = (np.float32, np.bool_, np.float32, np.bool_)
+        specs = zip(OUTPUT_NAMES, dtypes, shapes, strict=True)
+        return [(name, np.dtype(dtype), list(shape)) for name, dtype, shape in specs]
+
+    def _request(self, chunk: np.ndarray, datatype: str, slot: int) -> tuple[list[Any], list[Any], list[int]]:
+        """The request's inputs and outputs, and where each output lies in the slot's region (shared memory)."""
         tensor = self.module.InferInput(INPUT_NAME, list(chunk.shape), datatype)
-        tensor.set_data_from_numpy(chunk)
-        if self.endpoint.protocol == "http":
-            outputs = [self.module.InferRequestedOutput(name, binary_data=True) for name in OUTPUT_NAMES]
-        else:
-            outputs = [self.module.InferRequestedOutput(name) for name in OUTPUT_NAMES]
-        return [tensor], outputs
+        specs = self._output_specs(chunk)
+        binary = {"binary_data": True} if self.endpoint.protocol == "http" else {}
+        outputs = [self.module.InferRequestedOutput(name, **binary) for name, _, _ in specs]
+        if self.regions is None:
+            tensor.set_data_from_numpy(chunk)
+            return [tensor], outputs, []
+        sizes = [chunk.nbytes] + [dtype.itemsize * int(np.prod(shape)) for _, dtype, shape in specs]
+        offsets, total = layout(sizes)
+        region = self.regions.ensure(slot, total)
+        self.regions.write(region, chunk)
+        tensor.set_shared_memory(region.name, chunk.nbytes)
+        for output, offset, size in zip(outputs, offsets[1:], sizes[1:], strict=True):
+            output.set_shared_memory(region.name, size, offset)
+        return [tensor], outputs, offsets[1:]
+
+    def _answer(self, result: Any, chunk: np.ndarray, slot: int, offsets: list[int]) -> Prediction:
+        """The prediction an answer carries: in its body, or in the slot's region (copied out: the slot is reused)."""
+        if self.regions is None:
+            return Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES])
+        region = self.regions.regions[slot]
+        arrays = []
+        for (name, dtype, _), offset in zip(self._output_specs(chunk), offsets, strict=True):
+            output = result.get_output(name)
+            shape = output["shape"] if isinstance(output, dict) else output.shape
+            arrays.append(self.regions.read(region, dtype, [int(d) for d in shape], offset))
+        return Prediction.from_outputs(arrays)
 
     def _send(self, batch: np.ndarray, datatype: str) -> Prediction:
         chunks = self._chunks(batch)
         send = self._send_http if self.endpoint.protocol == "http" else self._send_grpc
-        parts = [
-            Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES])
-            for result in send(chunks, datatype)
-        ]
+        try:
+            parts = send(chunks, datatype)
+        except UserError:
+            # A server that restarted has forgotten the regions: registered again, the batch is sent once more.
+            if self.regions is None or not self.regions.lost(self.as_json):
+                raise
+            parts = send(chunks, datatype)
         prediction = Prediction.concat(parts)
         if len(prediction) != len(batch):
             raise RuntimeError(f"{self.endpoint.url} returned {len(prediction)} results for {len(batch)} images")
         return prediction
 
-    def _send_http(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
-        if len(chunks) == 1:
-            inputs, outputs = self._request(chunks[0], datatype)
-            return [self._call("inference", self.client.infer, self.model, inputs, outputs=outputs)]
-        # The client's own pool (``concurrency`` connections) keeps at most that many requests in flight.
-        handles = []
-        for chunk in chunks:
-            inputs, outputs = self._request(chunk, datatype)
-            handles.append(self._call("inference", self.client.async_infer, self.model, inputs, outputs=outputs))
-        return [self._call("inference", handle.get_result) for handle in handles]
+    def _slot(self) -> int:
+        try:
+            return self.free.get(timeout=self.timeout_s)
+        except queue.Empty:  # every request in flight waits on its answer
+            raise UserError(
+                f"{self.endpoint.url} model {self.model!r}: no answer within {self.timeout_s:g} s"
+            ) from None
 
-    def _send_grpc(self, chunks: list[np.ndarray], datatype: str) -> list[Any]:
-        done: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
-        slots = threading.Semaphore(self.concurrency)
+    def _send_http(self, chunks: list[np.ndarray], datatype: str) -> list[Prediction]:
+        parts: list[Prediction] = []
+        # The client's own pool (``concurrency`` connections) carries one wave of requests at a time.
+        for start in range(0, len(chunks), self.concurrency):
+            wave = []
+            try:
+                for chunk in chunks[start : start + self.concurrency]:
+                    slot = self._slot()
+                    wave.append((chunk, slot, None, []))
+                    inputs, outputs, offsets = self._request(chunk, datatype, slot)
+                    handle = self._call("inference", self.client.async_infer, self.model, inputs, outputs=outputs)
+                    wave[-1] = (chunk, slot, handle, offsets)
+                for chunk, slot, handle, offsets in wave:
+                    parts.append(self._answer(self._call("inference", handle.get_result), chunk, slot, offsets))
+            finally:
+                for _, slot, handle, _ in wave:
+                    if handle is not None:
+                        with contextlib.suppress(Exception):  # answered, or failed: either way no longer in flight
+                            handle.get_result(block=True, timeout=self.timeout_s)
+                    self.free.put(slot)
+        return parts
 
-        def finished(index: int, result: Any, error: Any) -> None:
-            slots.release()
-            done.put((index, result, error))
+    def _send_grpc(self, chunks: list[np.ndarray], datatype: str) -> list[Prediction]:
+        done: queue.Queue[tuple[int, Prediction | None, Any]] = queue.Queue()
+
+        def finished(index: int, slot: int, offsets: list[int], result: Any, error: Any) -> None:
+            part = None
+            try:
+                if error is None:
+                    part = self._answer(result, chunks[index], slot, offsets)
+            except Exception as exc:  # reported by the caller's thread
+                error = exc
+            finally:
+                self.free.put(slot)
+                done.put((index, part, error))
 
         for index, chunk in enumerate(chunks):
-            if not slots.acquire(timeout=self.timeout_s):
-                raise UserError(f"{self.endpoint.url} model {self.model!r}: no answer within {self.timeout_s:g} s")
-            inputs, outputs = self._request(chunk, datatype)
-            self._call(
-                "inference", self.client.async_infer, self.model, inputs,
-                callback=lambda result, error, index=index: finished(index, result, error),
-                outputs=outputs, client_timeout=self.timeout_s,
-            )  # fmt: skip
-        results: list[Any] = [None] * len(chunks)
+            slot = self._slot()
+            try:
+                inputs, outputs, offsets = self._request(chunk, datatype, slot)
+                self._call(
+                    "inference", self.client.async_infer, self.model, inputs,
+                    callback=lambda result, error, i=index, s=slot, o=offsets: finished(i, s, o, result, error),
+                    outputs=outputs, client_timeout=self.timeout_s,
+                )  # fmt: skip
+            except BaseException:
+                self.free.put(slot)
+                raise
+        parts: list[Prediction | None] = [None] * len(chunks)
         for _ in chunks:
             try:
-                index, result, error = done.get(timeout=self.timeout_s)
+                index, part, error = done.get(timeout=self.timeout_s)
             except queue.Empty:
                 raise UserError(
                     f"{self.endpoint.url} model {self.model!r}: no answer within {self.timeout_s:g} s"
                 ) from None
             if error is not None:
                 raise UserError(f"{self.endpoint.url} model {self.model!r}: inference: {_message(error)}")
-            results[index] = result
-        return results
+            parts[index] = part
+        return parts  # type: ignore[return-value]
 
     def statistics(self) -> dict[str, Any]:
         """Triton's statistics of this model (counts of inferences, executions and each batch size)."""
-        as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
-        stats = self._call("statistics", self.client.get_inference_statistics, self.model, **as_json)
+        stats = self._call("statistics", self.client.get_inference_statistics, self.model, **self.as_json)
         return stats["model_stats"][0]
 
     def close(self) -> None:
+        """Wait (bounded) for the requests in flight, release the shared memory regions, close the connection."""
+        if self.regions is not None:
+            taken = []
+            with contextlib.suppress(queue.Empty):  # an answer that never comes: the regions go all the same
+                for _ in range(self.concurrency):
+                    taken.append(self.free.get(timeout=self.timeout_s))
+            for slot in taken:
+                self.free.put(slot)
+            self.regions.release()
         with contextlib.suppress(Exception):
             self.client.close()
 
