@@ -1,6 +1,7 @@
 """The Triton client as a same-machine user meets it, against a real tritonserver on 127.0.0.1: a bare HOST:PORT is
-gRPC, and ``--shm system`` moves every tensor through /dev/shm and leaves nothing behind, whether the client closes,
-is stopped by Ctrl-C, or its server restarts under it.
+gRPC, ``--shm system`` moves every tensor through /dev/shm and leaves nothing behind, whether the client closes,
+is stopped by Ctrl-C, or its server restarts under it, and the default batcher executes a lone request as it comes
+while it still merges requests that queue together (shown by Triton's own counts, never by timings).
 
 The model is anomalib 2.6.2's golden checkpoint on CPU instances. Every wait is bounded in time.
 """
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.runtime import is_url, open_backend
 from patchcore_trt.runtime.triton_backend import parse_url
 from patchcore_trt.runtime.triton_shm import prefix
+from patchcore_trt.serve.repository import parse_config
 from patchcore_trt.serve.server import TritonServer, free_ports
 
 MODEL = "patchcore"
@@ -196,3 +199,52 @@ def test_a_server_restart_mid_run_is_recovered_or_one_line_and_leaves_nothing(re
                 assert _ours() == [] and _registered(second) == []
         finally:
             shared.close()
+
+
+def _counts(server: TritonServer) -> tuple[int, int, dict[int, int]]:
+    """Triton's own counts of the model: images inferred, executions, and executions per batch size."""
+    stats = server.statistics(MODEL)
+    sizes = {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in stats["batch_stats"]}
+    return int(stats["inference_count"]), int(stats["execution_count"]), sizes
+
+
+def _since(server: TritonServer, before: tuple[int, int, dict[int, int]], images: int):
+    """The counts' growth since ``before``, once ``images`` inferences are in: Triton counts a request when it
+    releases it, which may come just after the client has its answer."""
+    deadline = time.monotonic() + 10
+    while (after := _counts(server))[0] - before[0] < images and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sizes = {size: count - before[2].get(size, 0) for size, count in after[2].items()}
+    return after[0] - before[0], after[1] - before[1], {size: count for size, count in sizes.items() if count}
+
+
+def test_a_lone_request_runs_alone_and_concurrent_ones_are_still_batched(server, repository, frames):
+    batching = parse_config(repository / MODEL / "config.pbtxt").dynamic_batching
+    # No delay to wait out and no preferred size to wait for: a request alone in the queue is executed as it comes.
+    assert batching.max_queue_delay_microseconds == 0 and list(batching.preferred_batch_size) == []
+    before = _counts(server)
+    with open_backend(server.grpc_url, model=MODEL) as remote:
+        for index in range(4):
+            remote.predict(frames[index : index + 1])
+    assert _since(server, before, 4) == (4, 4, {1: 4})  # each request its own execution, never held back
+    before = _counts(server)
+    failures: list[BaseException] = []
+
+    def client(number: int) -> None:
+        try:
+            with open_backend(server.grpc_url, model=MODEL, timeout_s=60) as remote:
+                for index in range(3):
+                    remote.predict(frames[(number + index) % len(frames)][None])
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client, args=(number,)) for number in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not failures and not any(thread.is_alive() for thread in threads)
+    inferences, executions, sizes = _since(server, before, 18)
+    # Requests that queued while the instance was busy ran together: fewer executions than images.
+    assert inferences == 18 and executions < inferences, sizes
+    assert sum(count for size, count in sizes.items() if size > 1) > 0 and sum(s * c for s, c in sizes.items()) == 18
