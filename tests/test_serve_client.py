@@ -27,7 +27,7 @@ from patchcore_trt.errors import UserError
 from patchcore_trt.images import collect_images, load_image
 from patchcore_trt.runtime import is_url, open_backend
 from patchcore_trt.runtime.triton_backend import parse_url
-from patchcore_trt.runtime.triton_shm import prefix
+from patchcore_trt.runtime.triton_shm import layout, prefix
 from patchcore_trt.serve.repository import parse_config
 from patchcore_trt.serve.server import TritonServer, free_ports
 
@@ -248,3 +248,39 @@ def test_a_lone_request_runs_alone_and_concurrent_ones_are_still_batched(server,
     # Requests that queued while the instance was busy ran together: fewer executions than images.
     assert inferences == 18 and executions < inferences, sizes
     assert sum(count for size, count in sizes.items() if size > 1) > 0 and sum(s * c for s, c in sizes.items()) == 18
+
+
+@pytest.mark.parametrize("shm", ["none", "system"])
+def test_without_maps_only_scores_and_labels_cross_and_they_are_the_same(server, frames, local, shm):
+    with open_backend(server.grpc_url, model=MODEL, maps=False, shm=shm) as remote:
+        scores = remote.predict(frames)
+        if shm == "system":  # the one region holds a request's images and two outputs: no room was made for maps
+            (region,) = remote.regions.regions.values()
+            n = remote.max_batch  # the batch went out as requests of this many images
+            assert region.size == layout([frames[:n].nbytes, 4 * n, n])[1]
+    assert not scores.has_maps and scores.anomaly_map is None and scores.pred_mask is None
+    assert np.array_equal(scores.pred_score, local.pred_score) and np.array_equal(scores.pred_label, local.pred_label)
+    assert scores[2:4].pred_score.tolist() == local.pred_score[2:4].tolist() and not scores[0].has_maps
+
+
+def test_predict_asks_for_maps_only_where_a_sink_needs_them(server, dataset_folder, tmp_path):
+    at_home = run_cli("predict", checkpoint("2.6.2"), dataset_folder, "--json", tmp_path / "local.json")
+    plain = run_cli("predict", "--server", server.grpc_url, dataset_folder, "--json", tmp_path / "plain.json")
+    drawn = run_cli(
+        "predict", "--server", server.grpc_url, dataset_folder, "--json", tmp_path / "drawn.json",
+        "--report", tmp_path / "report.html",
+    )  # fmt: skip
+    asked = run_cli("predict", "--server", server.grpc_url, "--maps", dataset_folder, "--json", tmp_path / "asked.json")
+    assert all(result.returncode == 0 for result in (at_home, plain, drawn, asked)), plain.stderr + drawn.stderr
+    names = ("local", "plain", "drawn", "asked")
+    rows = {name: json.loads((tmp_path / f"{name}.json").read_text())["results"] for name in names}
+    for name in ("plain", "drawn", "asked"):
+        assert [row["score"] for row in rows[name]] == [row["score"] for row in rows["local"]]
+        assert [row["label"] for row in rows[name]] == [row["label"] for row in rows["local"]]
+    assert all(row["map_max"] is None and row["mask_fraction"] is None for row in rows["plain"])
+    for name in ("drawn", "asked"):  # the maps came: their figures are in-process predict's
+        assert [row["map_max"] for row in rows[name]] == [row["map_max"] for row in rows["local"]]
+        assert [row["mask_fraction"] for row in rows[name]] == [row["mask_fraction"] for row in rows["local"]]
+    assert "--shm and --maps apply to --server" in error_line(
+        run_cli("predict", checkpoint("2.6.2"), dataset_folder, "--maps")
+    )

@@ -163,35 +163,43 @@ class Prediction:
     Attributes:
         pred_score: [N] float32, anomalib's normalised score in [0, 1].
         pred_label: [N] bool, True = anomalous.
-        anomaly_map: [N, 1, h, w] float32, normalised.
-        pred_mask: [N, 1, h, w] bool.
+        anomaly_map: [N, 1, h, w] float32, normalised; None when the maps were not asked for (a served model
+            asked for scores and labels only: ``has_maps``).
+        pred_mask: [N, 1, h, w] bool; None with anomaly_map.
     """
 
     pred_score: np.ndarray
     pred_label: np.ndarray
-    anomaly_map: np.ndarray
-    pred_mask: np.ndarray
+    anomaly_map: np.ndarray | None
+    pred_mask: np.ndarray | None
 
     def __len__(self) -> int:
         return int(self.pred_score.shape[0])
 
+    @property
+    def has_maps(self) -> bool:
+        return self.anomaly_map is not None
+
     def __getitem__(self, index: int | slice) -> Prediction:
         """The predictions of some images, still a batch (``prediction[i]`` is a batch of one)."""
         part = slice(index, index + 1) if isinstance(index, int) else index
+        if not self.has_maps:
+            return Prediction(self.pred_score[part], self.pred_label[part], None, None)
         return Prediction(self.pred_score[part], self.pred_label[part], self.anomaly_map[part], self.pred_mask[part])
 
     @classmethod
     def from_outputs(cls, outputs: Sequence[Any]) -> Prediction:
-        """From (score, label, map, mask) in the graph's output order: numpy arrays or torch tensors on any device."""
-        score, label, anomaly_map, mask = (_to_numpy(value) for value in outputs)
-        anomaly_map = anomaly_map.astype(np.float32, copy=False)
-        batch = len(anomaly_map)
-        return cls(
-            pred_score=score.astype(np.float32, copy=False).reshape(batch),
-            pred_label=label.astype(bool, copy=False).reshape(batch),
-            anomaly_map=anomaly_map.reshape(batch, 1, *anomaly_map.shape[-2:]),
-            pred_mask=mask.astype(bool, copy=False).reshape(batch, 1, *anomaly_map.shape[-2:]),
-        )
+        """From (score, label, map, mask) in the graph's output order, or (score, label) alone (no maps): numpy
+        arrays or torch tensors on any device."""
+        score, label, *maps = (_to_numpy(value) for value in outputs)
+        batch = len(maps[0] if maps else score)
+        scores = score.astype(np.float32, copy=False).reshape(batch)
+        labels = label.astype(bool, copy=False).reshape(batch)
+        if not maps:
+            return cls(scores, labels, None, None)
+        anomaly_map, mask = maps
+        anomaly_map = anomaly_map.astype(np.float32, copy=False).reshape(batch, 1, *anomaly_map.shape[-2:])
+        return cls(scores, labels, anomaly_map, mask.astype(bool, copy=False).reshape(anomaly_map.shape))
 
     @classmethod
     def from_scores(cls, pred_score: np.ndarray, anomaly_map: np.ndarray, post: Postprocess) -> Prediction:
@@ -200,12 +208,16 @@ class Prediction:
 
     @staticmethod
     def concat(parts: Sequence[Prediction]) -> Prediction:
-        return Prediction(*(np.concatenate([getattr(p, f) for p in parts]) for f in Prediction.__dataclass_fields__))
+        fields = [f for f in Prediction.__dataclass_fields__ if all(getattr(p, f) is not None for p in parts)]
+        joined = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
+        return Prediction(**{"anomaly_map": None, "pred_mask": None, **joined})
 
     def non_finite(self) -> list[int]:
         """Indices of images whose score or map holds NaN or infinity."""
-        maps_ok = np.isfinite(self.anomaly_map.reshape(len(self), -1)).all(axis=1)
-        return np.flatnonzero(~(np.isfinite(self.pred_score) & maps_ok)).tolist()
+        finite = np.isfinite(self.pred_score)
+        if self.has_maps:
+            finite &= np.isfinite(self.anomaly_map.reshape(len(self), -1)).all(axis=1)
+        return np.flatnonzero(~finite).tolist()
 
 
 def _to_numpy(value: Any) -> np.ndarray:

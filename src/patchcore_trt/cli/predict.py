@@ -49,6 +49,12 @@ def predict_command(
         60.0, "--timeout", min=1, max=3600, help="(--server) Seconds to wait for an answer before the batch fails."
     ),
     shm: str | None = typer.Option(None, "--shm", help=f"(--server) {OPTIONS['shm'].help_text()}"),
+    maps: bool = typer.Option(
+        False,
+        "--maps",
+        help="(--server) Ask the server for maps and masks too, for map_max and mask_fraction in the results "
+        "(--save-visuals and --report ask for them anyway; without, only scores and labels cross the wire).",
+    ),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
     batch_size: int = typer.Option(8, min=1, max=1024, help="Images of equal size run together, up to this many."),
@@ -92,8 +98,8 @@ def predict_command(
         if len(arguments) < 2:
             raise UserError("predict needs a MODEL and at least one input (or --server URL and inputs)")
         model, inputs = Path(arguments[0]), arguments[1:]
-        if model_name is not None or concurrency != 1 or timeout != 60.0 or shm is not None:
-            raise UserError("--model, --concurrency, --timeout and --shm apply to --server")
+        if model_name is not None or concurrency != 1 or timeout != 60.0 or shm is not None or maps:
+            raise UserError("--model, --concurrency, --timeout, --shm and --maps apply to --server")
     else:
         local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]
         if local or given:
@@ -103,6 +109,8 @@ def predict_command(
         backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
         if shm is not None:
             given["shm"] = shm
+        # Maps only where a sink draws them (or the user asked): scores and labels are all the rest needs.
+        given["maps"] = maps or visuals is not None or report is not None
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched
     paths, unmatched = collect_images(inputs)

@@ -78,6 +78,7 @@ OPTIONS: dict[str, Option] = {
     "model": Option("The served model's name; default: the server's only ready model."),
     "concurrency": Option("Requests in flight at once."),
     "timeout_s": Option("Seconds to wait for each answer."),
+    "maps": Option("Ask the server for anomaly maps and masks, not only scores and labels (default: yes)."),
     "shm": Option(
         "How tensors reach the server: none (in the requests) or system (shared memory in /dev/shm; the server must"
         " run on this machine).",
@@ -135,7 +136,7 @@ REGISTRY: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "triton", "patchcore_trt.runtime.triton_backend:TritonBackend", (), ("server",),
-            ("model", "concurrency", "timeout_s", "shm"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
+            ("model", "concurrency", "timeout_s", "shm", "maps"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
         ),
     )
 }  # fmt: skip

@@ -81,6 +81,7 @@ class TritonBackend(Backend):
         concurrency: Requests in flight at once (each carries a share of the batch).
         timeout_s: Per-request network timeout.
         shm: ``system``: tensors go through system shared memory (a server on this machine; see triton_shm.py).
+        maps: Ask for the anomaly maps and masks; False: scores and labels only (Prediction.has_maps is False).
     """
 
     name: ClassVar[str] = "triton"
@@ -94,6 +95,7 @@ class TritonBackend(Backend):
         concurrency: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         shm: str = "none",
+        maps: bool = True,
     ) -> None:
         del device  # one kind: where the server runs is the server's business
         if concurrency < 1:
@@ -101,6 +103,8 @@ class TritonBackend(Backend):
         self.endpoint = parse_url(url)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
+        # The outputs each request asks for: without the maps the server computes them but sends none.
+        self.outputs = OUTPUT_NAMES if maps else OUTPUT_NAMES[:2]
         self.module = _module(self.endpoint.protocol)
         self.as_json = {"as_json": True} if self.endpoint.protocol == "grpc" else {}
         self.client = self._connect()
@@ -241,7 +245,7 @@ class TritonBackend(Backend):
         shapes = ([n], [n], [n, 1, *map_size], [n, 1, *map_size])
         dtypes = (np.float32, np.bool_, np.float32, np.bool_)
         specs = zip(OUTPUT_NAMES, dtypes, shapes, strict=True)
-        return [(name, np.dtype(dtype), list(shape)) for name, dtype, shape in specs]
+        return [(name, np.dtype(dtype), list(shape)) for name, dtype, shape in specs if name in self.outputs]
 
     def _request(self, chunk: np.ndarray, datatype: str, slot: int) -> tuple[list[Any], list[Any], list[int]]:
         """The request's inputs and outputs, and where each output lies in the slot's region (shared memory)."""
@@ -264,7 +268,7 @@ class TritonBackend(Backend):
     def _answer(self, result: Any, chunk: np.ndarray, slot: int, offsets: list[int]) -> Prediction:
         """The prediction an answer carries: in its body, or in the slot's region (copied out: the slot is reused)."""
         if self.regions is None:
-            return Prediction.from_outputs([result.as_numpy(name) for name in OUTPUT_NAMES])
+            return Prediction.from_outputs([result.as_numpy(name) for name in self.outputs])
         region = self.regions.regions[slot]
         arrays = []
         for (name, dtype, _), offset in zip(self._output_specs(chunk), offsets, strict=True):
