@@ -7,15 +7,23 @@ first), reporting:
   predict    predict.run_predict end to end (decode pool, batches, backend, JSON sink), img/s
   ratio      predict's wall time / max(decode alone, model alone): 1.0 is perfect overlap; the target is <= 1.15
   sequential predict with one decoding thread, for comparison
+  served     (--served) predict --server: the same run_predict as a gRPC client (--shm for shared memory) of a
+             local tritonserver serving the same model as a checkpoint on CPU instances, img/s. Its window is one
+             run_predict: every request in it is sent and answered inside it, and Triton's own inference_count,
+             read just before and just after, must grow by exactly the images scored (checked every run). The
+             bundled tritonserver runs Python models only, so the server runs the checkpoint on torch: compare
+             served_ratio_to_predict from a run with --backend torch
 Each figure is the median of ``--repeats`` runs. Results: JSON and Markdown under --out, with versions, machine
 and commit; the model is a synthetic one (random weights: the time does not depend on them) exported to ONNX.
 
     .venv/bin/python benchmarks/line_bench.py --out benchmarks/results --name cpu_line [--backend onnxruntime]
+        [--served [--shm system] [--concurrency 2]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -34,6 +42,7 @@ from patchcore_trt.report import JsonResults, markdown_table, write_json
 from patchcore_trt.runtime import open_backend
 
 FORMATS = {"png": (1024, ".png"), "jpeg": (900, ".jpg")}
+SERVED_NAME = "line"
 
 
 def make_folder(folder: Path, kind: str, count: int) -> list[Path]:
@@ -96,6 +105,49 @@ def measure(backend, paths: list[Path], workers: int, batch: int, repeats: int, 
     }
 
 
+def measure_served(url: str, paths: list[Path], args: argparse.Namespace, work: Path) -> dict:
+    """predict --server's figure: run_predict over the triton backend, each run's count checked against Triton's."""
+    count = len(paths)
+    with open_backend(url, model=SERVED_NAME, concurrency=args.concurrency, shm=args.shm) as backend:
+
+        def settled(expected: int) -> int:
+            """Triton's inference_count once it reaches ``expected`` (bounded): Triton counts a request when it
+            releases it, which may come just after the client has its answer. (gRPC's JSON leaves out a zero.)"""
+            deadline = time.monotonic() + 10
+            while (counted := int(backend.statistics().get("inference_count", 0))) < expected:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            return counted
+
+        warm = np.stack([decode_image(path) for path in paths[: args.batch]])
+        counted = settled(int(backend.statistics().get("inference_count", 0)))
+        backend.predict(warm)  # first-call costs stay out of the windows
+        counted = settled(counted + len(warm))
+        walls = []
+        for _ in range(args.repeats):
+            sink = JsonResults(work / "served.json", header(backend))
+            start = time.perf_counter()
+            summary = run_predict(backend, paths, sinks=[sink], batch_size=args.batch, workers=args.workers)
+            walls.append(time.perf_counter() - start)
+            # The window's images, as the server counted them (read outside it): no other client uses this server.
+            before, counted = counted, settled(counted + count)
+            assert summary.scored == count == counted - before, (summary.scored, count, counted - before)
+        served_s = statistics.median(walls)
+    return {"served_img_per_s": count / served_s, "served_seconds": served_s}
+
+
+def served_model(spec, work: Path, batch: int):
+    """A tritonserver on free 127.0.0.1 ports serving ``spec`` as a checkpoint on one CPU instance."""
+    from patchcore_trt.checkpoint import write_checkpoint
+    from patchcore_trt.serve.repository import ServeOptions, write_model
+    from patchcore_trt.serve.server import TritonServer, free_ports
+
+    checkpoint = write_checkpoint(spec, work / "served.ckpt")
+    write_model(checkpoint, work / "repo", ServeOptions(name=SERVED_NAME, kind="cpu", max_batch=batch))
+    return TritonServer(work / "repo", free_ports(), log_file=work / "triton.log")
+
+
 def environment() -> dict:
     import importlib.metadata
 
@@ -126,6 +178,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--formats", default="png,jpeg")
+    parser.add_argument("--served", action="store_true", help="Also predict --server against a local tritonserver.")
+    parser.add_argument(
+        "--shm", default="none", choices=("none", "system"), help="(--served) Tensors through /dev/shm."
+    )
+    parser.add_argument("--concurrency", type=int, default=1, help="(--served) Requests in flight at once.")
     args = parser.parse_args()
     from patchcore_trt.checkpoint import write_checkpoint
     from patchcore_trt.demo.synthetic_model import synthetic_spec
@@ -139,7 +196,10 @@ def main() -> None:
             artifact = export_onnx(spec, work / "model.onnx", check=False)[0]
         else:
             artifact = write_checkpoint(spec, work / "model.ckpt")
-        with open_backend(artifact, args.backend) as backend:
+        server = served_model(spec, work, args.batch) if args.served else contextlib.nullcontext()
+        with open_backend(artifact, args.backend) as backend, server:
+            if args.served:
+                server.start(timeout_s=300)
             for kind in args.formats.split(","):
                 folder = work / kind
                 folder.mkdir()
@@ -147,9 +207,12 @@ def main() -> None:
                 side = FORMATS[kind][0]
                 row = {"format": f"{side}x{side} {kind}", **measure(backend, paths, args.workers, args.batch,
                                                                      args.repeats, work)}  # fmt: skip
+                if args.served:
+                    row |= measure_served(server.grpc_url, paths, args, work)
+                    row["served_ratio_to_predict"] = row["predict_img_per_s"] / row["served_img_per_s"]
                 results[kind] = row
                 rows.append({key: (f"{value:.2f}" if isinstance(value, float) else value)
-                             for key, value in row.items() if key != "seconds"})  # fmt: skip
+                             for key, value in row.items() if "seconds" not in key})  # fmt: skip
                 print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / f"{args.name}.json", results)

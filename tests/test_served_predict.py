@@ -2,7 +2,8 @@
 rows, the rest become error rows (one line each, no traceback), the files are whole, nothing hidden is left.
 
 A real Triton server on 127.0.0.1 serves the checkpoint on CPU instances; it is killed (SIGKILL, as the OOM killer
-would) once a few requests were answered. Every wait is bounded.
+would) once a few requests were answered, while the client talks gRPC (a bare HOST:PORT), with its tensors in the
+requests or in shared memory. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def served(resnet18_checkpoint: Path, tmp_path: Path):
         yield server
 
 
-def test_predict_keeps_every_result_when_the_server_dies_mid_run(served, dataset, tmp_path):
+@pytest.mark.parametrize("shm", ["none", "system"])
+def test_predict_keeps_every_result_when_the_server_dies_mid_run(served, dataset, tmp_path, shm):
     folder = tmp_path / "in"
     folder.mkdir()
     source = next(dataset.test_good.glob("*.png"))
@@ -45,7 +47,7 @@ def test_predict_keeps_every_result_when_the_server_dies_mid_run(served, dataset
     outputs = tmp_path / "out"
     outputs.mkdir()
     command = [
-        sys.executable, "-m", "patchcore_trt", "predict", "--server", f"grpc://{served.grpc_url}", "--model", MODEL,
+        sys.executable, "-m", "patchcore_trt", "predict", "--server", served.grpc_url, "--model", MODEL, "--shm", shm,
         "--batch-size", "1", "--timeout", "20", str(folder),
         "--json", str(outputs / "r.json"), "--csv", str(outputs / "r.csv"),
     ]  # fmt: skip
@@ -71,3 +73,4 @@ def test_predict_keeps_every_result_when_the_server_dies_mid_run(served, dataset
     assert (outputs / "r.csv").read_text().count("\n") == IMAGES + 1
     assert sorted(path.name for path in outputs.iterdir()) == ["r.csv", "r.json"]  # no hidden .part left
     assert f"{len(scored)} scored" in stdout and f"{len(failed)} failed" in stdout
+    assert not [name for name in os.listdir("/dev/shm") if name.startswith(f"pctclient{process.pid}_")]

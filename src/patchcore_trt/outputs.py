@@ -166,41 +166,49 @@ class Prediction:
     Attributes:
         pred_score: [N] float32, anomalib's normalised score in [0, 1].
         pred_label: [N] bool, True = anomalous.
-        anomaly_map: [N, 1, h, w] float32, normalised.
-        pred_mask: [N, 1, h, w] bool.
+        anomaly_map: [N, 1, h, w] float32, normalised; None when the maps were not asked for (a served model
+            asked for scores and labels only: ``has_maps``).
+        pred_mask: [N, 1, h, w] bool; None with anomaly_map.
         raw_score: [N] float32, anomalib's un-normalised score, from the backends that compute it beside the
             outputs (the PyTorch deploy model); None from the others, whose graphs return the four outputs only.
     """
 
     pred_score: np.ndarray
     pred_label: np.ndarray
-    anomaly_map: np.ndarray
-    pred_mask: np.ndarray
+    anomaly_map: np.ndarray | None
+    pred_mask: np.ndarray | None
     raw_score: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.pred_score.shape[0])
 
+    @property
+    def has_maps(self) -> bool:
+        return self.anomaly_map is not None
+
     def __getitem__(self, index: int | slice) -> Prediction:
         """The predictions of some images, still a batch (``prediction[i]`` is a batch of one)."""
         part = slice(index, index + 1) if isinstance(index, int) else index
         raw = None if self.raw_score is None else self.raw_score[part]
+        if not self.has_maps:
+            return Prediction(self.pred_score[part], self.pred_label[part], None, None, raw)
         return Prediction(
             self.pred_score[part], self.pred_label[part], self.anomaly_map[part], self.pred_mask[part], raw
         )
 
     @classmethod
     def from_outputs(cls, outputs: Sequence[Any]) -> Prediction:
-        """From (score, label, map, mask) in the graph's output order: numpy arrays or torch tensors on any device."""
-        score, label, anomaly_map, mask = (_to_numpy(value) for value in outputs)
-        anomaly_map = anomaly_map.astype(np.float32, copy=False)
-        batch = len(anomaly_map)
-        return cls(
-            pred_score=score.astype(np.float32, copy=False).reshape(batch),
-            pred_label=label.astype(bool, copy=False).reshape(batch),
-            anomaly_map=anomaly_map.reshape(batch, 1, *anomaly_map.shape[-2:]),
-            pred_mask=mask.astype(bool, copy=False).reshape(batch, 1, *anomaly_map.shape[-2:]),
-        )
+        """From (score, label, map, mask) in the graph's output order, or (score, label) alone (no maps): numpy
+        arrays or torch tensors on any device."""
+        score, label, *maps = (_to_numpy(value) for value in outputs)
+        batch = len(maps[0] if maps else score)
+        scores = score.astype(np.float32, copy=False).reshape(batch)
+        labels = label.astype(bool, copy=False).reshape(batch)
+        if not maps:
+            return cls(scores, labels, None, None)
+        anomaly_map, mask = maps
+        anomaly_map = anomaly_map.astype(np.float32, copy=False).reshape(batch, 1, *anomaly_map.shape[-2:])
+        return cls(scores, labels, anomaly_map, mask.astype(bool, copy=False).reshape(anomaly_map.shape))
 
     @classmethod
     def from_scores(cls, pred_score: np.ndarray, anomaly_map: np.ndarray, post: Postprocess) -> Prediction:
@@ -209,9 +217,9 @@ class Prediction:
 
     @staticmethod
     def concat(parts: Sequence[Prediction]) -> Prediction:
-        outputs = [np.concatenate([getattr(p, f) for p in parts]) for f in OUTPUT_FIELDS]
-        raws = [p.raw_score for p in parts]
-        return Prediction(*outputs, None if any(raw is None for raw in raws) else np.concatenate(raws))
+        fields = [f for f in Prediction.__dataclass_fields__ if all(getattr(p, f) is not None for p in parts)]
+        joined = {f: np.concatenate([getattr(p, f) for p in parts]) for f in fields}
+        return Prediction(**{"anomaly_map": None, "pred_mask": None, "raw_score": None, **joined})
 
     def raw_score_of(self, index: int, post: Postprocess) -> float | None:
         """Image ``index``'s un-normalised score: the backend's own where it has one, else recovered from the
@@ -222,8 +230,10 @@ class Prediction:
 
     def non_finite(self) -> list[int]:
         """Indices of images whose score or map holds NaN or infinity."""
-        maps_ok = np.isfinite(self.anomaly_map.reshape(len(self), -1)).all(axis=1)
-        return np.flatnonzero(~(np.isfinite(self.pred_score) & maps_ok)).tolist()
+        finite = np.isfinite(self.pred_score)
+        if self.has_maps:
+            finite &= np.isfinite(self.anomaly_map.reshape(len(self), -1)).all(axis=1)
+        return np.flatnonzero(~finite).tolist()
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -64,7 +64,8 @@ class ImageResult:
 
         ``raw_score`` (anomalib's un-normalised distance) is the backend's own where it computes one (the torch
         backend), else recovered from the normalised score through the model's min-max statistics: None there
-        where the score is clipped at 0 or 1.
+        where the score is clipped at 0 or 1. ``map_max`` and ``mask_fraction`` are None when the maps were not
+        asked for (a served model asked for scores only).
         """
         row: dict[str, object] = dict.fromkeys(RECORD_FIELDS)
         row.update(file=self.name, status="error" if self.prediction is None else "ok", error=self.error)
@@ -76,8 +77,8 @@ class ImageResult:
             label="anomalous" if bool(self.prediction.pred_label[0]) else "normal",
             raw_score=self.prediction.raw_score_of(0, post),
             threshold=post.normalized_image_threshold,
-            map_max=float(self.prediction.anomaly_map.max()),
-            mask_fraction=float(self.prediction.pred_mask.mean()),
+            map_max=float(self.prediction.anomaly_map.max()) if self.prediction.has_maps else None,
+            mask_fraction=float(self.prediction.pred_mask.mean()) if self.prediction.has_maps else None,
             height=self.size[0] if self.size else None,
             width=self.size[1] if self.size else None,
             ms=self.ms,
@@ -291,8 +292,9 @@ def run_predict(
         for result, image in predict_files(backend, list(paths), names=names, batch_size=batch_size, workers=workers):
             _add(summary, writer, post, result, image, top)
             if result.prediction is not None:
-                warning = downscale_warning(result.size, result.prediction.anomaly_map.shape[-2:])
-                summary.downscaled += warning is not None
+                maps = result.prediction.anomaly_map
+                map_size = maps.shape[-2:] if maps is not None else backend.map_size
+                summary.downscaled += map_size is not None and downscale_warning(result.size, map_size) is not None
             if on_progress is not None:
                 on_progress(summary.done)
         for item in unmatched:

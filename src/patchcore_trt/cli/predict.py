@@ -26,6 +26,7 @@ from patchcore_trt.cli._common import (
     warn,
 )
 from patchcore_trt.errors import UserError
+from patchcore_trt.runtime.registry import OPTIONS
 
 
 @app.command("predict")
@@ -37,7 +38,10 @@ def predict_command(
         "INPUTS: image files, folders (searched recursively) or glob patterns.",
     ),
     server: str | None = typer.Option(
-        None, "--server", help="Score on a Triton server (http://HOST:8000 or grpc://HOST:8001) instead of a MODEL."
+        None,
+        "--server",
+        help="Score on a Triton server instead of a MODEL: HOST:PORT or HOST is gRPC (port 8001 by default); "
+        "http://HOST:8000 for HTTP.",
     ),
     model_name: str | None = typer.Option(None, "--model", help="(--server) The served model; default: its only one."),
     product: str | None = typer.Option(
@@ -46,6 +50,13 @@ def predict_command(
     concurrency: int = typer.Option(1, "--concurrency", min=1, max=256, help="(--server) Requests in flight at once."),
     timeout: float = typer.Option(
         60.0, "--timeout", min=1, max=3600, help="(--server) Seconds to wait for an answer before the batch fails."
+    ),
+    shm: str | None = typer.Option(None, "--shm", help=f"(--server) {OPTIONS['shm'].help_text()}"),
+    maps: bool = typer.Option(
+        False,
+        "--maps",
+        help="(--server) Ask the server for maps and masks too, for map_max and mask_fraction in the results "
+        "(--save-visuals and --report ask for them anyway; without, only scores and labels cross the wire).",
     ),
     backend: str | None = typer.Option(None, help="Runtime; default by file type: .ckpt torch, .onnx onnxruntime."),
     device: str | None = typer.Option(None, help="cpu, cuda or cuda:N; default: the backend's own (cuda for engines)."),
@@ -74,6 +85,7 @@ def predict_command(
     """Predict anomaly scores, labels and maps; exit code 1 if any input failed."""
     from patchcore_trt.images import collect_images, short_names
     from patchcore_trt.runtime import check_request, open_backend
+    from patchcore_trt.runtime.registry import BARE_SCHEME
 
     # Only what the user set goes to the backend; the registry refuses an option the backend does not take.
     given = {
@@ -89,17 +101,22 @@ def predict_command(
         if len(arguments) < 2:
             raise UserError("predict needs a MODEL and at least one input (or --server URL and inputs)")
         model, inputs = Path(arguments[0]), arguments[1:]
-        if model_name is not None or product is not None or concurrency != 1 or timeout != 60.0:
-            raise UserError("--model, --product, --concurrency and --timeout apply to --server")
+        given_server = (model_name, product, shm)
+        if any(value is not None for value in given_server) or concurrency != 1 or timeout != 60.0 or maps:
+            raise UserError("--model, --product, --concurrency, --timeout, --shm and --maps apply to --server")
     else:
         local = [flag for flag, value in (("--backend", backend), ("--device", device)) if value is not None]
         if local or given:
             flags = ", ".join(local + ["--" + k.replace("_", "-") for k in given])
             raise UserError(f"{flags}: for a local MODEL; the server's model carries its own settings")
-        model, inputs = server if "://" in server else f"http://{server}", arguments
+        model, inputs = server if "://" in server else BARE_SCHEME + server, arguments
         backend, given = "triton", {"model": model_name, "concurrency": concurrency, "timeout_s": timeout}
         if product is not None:
             given["product"] = product
+        if shm is not None:
+            given["shm"] = shm
+        # Maps only where a sink draws them (or the user asked): scores and labels are all the rest needs.
+        given["maps"] = maps or visuals is not None or report is not None
         batch_size = max(batch_size, concurrency)  # a batch is what the requests in flight share
     check_distinct(json_path, csv_path, report)
     check_request(model, backend, device=device, **given)  # a wrong MODEL is answered before inputs are searched

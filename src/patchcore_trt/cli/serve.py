@@ -193,10 +193,10 @@ def _print_endpoints(server: Any, model: str) -> None:
     out.print(f"metrics {server.metrics_url}")
     out.print(f"log     {server.log_file}")
     out.print("client:")
-    out.print(f"  {program()} predict --server http://{server.http_url} --model {model}{product} IMAGES...")
+    out.print(f"  {program()} predict --server {server.grpc_url} --model {model}{product} IMAGES...")
     out.print(
         "  python: from patchcore_trt.runtime import open_backend\n"
-        f"          backend = open_backend('grpc://{server.grpc_url}', model='{model}'{product_arg})\n"
+        f"          backend = open_backend('{server.grpc_url}', model='{model}'{product_arg})\n"
         "          prediction = backend.predict(frames)  # uint8 [N, H, W, 3] -> score, label, map, mask"
     )
     out.print("Ctrl-C stops the server.")

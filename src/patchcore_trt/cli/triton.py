@@ -57,7 +57,10 @@ def triton_command(
     ),
     gpus: str | None = typer.Option(None, "--gpus", help="GPUs that get instances, e.g. 0,1 (default: all)."),
     queue_delay_us: int = typer.Option(
-        1000, "--queue-delay-us", help="How long the dynamic batcher may hold a request to fill a batch."
+        0,
+        "--queue-delay-us",
+        help="How long the dynamic batcher may hold a request to fill a batch (0: a lone request runs at once; "
+        "requests that queue while the model is busy are still batched together).",
     ),
     max_pixels: int | None = typer.Option(
         None, "--max-pixels", help="(.ckpt) Largest image a request may carry (default: predict's limit, 64 MP)."
@@ -139,8 +142,8 @@ def triton_command(
     batching = config.dynamic_batching
     out.print(f"{written.folder}: {platform_of(config)}, max_batch_size {config.max_batch_size}")
     out.print(
-        f"  dynamic batching: preferred {list(batching.preferred_batch_size)}, "
-        f"max queue delay {batching.max_queue_delay_microseconds} us; {group.count} instance(s) on {where}"
+        f"  dynamic batching: max queue delay {batching.max_queue_delay_microseconds} us; "
+        f"{group.count} instance(s) on {where}"
     )
     inputs = ", ".join(f"{t.name} {_type(t.data_type)} {list(t.dims)}" for t in config.input)
     outputs = ", ".join(f"{t.name} {_type(t.data_type)} {list(t.dims)}" for t in config.output)

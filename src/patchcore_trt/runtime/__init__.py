@@ -17,7 +17,15 @@ from patchcore_trt.archive import check_checkpoint_file
 from patchcore_trt.errors import UserError
 from patchcore_trt.outputs import NonFiniteOutputError, Prediction
 from patchcore_trt.runtime.base import Backend
-from patchcore_trt.runtime.registry import OPTIONS, REGISTRY, BackendInfo, flag, options_of
+from patchcore_trt.runtime.registry import (
+    BARE_ADDRESS,
+    BARE_SCHEME,
+    OPTIONS,
+    REGISTRY,
+    BackendInfo,
+    flag,
+    options_of,
+)
 
 
 def backend_names() -> list[str]:
@@ -35,16 +43,20 @@ def artifact_suffixes() -> list[str]:
 
 
 def is_url(artifact: Path | str) -> bool:
-    """Whether ``artifact`` names a server (http://, https://, grpc://) rather than a file."""
-    return isinstance(artifact, str) and any(
-        artifact.startswith(scheme) for info in REGISTRY.values() for scheme in info.schemes
-    )
+    """Whether ``artifact`` names a server (http://, https://, grpc://, or a bare HOST:PORT that is no file) rather
+    than a file. A Path is always a file."""
+    if not isinstance(artifact, str):
+        return False
+    if any(artifact.startswith(scheme) for info in REGISTRY.values() for scheme in info.schemes):
+        return True
+    return bool(BARE_ADDRESS.match(artifact)) and not Path(artifact).exists()
 
 
 def default_backend(artifact: Path | str) -> str:
     """The backend that runs ``artifact`` when none is named."""
     if is_url(artifact):
-        return next(info.name for info in REGISTRY.values() if any(map(str(artifact).startswith, info.schemes)))
+        address = str(artifact) if "://" in str(artifact) else BARE_SCHEME + str(artifact)
+        return next(info.name for info in REGISTRY.values() if any(map(address.startswith, info.schemes)))
     artifact = Path(artifact)
     suffix = artifact.suffix.lower()
     for info in REGISTRY.values():
@@ -100,7 +112,8 @@ def check_request(
     info = backend_info(backend or default_backend(artifact))
     if info.schemes or is_url(artifact):
         if not (is_url(artifact) and info.schemes):
-            what = f"a server ({', '.join(info.schemes)})" if info.schemes else f"{', '.join(info.suffixes)} files"
+            schemes = ", ".join(info.schemes)
+            what = f"a server (HOST:PORT for gRPC, {schemes})" if info.schemes else f"{', '.join(info.suffixes)} files"
             raise UserError(f"{artifact}: backend {info.name!r} runs {what}")
         check_options(info, options)
         return info, check_device(info, device)
@@ -127,9 +140,9 @@ def open_backend(
 ) -> Backend:
     """Load ``artifact`` with the named backend (or the default for its suffix) on ``device`` (or its first).
 
-    ``artifact`` is a file, or a server URL for the triton backend (``open_backend("grpc://host:8001",
-    model="line")``). Every fact the registry holds is checked (``check_request``) before the backend's module is
-    imported.
+    ``artifact`` is a file, or a server URL for the triton backend (``open_backend("host:8001", model="line")``:
+    a bare HOST:PORT is gRPC; ``http://host:8000`` for HTTP). Every fact the registry holds is checked
+    (``check_request``) before the backend's module is imported.
     """
     info, device = check_request(artifact, backend, device=device, **options)
     module_name, class_name = info.target.split(":")

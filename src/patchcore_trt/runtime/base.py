@@ -116,6 +116,8 @@ class Backend(ABC):
 
     name: ClassVar[str]
     postprocess: Postprocess
+    # The maps' [h, w] where a backend knows it without them (a served model asked for scores only); else None.
+    map_size: tuple[int, int] | None = None
 
     def __init__(self, artifact: Path, device: str) -> None:
         self.artifact = Path(artifact)
@@ -152,7 +154,8 @@ class Backend(ABC):
             batch = check_images(images, self.name)
             prediction = self._infer(batch)
         n = len(batch)
-        if prediction.pred_score.shape != (n,) or prediction.anomaly_map.ndim != 4 or len(prediction.anomaly_map) != n:
+        maps = prediction.anomaly_map
+        if prediction.pred_score.shape != (n,) or (maps is not None and (maps.ndim != 4 or len(maps) != n)):
             raise RuntimeError(f"{self.name} returned malformed outputs for a batch of {n}")
         bad = prediction.non_finite()
         if bad:

@@ -6,6 +6,7 @@ Nothing here imports a backend: a request is checked against these facts before 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 # Input kinds of Backend.predict: float32 [N, 3, H, W] in [0, 1]; uint8 [N, H, W, 3] as decoded; a CUDA tensor of
@@ -13,6 +14,10 @@ from dataclasses import dataclass
 # does); ``inputs`` lists what a backend takes natively.
 INPUT_KINDS = ("float32", "uint8", "device")
 URL_SCHEMES = ("http://", "https://", "grpc://")
+# A server named without a scheme (``host:8001``) is reached over gRPC: Triton's binary protocol, where one
+# connection carries every request in flight and tensors are not text-encoded.
+BARE_SCHEME = "grpc://"
+BARE_ADDRESS = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.-]*):[0-9]{1,5}$")
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,13 @@ OPTIONS: dict[str, Option] = {
     "product": Option("The product to score, on a line model (one served model for many products)."),
     "concurrency": Option("Requests in flight at once."),
     "timeout_s": Option("Seconds to wait for each answer."),
+    "maps": Option("Ask the server for anomaly maps and masks, not only scores and labels (default: yes)."),
+    "shm": Option(
+        "How tensors reach the server: none (in the requests) or system (shared memory in /dev/shm; the server must"
+        " run on this machine).",
+        ("none", "system"),
+        "none",
+    ),
 }
 
 
@@ -130,7 +142,8 @@ REGISTRY: dict[str, BackendInfo] = {
         ),
         BackendInfo(
             "triton", "patchcore_trt.runtime.triton_backend:TritonBackend", (), ("server",),
-            ("model", "product", "concurrency", "timeout_s"), inputs=("float32", "uint8"), schemes=URL_SCHEMES,
+            ("model", "product", "concurrency", "timeout_s", "shm", "maps"), inputs=("float32", "uint8"),
+            schemes=URL_SCHEMES,
         ),
     )
 }  # fmt: skip

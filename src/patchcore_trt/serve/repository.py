@@ -6,8 +6,8 @@
   once, on its GPU (the cuda backend) or on the CPU (the torch backend). Clients send uint8 [N, H, W, 3] images of
   any size.
 
-Every config has dynamic batching (preferred sizes, a queue delay), an instance group, variable H/W where the
-artifact allows it and the model's thresholds and metadata as parameters. The config is built as Triton's own
+Every config has dynamic batching (no queue delay by default: see build_config), an instance group, variable H/W
+where the artifact allows it and the model's thresholds and metadata as parameters. The config is built as Triton's own
 ``ModelConfig`` protobuf (tritonclient ships model_config_pb2), written as text, then parsed back and checked before
 the model folder takes its final name.
 """
@@ -30,7 +30,9 @@ from patchcore_trt.serve.sources import CHECKPOINT_FILE, MODEL_FILES, Source, de
 VERSION = "1"
 DEFAULT_NAME = "patchcore"
 DEFAULT_MAX_BATCH = 16
-DEFAULT_QUEUE_DELAY_US = 1000
+# A lone request is executed at once; requests that arrive while every instance is busy are merged into one batch
+# (Triton's default). A delay only helps clients that trade latency for batch size, so it is theirs to ask for.
+DEFAULT_QUEUE_DELAY_US = 0
 INSTANCE_KINDS = ("gpu", "cpu")
 # The cuda backend keeps one CUDA graph per input shape, 8 at most (gpu/executor.py): batches are padded to these
 # sizes so that a stream of batch sizes reuses a few graphs instead of capturing new ones.
@@ -104,7 +106,7 @@ class WrittenModel:
 
 
 def batch_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to ``max_batch`` (included): the preferred batch sizes, and the sizes the GPU model pads to."""
+    """1, 2, 4, ... up to ``max_batch`` (included): the sizes the GPU model pads to (and captures at load)."""
     sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch]
     return sizes if sizes[-1] == max_batch else [*sizes, max_batch]
 
@@ -172,7 +174,8 @@ def build_config(source: Source, options: ServeOptions) -> Any:
         config.output.add(name=product, data_type=pb.TYPE_UINT8, dims=[-1])
         config.output.add(name=sha256, data_type=pb.TYPE_UINT8, dims=[32])
     buckets = batch_buckets(max_batch)
-    config.dynamic_batching.preferred_batch_size.extend(size for size in buckets if size > 1)
+    # No preferred sizes: with them, seven queued requests would run as 4 + 2 + 1 (the largest preferred size
+    # first) instead of one batch of 7, which the GPU model pads to 8 anyway.
     config.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
     kind = pb.ModelInstanceGroup.KIND_GPU if options.kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=options.instances, gpus=list(options.gpus))
