@@ -95,10 +95,9 @@ def test_a_gpu_repository_spreads_instances_over_the_listed_gpus(resnet18_checkp
     assert group.kind == group.KIND_GPU and group.count == 2 and list(group.gpus) == [0, 1]
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     assert parameters["runtime"] == "cuda" and parameters["mode"] == "fast"
-    # Every batch size the batcher may form is captured as a CUDA graph at load, not on a client's request.
-    h, w = read_checkpoint(resnet18_checkpoint).preprocess.model_size
-    assert [warmup.batch_size for warmup in config.model_warmup] == [1, 2, 4, 8, 16]
-    assert all(list(warmup.inputs["image"].dims) == [h, w, 3] for warmup in config.model_warmup)
+    # The instance captures a CUDA graph for every batch size up to this maximum at load (python_model.py): no
+    # warm-up requests, no padding.
+    assert config.max_batch_size == 16 and not config.model_warmup
 
 
 def test_an_onnx_repository_keeps_the_graph_and_needs_triton_full_build(resnet18_onnx, tmp_path):

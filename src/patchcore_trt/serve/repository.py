@@ -34,8 +34,8 @@ DEFAULT_MAX_BATCH = 16
 # (Triton's default). A delay only helps clients that trade latency for batch size, so it is theirs to ask for.
 DEFAULT_QUEUE_DELAY_US = 0
 INSTANCE_KINDS = ("gpu", "cpu")
-# The cuda backend keeps one CUDA graph per input shape, 8 at most (gpu/executor.py): batches are padded to these
-# sizes so that a stream of batch sizes reuses a few graphs instead of capturing new ones.
+# A GPU instance captures one CUDA graph per batch size 1..max batch at load (serve/python_model.py), so batches run
+# unpadded; load time and graph memory grow with the maximum (gpu/executor.py).
 MAX_PYTHON_GPU_BATCH = 128
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _VERSION = re.compile(r"^[1-9][0-9]*$")
@@ -105,12 +105,6 @@ class WrittenModel:
     platform: str
 
 
-def batch_buckets(max_batch: int) -> list[int]:
-    """1, 2, 4, ... up to ``max_batch`` (included): the sizes the GPU model pads to (and captures at load)."""
-    sizes = [1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch]
-    return sizes if sizes[-1] == max_batch else [*sizes, max_batch]
-
-
 def _max_batch(source: Source, options: ServeOptions) -> int:
     if source.max_batch is None:
         wanted = options.max_batch or DEFAULT_MAX_BATCH
@@ -173,9 +167,8 @@ def build_config(source: Source, options: ServeOptions) -> Any:
         product, sha256 = LINE_OUTPUT_NAMES
         config.output.add(name=product, data_type=pb.TYPE_UINT8, dims=[-1])
         config.output.add(name=sha256, data_type=pb.TYPE_UINT8, dims=[32])
-    buckets = batch_buckets(max_batch)
     # No preferred sizes: with them, seven queued requests would run as 4 + 2 + 1 (the largest preferred size
-    # first) instead of one batch of 7, which the GPU model pads to 8 anyway.
+    # first) instead of one batch of 7.
     config.dynamic_batching.max_queue_delay_microseconds = options.queue_delay_us
     kind = pb.ModelInstanceGroup.KIND_GPU if options.kind == "gpu" else pb.ModelInstanceGroup.KIND_CPU
     config.instance_group.add(kind=kind, count=options.instances, gpus=list(options.gpus))
@@ -196,16 +189,8 @@ def build_config(source: Source, options: ServeOptions) -> Any:
             # A whole request (every image of it) is bounded too: the model process holds it and its maps at once.
             max_request_pixels=str(options.max_request_pixels or max(options.max_pixels or MAX_PIXELS, MAX_PIXELS)),
             anomalib_version=options.anomalib_version or "",
-            batch_buckets=",".join(map(str, buckets)),
             trust_pickled_code=str(options.trust_pickled_code).lower(),
         )
-        if cuda:  # capture every bucket's CUDA graph at load, not on a client's first request
-            h, w = source.model_size
-            for size in buckets:
-                warmup = config.model_warmup.add(name=f"batch{size}_{h}x{w}", batch_size=size, count=1)
-                warmup.inputs[INPUT_NAME].CopyFrom(
-                    pb.ModelWarmup.Input(data_type=pb.TYPE_UINT8, dims=[h, w, 3], random_data=True)
-                )
     for key, value in sorted(parameters.items()):
         config.parameters[key].string_value = value
     return config
