@@ -124,12 +124,19 @@ def test_mixed_traffic_equals_single_serving_and_in_process(repository, products
             finally:
                 backend.close()
 
+        stop, unknown = threading.Event(), []  # a client asking for a product the line does not serve, meanwhile
+        stranger = threading.Thread(
+            target=_score_until, args=(f"127.0.0.1:{serving.ports[1]}", "zz", frames, stop, unknown)
+        )
         threads = [threading.Thread(target=client, args=(name,)) for name in ("a", "b", "d", "a")]
-        for thread in threads:
+        for thread in [stranger, *threads]:
             thread.start()
         for thread in threads:
             thread.join(timeout=LOAD_TIMEOUT_S)
+        stop.set()
+        stranger.join(timeout=LOAD_TIMEOUT_S)
         assert not errors and len(results) == 18, errors
+        assert unknown and {entry[3] for entry in unknown} == {"line: unknown product 'zz'; this line serves: a, b, d"}
         for (name, _), result in results.items():
             assert _same(result, reference[name]), name
         single = open_backend(grpc, model="single_a").predict(frames)
