@@ -347,7 +347,7 @@ def test_build_beside_a_read_only_model_is_refused_before_any_work(tmp_path):
 @pytest.mark.parametrize(
     ("command", "fragment", "never"),
     [
-        ("triton", "is a folder; expected a model file", "> writing"),
+        ("triton", "is a folder holding no .ckpt checkpoint; expected a model file", "> writing"),
         ("predict", "is a folder; expected a model file", ">"),
         ("verify", "give the exported graph with --onnx", "exporting"),
     ],

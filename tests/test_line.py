@@ -299,7 +299,10 @@ def test_line_command_mistakes_are_one_line_each(repository, products, tmp_path)
     cases = {
         ("triton", f"x={products['a']}", f"x={products['b']}", "-o", tmp_path / "r"):
             f"error: product 'x' is named twice ({products['a']} and {products['b']}); name them with NAME=PATH",
-        ("triton", folder, empty, "-o", tmp_path / "r"): f"error: {empty}: a folder with no .ckpt file in it",
+        ("triton", folder, empty, "-o", tmp_path / "r"): (
+            f"error: {empty}: is a folder holding no .ckpt checkpoint; expected a model file, or a folder of .ckpt "
+            "files (one product each)"
+        ),
         ("triton", f".hidden={products['a']}", folder, "-o", tmp_path / "r"):
             "error: product name '.hidden' must be 1-64 letters, digits, '_', '.' or '-' (not starting '.' or '-')",
         ("triton", folder, "-o", tmp_path / "r", "--mode", "fast"):

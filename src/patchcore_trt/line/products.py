@@ -42,7 +42,10 @@ def parse_products(arguments: list[str]) -> dict[str, Path]:
             if path.is_dir():
                 files = sorted(p for p in path.iterdir() if p.suffix.lower() == ".ckpt" and p.is_file())
                 if not files:
-                    raise UserError(f"{path}: a folder with no .ckpt file in it")
+                    raise UserError(
+                        f"{path}: is a folder holding no .ckpt checkpoint; expected a model file, or a folder of .ckpt "
+                        "files (one product each)"
+                    )
                 found = [(check_name(file.stem, f"product name (from {file.name})"), file) for file in files]
             else:
                 found = [(check_name(path.stem, f"product name (from {path.name})"), path)]
