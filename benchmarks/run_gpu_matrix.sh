@@ -12,8 +12,12 @@
 #   profile  torch.profiler: GPU time per stage and kernel (profile.txt)
 #   hostdev  img/s host-to-host beside device-resident, pipelined and not; memory of one graph per batch size
 #            (host_vs_device.json)
-#   tests    the GPU tests (test_gpu, test_cuda_backend, test_exact_search compiled, the contract and label tests)
-#            with anomalib; golden checkpoints from
+#   exact    exact mode's convolution paths against its targets and the exact bar (exact_speed.json); every
+#            convolution of WRN50 by the Triton kernels in each precision against FP64 (layers.json)
+#   line     many products: a line against separate models on tritonserver, GPU instances (gpu_line_products.*;
+#            needs the nvidia-pytriton and tritonclient wheels in .whl/)
+#   tests    the GPU tests (test_gpu, test_cuda_backend, test_exact_search compiled, the contract and label tests,
+#            the Triton convolutions and the pruned scan compiled) with anomalib; golden checkpoints from
 #            $PATCHCORE_TRT_FIXTURES (tests.txt)
 # Wheels for packages the machine lacks (anomalib for the baseline row and the tests) are installed from .whl/ or
 # .whl/*/ if present.
@@ -42,8 +46,12 @@ torch.backends.cudnn.version(), triton.__version__, timm.__version__, torch.cuda
              $BENCH_ARGS -o "$OUT/bench" ;;
     profile) run python3 benchmarks/profile_cuda.py "$OUT/profile.txt" fp16,fp32 ;;
     hostdev) run python3 benchmarks/profile_cuda.py --host-vs-device "$OUT/host_vs_device.json" ;;
+    exact) run python3 benchmarks/exact_speed.py --out "$OUT/exact_speed.json"
+           run python3 benchmarks/backbone_error.py "$OUT/layers.json" layers ;;
+    line) run python3 benchmarks/line_products.py --kind gpu --out "$OUT" --name gpu_line_products ;;
     tests) run python3 -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py tests/test_cuda_backend.py \
              tests/test_exact_search.py tests/test_contract.py tests/test_labels.py tests/test_staging.py \
+             tests/test_conv_kernels.py tests/test_prune.py \
              | tee "$OUT/tests.txt" ;;
     *) echo "unknown stage $stage" | tee -a "$log" ;;
   esac
