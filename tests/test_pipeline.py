@@ -110,3 +110,27 @@ def test_a_sink_that_fails_stops_the_run_with_its_error(resnet18_onnx, mixed_fol
     with open_backend(resnet18_onnx) as backend, pytest.raises(OSError, match="No space left"):
         run_predict(backend, mixed_folder, sinks=[Full()], workers=2)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_memory_stays_flat_over_hundreds_of_images(resnet18_onnx, tmp_path):
+    """predict over 400 images holds, when it ends, what it holds after 40: results go to the files as they come,
+    and no map, panel or decoded image is kept for the whole run (400 kept maps of 256 x 256 would add 100 MB)."""
+    from conftest import peak_run
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for number in range(400):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / f"{number:03d}.png")
+    few = tmp_path / "few"
+    few.mkdir()
+    for path in sorted(folder.iterdir())[:40]:
+        shutil.copy(path, few / path.name)
+    resident = {}
+    for name, images in (("few", few), ("many", folder)):
+        result, resident[name] = peak_run(
+            "predict", resnet18_onnx, images, "--json", tmp_path / f"{name}.json", final=True
+        )
+        assert result.returncode == 0, result.stderr
+    assert len(json.loads((tmp_path / "many.json").read_text())["results"]) == 400
+    assert resident["many"] - resident["few"] < 20 * 1024, resident  # KiB: within 20 MB; kept maps would add 100
