@@ -193,6 +193,11 @@ def test_concurrent_clients_are_batched_by_the_server(server, resnet18_checkpoin
     assert len(results) == sum(len(range(n % 3, len(frames), 2)) for n in range(6))
     for (_, index), prediction in results.items():
         assert compare(prediction, reference[index], threshold=threshold).within(PARITY_BAR)
+    # Triton counts a request a moment after its answer has gone out: wait (bounded) for the last ones.
+    expected = int(before["inference_count"]) + len(results)
+    settle = time.monotonic() + 10
+    while int(server.statistics(MODEL)["inference_count"]) < expected and time.monotonic() < settle:
+        time.sleep(0.05)
     after = server.statistics(MODEL)
     batched = {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in after["batch_stats"]}
     earlier = {int(item["batch_size"]): int(item["compute_infer"]["count"]) for item in before["batch_stats"]}

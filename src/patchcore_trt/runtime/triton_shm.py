@@ -15,6 +15,7 @@ import contextlib
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +46,9 @@ def layout(sizes: list[int]) -> tuple[list[int], int]:
         offsets.append(end)
         end += -(-size // _ALIGN) * _ALIGN
     return offsets, end
+
+
+UNREGISTER_TRIES = 20
 
 
 class SharedRegions:
@@ -121,8 +125,15 @@ class SharedRegions:
 
     def _drop(self, slot: int) -> None:
         region = self.regions.pop(slot)
-        with contextlib.suppress(Exception):  # a server gone (or restarted) has nothing to unregister
-            self.client.unregister_system_shared_memory(region.name)
+        # Triton 2.51 refuses to unregister a region a request still holds ("it is currently in use"), and lets go
+        # of it just after the answer has gone out: after a Ctrl-C with requests in flight the region stayed
+        # registered. A few tries, 50 ms apart, bounded to 1 s; a server gone (or restarted) fails each at once.
+        for _ in range(UNREGISTER_TRIES):
+            try:
+                self.client.unregister_system_shared_memory(region.name)
+                break
+            except Exception:  # refused while in use, or the server is gone: each library raises its own
+                time.sleep(0.05)
         with contextlib.suppress(Exception):  # unlinked already (another release)
             self.shm.destroy_shared_memory_region(region.handle)
 
