@@ -15,16 +15,18 @@ Differences from anomalib's code are in how, never in what:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, NamedTuple
 
+import numpy as np
 import timm
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from patchcore_trt.errors import UserError
-from patchcore_trt.outputs import over_threshold
+from patchcore_trt.outputs import Prediction, over_threshold
 from patchcore_trt.spec import PatchCoreSpec, Postprocess, Preprocess
 
 DEFAULT_BANK_CHUNK = 4096
@@ -270,6 +272,12 @@ class PatchCoreDeploy(nn.Module):
 
     def forward(self, images: torch.Tensor) -> DeployOutput:
         return self.outputs(*self.raw_scores(images), input_size=images.shape[-2:])
+
+    def prediction(self, score: torch.Tensor, anomaly_map: torch.Tensor, input_size: Any) -> Prediction:
+        """``outputs`` as a host Prediction that also carries the un-normalised score: the normalised one is clipped
+        at 0 and 1, where it cannot be undone."""
+        raw = score.detach().cpu().numpy().astype(np.float32, copy=False).reshape(len(score))
+        return dataclasses.replace(Prediction.from_outputs(self.outputs(score, anomaly_map, input_size)), raw_score=raw)
 
     def outputs(self, score: torch.Tensor, anomaly_map: torch.Tensor, input_size: Any) -> DeployOutput:
         """The raw score and map -> the normalised, labelled outputs (the map at ``input_size`` if asked)."""

@@ -12,7 +12,6 @@ CPU.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,18 +49,11 @@ class Line:
         for name, product in self.manifest.products.items():
             group = self.manifest.groups[product.group]
             bank = np.load(self.folder / product.bank, mmap_mode="c")  # writable view: torch takes it without a copy
-            if (
-                bank.dtype != np.float32
-                or bank.ndim != 2
-                or bank.shape
-                != (
-                    product.metadata.bank_size,
-                    product.metadata.embedding_dim,
-                )
-            ):
+            shape = (product.metadata.bank_size, product.metadata.embedding_dim)
+            if bank.dtype != np.float32 or bank.shape != shape:
                 raise UserError(
                     f"{self.folder / product.bank}: a {bank.dtype} {list(bank.shape)} array where product {name!r} "
-                    f"needs float32 [{product.metadata.bank_size}, {product.metadata.embedding_dim}]"
+                    f"needs float32 {list(shape)}"
                 )
             spec = PatchCoreSpec(
                 backbone=group.backbone, layers=group.layers, backbone_state={}, memory_bank=torch.from_numpy(bank),
@@ -76,9 +68,11 @@ class Line:
     def products(self) -> list[str]:
         return list(self.manifest.products)
 
-    def check_product(self, name: str) -> None:
-        if name not in self.models:
-            raise UserError(f"unknown product {name!r}; this line serves: {', '.join(self.products)}")
+    def unknown(self, name: str) -> UserError | None:
+        """The error for a product this line does not serve, None for one it does."""
+        if name in self.models:
+            return None
+        return UserError(f"unknown product {name!r}; this line serves: {', '.join(self.products)}")
 
     def predict(self, product: str, images: np.ndarray) -> Prediction:
         """One product's uint8 [N, H, W, 3] images -> its Prediction (NonFiniteOutputError as Backend.predict)."""
@@ -94,8 +88,9 @@ class Line:
         results: list[Prediction | UserError] = [UserError("not run")] * len(items)  # every slot is set below
         by_group: dict[str, list[int]] = defaultdict(list)
         for index, (product, _) in enumerate(items):
-            if product not in self.models:
-                results[index] = UserError(f"unknown product {product!r}; this line serves: {', '.join(self.products)}")
+            unknown = self.unknown(product)
+            if unknown is not None:
+                results[index] = unknown
             else:
                 by_group[self.manifest.products[product].group].append(index)
         for members in by_group.values():
@@ -109,11 +104,7 @@ class Line:
                     product, count = items[index][0], len(items[index][1])
                     model = self.models[product]
                     part = embedding[start : start + count]
-                    raw_score, raw_map = model.score_embedding(part)
-                    outputs = model.outputs(raw_score, raw_map, input_size=images.shape[-2:])
-                    # The un-normalised score comes along, as from the torch backend (clipped scores keep a rank).
-                    raw = raw_score.cpu().numpy().astype(np.float32, copy=False).reshape(count)
-                    prediction = dataclasses.replace(Prediction.from_outputs(outputs), raw_score=raw)
+                    prediction = model.prediction(*model.score_embedding(part), input_size=images.shape[-2:])
                     bad = prediction.non_finite()
                     results[index] = NonFiniteOutputError(f"product {product}", prediction, bad) if bad else prediction
                     start += count

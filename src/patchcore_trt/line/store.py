@@ -78,8 +78,8 @@ def write_version(
             product = old.products[name]
             _link(old_folder / product.bank, folder / product.bank)
             if product.group not in groups:
-                groups[product.group] = old.groups[product.group]
-                _link(old_folder / old.groups[product.group].weights, folder / old.groups[product.group].weights)
+                group = groups[product.group] = old.groups[product.group]
+                _link(old_folder / group.weights, folder / group.weights)
             products[name] = product
             continue
         if isinstance(checkpoint, PatchCoreSpec):
@@ -91,13 +91,14 @@ def write_version(
                 )
             except UserError as exc:
                 raise UserError(f"product {name}: {exc}") from None
-        key = group_key(spec)[:16]
+        digest = group_key(spec)  # hashes every backbone weight: once per product
+        key = digest[:16]
         if key not in groups:
             weights = f"backbones/{key}.safetensors"
             (folder / "backbones").mkdir(exist_ok=True)
             state = {layer: tensor.detach().clone().contiguous() for layer, tensor in spec.backbone_state.items()}
             save_file(state, str(folder / weights))
-            groups[key] = Group(spec.backbone, spec.layers, spec.preprocess, weights, group_key(spec))
+            groups[key] = Group(spec.backbone, spec.layers, spec.preprocess, weights, digest)
         bank = f"banks/{name}.npy"
         (folder / "banks").mkdir(exist_ok=True)
         np.save(folder / bank, np.ascontiguousarray(spec.memory_bank.float().numpy()))

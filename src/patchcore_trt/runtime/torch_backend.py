@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,7 +34,4 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def _infer(self, images: np.ndarray) -> Prediction:
         batch = torch.from_numpy(images)
-        raw_score, raw_map = self.model.raw_scores(batch)
-        outputs = Prediction.from_outputs(self.model.outputs(raw_score, raw_map, input_size=batch.shape[-2:]))
-        # The un-normalised score comes along: the normalised one is clipped at 0 and 1, where it cannot be undone.
-        return replace(outputs, raw_score=raw_score.numpy().astype(np.float32, copy=False).reshape(len(images)))
+        return self.model.prediction(*self.model.raw_scores(batch), input_size=batch.shape[-2:])

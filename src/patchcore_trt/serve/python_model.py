@@ -162,10 +162,9 @@ class TritonPythonModel:
                 f"{self.name}: a line model needs the request parameter 'product' "
                 f"(one of: {', '.join(self.line.products)})"
             )
-        if product not in self.line.models:
-            raise RequestError(
-                f"{self.name}: unknown product {product!r}; this line serves: {', '.join(self.line.products)}"
-            )
+        unknown = self.line.unknown(product)
+        if unknown is not None:
+            raise RequestError(f"{self.name}: {unknown}")
         return product
 
     def _images(self, request: Any) -> np.ndarray:
